@@ -1,0 +1,72 @@
+//! The Flotilla hub: keeps the fleet's registered clusters and their identities, runs the CA that
+//! issues them, and serves the agent channel and the admin API over mutual TLS.
+//!
+//! Entry points: [`pki::init`] creates a data directory, [`server::serve`] runs the hub on one.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+mod error;
+pub mod fsutil;
+pub mod pki;
+pub mod server;
+pub mod service;
+pub mod sessions;
+pub mod store;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::{Error, Result};
+
+/// Runtime settings of a serving hub.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lifetime of the cluster certificates this hub issues.
+    pub cert_ttl: Duration,
+    /// How often agents are asked to send a heartbeat.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            cert_ttl: Duration::from_secs(30 * 24 * 3600),
+            heartbeat_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared state of a running hub.
+pub struct Hub {
+    pub store: store::Store,
+    pub ca: Arc<pki::Ca>,
+    pub auth: auth::Auth,
+    pub sessions: Arc<sessions::Sessions>,
+    pub settings: Settings,
+    /// Cancelled at shutdown; every session task watches it.
+    pub shutdown: CancellationToken,
+    /// Owner of every task the hub spawns.
+    pub tasks: TaskTracker,
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> i64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The key a bootstrap token is stored under: SHA-256 of the whole token string.
+pub fn token_hash(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}

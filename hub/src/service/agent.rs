@@ -1,0 +1,133 @@
+//! `flotilla.v1.Agent`: the long-lived stream each agent holds. Today it carries heartbeats; the hub
+//! ends it when the cluster is deregistered, when the certificate it was opened with expires, when
+//! heartbeats stop, or at shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_proto::v1::agent_server::Agent;
+use flotilla_proto::v1::{AgentMessage, HeartbeatAck, HubMessage, Welcome, agent_message, hub_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pki::PeerCert;
+use crate::sessions::Session;
+use crate::{Error, Hub, now_ms, now_unix};
+
+/// Outbound messages buffered per agent; a slow agent back-pressures only its own session task.
+const OUTBOUND_BUFFER: usize = 16;
+
+/// Serves agent streams.
+pub struct AgentService {
+    hub: Arc<Hub>,
+}
+
+impl AgentService {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    type SessionStream = ReceiverStream<Result<HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let (name, peer) = self.hub.auth.cluster(&request)?;
+        let Some(record) = self.hub.store.cluster(&name)? else {
+            return Err(Error::Unauthenticated(format!("cluster {name:?} is not registered")).into());
+        };
+        let inbound = request.into_inner();
+        let session = self.hub.sessions.open(&name, &self.hub.shutdown, now_ms());
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let welcome = HubMessage {
+            kind: Some(hub_message::Kind::Welcome(Welcome {
+                cluster_name: name.clone(),
+                labels: record.labels.into_iter().collect(),
+                heartbeat_interval_ms: u32::try_from(self.hub.settings.heartbeat_interval.as_millis())
+                    .unwrap_or(u32::MAX),
+            })),
+        };
+        // Cannot fail: the buffer is empty and the receiver is alive.
+        let _ = tx.try_send(Ok(welcome));
+        tracing::info!(cluster = %name, serial = %peer.serial, "agent connected");
+        let hub = Arc::clone(&self.hub);
+        self.hub
+            .tasks
+            .spawn(run_session(hub, session, peer, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn run_session(
+    hub: Arc<Hub>,
+    session: Session,
+    peer: PeerCert,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<HubMessage, Status>>,
+) {
+    let name = session.cluster().to_string();
+    let silence_limit = hub.settings.heartbeat_interval * 3;
+    let until_expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
+    let expiry = tokio::time::sleep(until_expiry);
+    tokio::pin!(expiry);
+
+    let end: Option<Status> = loop {
+        tokio::select! {
+            _ = session.cancel.cancelled() => {
+                break Some(if hub.auth.is_revoked(&peer.serial) {
+                    Status::unauthenticated(format!(
+                        "certificate {} revoked: cluster {name:?} was deregistered", peer.serial))
+                } else {
+                    Status::unavailable("hub is shutting down")
+                });
+            }
+            _ = &mut expiry => {
+                break Some(Status::unauthenticated(
+                    "the certificate this stream was opened with has expired; reconnect with the renewed one"));
+            }
+            _ = tx.closed() => break None,
+            next = tokio::time::timeout(silence_limit, inbound.message()) => match next {
+                Err(_) => break Some(Status::deadline_exceeded(format!(
+                    "no message from the agent for {}s", silence_limit.as_secs()))),
+                Ok(Ok(Some(message))) => {
+                    hub.sessions.touch(&name, now_ms());
+                    if let Some(reply) = handle(message)
+                        && tx.send(Ok(reply)).await.is_err()
+                    {
+                        break None;
+                    }
+                }
+                Ok(Ok(None)) => break None,
+                Ok(Err(status)) => {
+                    tracing::debug!(cluster = %name, status = %status, "agent stream error");
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(status) = end {
+        tracing::info!(cluster = %name, reason = %status.message(), "ending agent stream");
+        let _ = tx.send(Err(status)).await;
+    }
+    tracing::info!(cluster = %name, "agent disconnected");
+    if let (_, Some(last_seen)) = hub.sessions.status(&name)
+        && let Err(err) = hub.store.record_last_seen(&name, last_seen)
+    {
+        tracing::warn!(cluster = %name, error = %err, "could not record last-seen time");
+    }
+    drop(session);
+}
+
+fn handle(message: AgentMessage) -> Option<HubMessage> {
+    match message.kind? {
+        agent_message::Kind::Hello(_) => None,
+        agent_message::Kind::Heartbeat(hb) => Some(HubMessage {
+            kind: Some(hub_message::Kind::HeartbeatAck(HeartbeatAck { seq: hb.seq })),
+        }),
+    }
+}

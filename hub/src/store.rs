@@ -1,0 +1,454 @@
+//! Durable hub state in sled: clusters, bootstrap tokens (hashes only), issued certificates and
+//! revocations.
+//!
+//! Every write that a caller will be told about is flushed to disk before the method returns, so a
+//! `kill -9` right after an acknowledgement loses nothing. Multi-record changes (a registration consumes
+//! a token, creates a cluster and records a certificate) run in one sled transaction.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+
+use crate::pki::IssuedCert;
+use crate::{Error, Result};
+
+/// A registered cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub registered_at: i64,
+    /// The newest certificate issued to this cluster.
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+    /// Serials of this cluster's certificates that may still be unexpired (revoked on deregister).
+    pub serials: Vec<String>,
+    /// Last heartbeat, unix milliseconds; best-effort (written when a session ends).
+    #[serde(default)]
+    pub last_seen_ms: i64,
+}
+
+/// A bootstrap token, stored under the SHA-256 of its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// A short, non-secret handle for logs and errors.
+    pub id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub uses_left: u32,
+    /// When set, the only cluster name this token can register.
+    pub cluster: Option<String>,
+}
+
+/// A certificate the hub issued.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub serial: String,
+    pub cluster: String,
+    pub fingerprint: String,
+    pub issued_at: i64,
+    pub not_after: i64,
+    pub reason: String,
+}
+
+/// A revoked certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Revocation {
+    pub serial: String,
+    pub cluster: String,
+    pub revoked_at: i64,
+    pub reason: String,
+}
+
+/// What a registration needs besides the token.
+pub struct Registration<'a> {
+    pub token_hash: &'a [u8],
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub cert: &'a IssuedCert,
+    pub now: i64,
+}
+
+/// The hub's sled database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    clusters: sled::Tree,
+    tokens: sled::Tree,
+    certs: sled::Tree,
+    revoked: sled::Tree,
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail: no maps with non-string keys, no floats.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn tx_decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> TxResult<T> {
+    decode(key, bytes).map_err(ConflictableTransactionError::Abort)
+}
+
+fn abort<T>(err: Error) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(err))
+}
+
+fn format_time(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// Checks a token record for use by `name`; the error never includes the secret.
+fn check_token(token: &TokenRecord, name: &str, now: i64) -> Result<()> {
+    if token.expires_at <= now {
+        return Err(Error::Token(format!(
+            "token {} expired at {}",
+            token.id,
+            format_time(token.expires_at)
+        )));
+    }
+    if token.uses_left == 0 {
+        return Err(Error::Token(format!("token {} has no registrations left", token.id)));
+    }
+    if let Some(bound) = &token.cluster
+        && bound != name
+    {
+        return Err(Error::PermissionDenied(format!(
+            "token {} is bound to cluster {bound:?}, not {name:?}",
+            token.id
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) the database under `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Self {
+            clusters: db.open_tree("clusters")?,
+            tokens: db.open_tree("tokens")?,
+            certs: db.open_tree("certs")?,
+            revoked: db.open_tree("revoked")?,
+            db,
+        })
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Stores a new token under `hash`.
+    pub async fn create_token(&self, hash: &[u8], token: &TokenRecord) -> Result<()> {
+        self.tokens.insert(hash, encode(token))?;
+        self.flush().await
+    }
+
+    /// Checks, without consuming it, that the token could register `name` now.
+    pub fn precheck_token(&self, hash: &[u8], name: &str, now: i64) -> Result<()> {
+        let bytes = self
+            .tokens
+            .get(hash)?
+            .ok_or_else(|| Error::Token("unknown token".into()))?;
+        check_token(&decode(b"token", &bytes)?, name, now)
+    }
+
+    /// Registers a cluster: consumes one use of the token, creates (or takes over an expired) cluster
+    /// record and records the certificate, atomically. Nothing changes when any check fails.
+    pub async fn register(&self, reg: Registration<'_>) -> Result<ClusterRecord> {
+        let record = (&self.tokens, &self.clusters, &self.certs, &self.revoked).transaction(
+            |(tokens, clusters, certs, revoked)| {
+                let Some(bytes) = tokens.get(reg.token_hash)? else {
+                    return abort(Error::Token("unknown token".into()));
+                };
+                let mut token: TokenRecord = tx_decode(b"token", &bytes)?;
+                check_token(&token, reg.name, reg.now).map_err(ConflictableTransactionError::Abort)?;
+
+                let mut labels = BTreeMap::new();
+                if let Some(bytes) = clusters.get(reg.name)? {
+                    let existing: ClusterRecord = tx_decode(reg.name.as_bytes(), &bytes)?;
+                    if existing.cert_not_after > reg.now {
+                        return abort(Error::AlreadyRegistered(reg.name.to_string()));
+                    }
+                    // A cluster whose certificate lapsed comes back as itself: same labels unless
+                    // the new registration says otherwise; its old certificates stay dead.
+                    labels = existing.labels.clone();
+                    for serial in &existing.serials {
+                        revoke_in(revoked, serial, reg.name, reg.now, "re-registered")?;
+                    }
+                }
+                labels.extend(reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+
+                token.uses_left -= 1;
+                tokens.insert(reg.token_hash, encode(&token))?;
+                let record = ClusterRecord {
+                    name: reg.name.to_string(),
+                    labels,
+                    registered_at: reg.now,
+                    cert_serial: reg.cert.serial.clone(),
+                    cert_not_after: reg.cert.not_after,
+                    serials: vec![reg.cert.serial.clone()],
+                    last_seen_ms: 0,
+                };
+                clusters.insert(reg.name.as_bytes(), encode(&record))?;
+                certs.insert(
+                    reg.cert.serial.as_bytes(),
+                    encode(&CertRecord {
+                        serial: reg.cert.serial.clone(),
+                        cluster: reg.name.to_string(),
+                        fingerprint: reg.cert.fingerprint.clone(),
+                        issued_at: reg.now,
+                        not_after: reg.cert.not_after,
+                        reason: format!("registered with token {}", token.id),
+                    }),
+                )?;
+                Ok(record)
+            },
+        )?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    /// Records a renewed certificate for `name`.
+    pub async fn renew(&self, name: &str, cert: &IssuedCert, now: i64) -> Result<ClusterRecord> {
+        let record = (&self.clusters, &self.certs).transaction(|(clusters, certs)| {
+            let Some(bytes) = clusters.get(name)? else {
+                return abort(Error::ClusterNotFound(name.to_string()));
+            };
+            let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+            record.cert_serial = cert.serial.clone();
+            record.cert_not_after = cert.not_after;
+            // Serials of certificates that have expired can never be used again: drop them.
+            let mut live = Vec::with_capacity(record.serials.len() + 1);
+            for serial in &record.serials {
+                if let Some(bytes) = certs.get(serial.as_bytes())? {
+                    let c: CertRecord = tx_decode(serial.as_bytes(), &bytes)?;
+                    if c.not_after > now {
+                        live.push(serial.clone());
+                    }
+                }
+            }
+            live.push(cert.serial.clone());
+            record.serials = live;
+            clusters.insert(name.as_bytes(), encode(&record))?;
+            certs.insert(
+                cert.serial.as_bytes(),
+                encode(&CertRecord {
+                    serial: cert.serial.clone(),
+                    cluster: name.to_string(),
+                    fingerprint: cert.fingerprint.clone(),
+                    issued_at: now,
+                    not_after: cert.not_after,
+                    reason: "renewed".into(),
+                }),
+            )?;
+            Ok(record)
+        })?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    /// All clusters, by name.
+    pub fn clusters(&self) -> Result<Vec<ClusterRecord>> {
+        self.clusters
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    /// One cluster.
+    pub fn cluster(&self, name: &str) -> Result<Option<ClusterRecord>> {
+        self.clusters
+            .get(name)?
+            .map(|bytes| decode(name.as_bytes(), &bytes))
+            .transpose()
+    }
+
+    /// Sets and removes labels of a cluster (labels already validated).
+    pub async fn label(
+        &self,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<ClusterRecord> {
+        let record = self.clusters.transaction(|clusters| {
+            let Some(bytes) = clusters.get(name)? else {
+                return abort(Error::ClusterNotFound(name.to_string()));
+            };
+            let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+            for key in remove {
+                record.labels.remove(key);
+            }
+            record
+                .labels
+                .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+            clusters.insert(name.as_bytes(), encode(&record))?;
+            Ok(record)
+        })?;
+        self.flush().await?;
+        Ok(record)
+    }
+
+    /// Removes a cluster and revokes every certificate it may still hold. Returns the revoked serials.
+    pub async fn deregister(&self, name: &str, now: i64) -> Result<Vec<String>> {
+        let serials = (&self.clusters, &self.revoked).transaction(|(clusters, revoked)| {
+            let Some(bytes) = clusters.remove(name.as_bytes())? else {
+                return abort(Error::ClusterNotFound(name.to_string()));
+            };
+            let record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+            for serial in &record.serials {
+                revoke_in(revoked, serial, name, now, "deregistered")?;
+            }
+            Ok(record.serials)
+        })?;
+        self.flush().await?;
+        Ok(serials)
+    }
+
+    /// Every revoked serial (loaded into memory at start).
+    pub fn revoked_serials(&self) -> Result<HashSet<String>> {
+        self.revoked
+            .iter()
+            .keys()
+            .map(|key| Ok(String::from_utf8_lossy(&key?).into_owned()))
+            .collect()
+    }
+
+    /// Best-effort record of when a cluster was last heard from; not flushed (nobody is told).
+    pub fn record_last_seen(&self, name: &str, last_seen_ms: i64) -> Result<()> {
+        self.clusters
+            .transaction(|clusters| {
+                if let Some(bytes) = clusters.get(name)? {
+                    let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+                    record.last_seen_ms = record.last_seen_ms.max(last_seen_ms);
+                    clusters.insert(name.as_bytes(), encode(&record))?;
+                }
+                Ok(())
+            })
+            .map_err(Error::from)
+    }
+
+    /// Flushes everything; called at shutdown.
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+}
+
+fn revoke_in(revoked: &TransactionalTree, serial: &str, cluster: &str, now: i64, reason: &str) -> TxResult<()> {
+    revoked.insert(
+        serial.as_bytes(),
+        encode(&Revocation {
+            serial: serial.to_string(),
+            cluster: cluster.to_string(),
+            revoked_at: now,
+            reason: reason.to_string(),
+        }),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(serial: &str, not_after: i64) -> IssuedCert {
+        IssuedCert {
+            pem: String::new(),
+            serial: serial.into(),
+            fingerprint: "ff".into(),
+            not_after,
+        }
+    }
+
+    async fn token(store: &Store, hash: &[u8], uses: u32, cluster: Option<&str>) {
+        let record = TokenRecord {
+            id: "t1".into(),
+            created_at: 0,
+            expires_at: 1_000,
+            uses_left: uses,
+            cluster: cluster.map(Into::into),
+        };
+        store.create_token(hash, &record).await.unwrap();
+    }
+
+    fn reg<'a>(hash: &'a [u8], name: &'a str, labels: &'a BTreeMap<String, String>, c: &'a IssuedCert, now: i64) -> Registration<'a> {
+        Registration {
+            token_hash: hash,
+            name,
+            labels,
+            cert: c,
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_checks_leave_state_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let labels = BTreeMap::new();
+        token(&store, b"h1", 1, Some("a")).await;
+        let c1 = cert("01", 500);
+
+        let err = store.register(reg(b"nope", "a", &labels, &c1, 10)).await.unwrap_err();
+        assert!(matches!(err, Error::Token(_)), "{err}");
+        let err = store.register(reg(b"h1", "b", &labels, &c1, 10)).await.unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+        let err = store.register(reg(b"h1", "a", &labels, &c1, 2_000)).await.unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(store.clusters().unwrap().is_empty());
+
+        store.register(reg(b"h1", "a", &labels, &c1, 10)).await.unwrap();
+        let err = store.register(reg(b"h1", "a", &labels, &cert("02", 500), 11)).await.unwrap_err();
+        assert!(err.to_string().contains("no registrations left"), "{err}");
+        assert_eq!(store.cluster("a").unwrap().unwrap().cert_serial, "01");
+    }
+
+    #[tokio::test]
+    async fn live_names_are_exclusive_and_lapsed_ones_come_back_with_their_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        token(&store, b"h", 5, None).await;
+        let labels = BTreeMap::from([("region".to_string(), "eu".to_string())]);
+        store.register(reg(b"h", "a", &labels, &cert("01", 100), 10)).await.unwrap();
+        let err = store.register(reg(b"h", "a", &BTreeMap::new(), &cert("02", 200), 50)).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyRegistered(_)));
+        let back = store.register(reg(b"h", "a", &BTreeMap::new(), &cert("03", 300), 150)).await.unwrap();
+        assert_eq!(back.labels, labels);
+        assert!(store.revoked_serials().unwrap().contains("01"));
+    }
+
+    #[tokio::test]
+    async fn deregister_revokes_every_live_serial_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            token(&store, b"h", 1, None).await;
+            store.register(reg(b"h", "a", &BTreeMap::new(), &cert("01", 900), 10)).await.unwrap();
+            store.renew("a", &cert("02", 950), 20).await.unwrap();
+            let revoked = store.deregister("a", 30).await.unwrap();
+            assert_eq!(revoked, vec!["01".to_string(), "02".to_string()]);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.cluster("a").unwrap().is_none());
+        let revoked = store.revoked_serials().unwrap();
+        assert!(revoked.contains("01") && revoked.contains("02"));
+    }
+}
