@@ -1,1 +1,14 @@
-//! placeholder
+//! The Flotilla agent: one per cluster. It dials out to the hub (the hub never holds cluster
+//! credentials), registers once with a bootstrap token, then holds an mTLS session and keeps its
+//! certificate renewed.
+//!
+//! Entry point: [`runner::run`].
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod credentials;
+mod error;
+pub mod link;
+pub mod runner;
+
+pub use error::{Error, Result};

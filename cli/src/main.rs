@@ -1,1 +1,195 @@
-fn main(){}
+//! `flotilla`: the operator CLI. Talks to the hub's Admin API with the admin client certificate.
+
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_proto::v1::admin_client::AdminClient;
+use flotilla_proto::v1::{
+    CreateTokenRequest, DeregisterClusterRequest, GetClusterRequest, LabelClusterRequest,
+    ListClustersRequest,
+};
+use flotilla_proto::{ClientTls, describe_status, endpoint, error_chain};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "Operate a Flotilla fleet")]
+struct Cli {
+    /// Hub address, https://HOST:PORT.
+    #[arg(long, global = true, env = "FLOTILLA_HUB")]
+    hub: Option<String>,
+    /// Hub CA certificate (PEM).
+    #[arg(long, global = true, env = "FLOTILLA_CA")]
+    ca: Option<PathBuf>,
+    /// Admin client certificate (PEM).
+    #[arg(long, global = true, env = "FLOTILLA_CERT")]
+    cert: Option<PathBuf>,
+    /// Admin client key (PEM).
+    #[arg(long, global = true, env = "FLOTILLA_KEY")]
+    key: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Bootstrap tokens for registering clusters.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Registered clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a bootstrap token; it is printed once and only its hash is kept.
+    Create {
+        /// How long the token is valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many clusters may register with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Only this cluster name may register with it.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// List clusters: name, labels, connected, last seen, certificate expiry.
+    List,
+    /// Show one cluster.
+    Get { name: String },
+    /// Set (k=v) or remove (k-) labels.
+    Label {
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Revoke a cluster's certificates and drop its agent.
+    Deregister { name: String },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn admin_client(cli: &Cli) -> anyhow::Result<AdminClient<Channel>> {
+    let hub = cli.hub.as_deref().context("no hub address: pass --hub or set FLOTILLA_HUB")?;
+    let read = |flag: &str, env: &str, path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+        let path = path
+            .as_ref()
+            .with_context(|| format!("no {flag}: pass {flag} or set {env}"))?;
+        std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))
+    };
+    let tls = ClientTls {
+        ca_pem: read("--ca", "FLOTILLA_CA", &cli.ca)?,
+        identity: Some((
+            read("--cert", "FLOTILLA_CERT", &cli.cert)?,
+            read("--key", "FLOTILLA_KEY", &cli.key)?,
+        )),
+    };
+    let channel = endpoint(hub, &tls)?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {hub}: {}", error_chain(&e)))?;
+    Ok(AdminClient::new(channel))
+}
+
+fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(describe_status(&status))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.output;
+    let mut admin = admin_client(&cli).await?;
+    match cli.command {
+        Command::Token {
+            command: TokenCommand::Create { ttl, uses, cluster },
+        } => {
+            let response = admin
+                .create_token(CreateTokenRequest {
+                    ttl_seconds: ttl.as_secs().max(1),
+                    uses,
+                    cluster_name: cluster.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::token(format, &response);
+        }
+        Command::Cluster { command } => match command {
+            ClusterCommand::List => {
+                let clusters = admin
+                    .list_clusters(ListClustersRequest {})
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner()
+                    .clusters;
+                output::clusters(format, &clusters);
+            }
+            ClusterCommand::Get { name } => {
+                let cluster = admin
+                    .get_cluster(GetClusterRequest { name })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                output::cluster(format, &cluster);
+            }
+            ClusterCommand::Label { name, changes } => {
+                let mut request = LabelClusterRequest {
+                    name,
+                    ..Default::default()
+                };
+                for change in changes {
+                    if let Some((k, v)) = change.split_once('=') {
+                        request.set.insert(k.to_string(), v.to_string());
+                    } else if let Some(k) = change.strip_suffix('-') {
+                        request.remove.push(k.to_string());
+                    } else {
+                        bail!("label change {change:?} must be key=value (set) or key- (remove)");
+                    }
+                }
+                let cluster = admin.label_cluster(request).await.map_err(rpc_error)?.into_inner();
+                output::cluster(format, &cluster);
+            }
+            ClusterCommand::Deregister { name } => {
+                let response = admin
+                    .deregister_cluster(DeregisterClusterRequest { name: name.clone() })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner();
+                output::deregistered(format, &name, &response.revoked_serials);
+            }
+        },
+    }
+    Ok(())
+}

@@ -14,11 +14,11 @@ pub enum Error {
     Token(String),
 
     /// The caller has no valid client certificate for this RPC.
-    #[error("unauthenticated: {0}")]
+    #[error("{0}")]
     Unauthenticated(String),
 
     /// The caller is authenticated but may not do this.
-    #[error("permission denied: {0}")]
+    #[error("{0}")]
     PermissionDenied(String),
 
     /// A cluster with this name already holds a live registration.

@@ -1,1 +1,373 @@
+//! Shared harness for the end-to-end suites: builds and spawns the real `flotilla-hub`,
+//! `flotilla-agent` and `flotilla` binaries on loopback, in temporary directories, and cleans up.
+//!
+//! Every wait is bounded; every child is killed when its handle drops.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::Value;
+
+/// Directory holding the workspace binaries of the profile these tests were built with.
+fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // current_exe: <target>/<profile>/deps/<test>-<hash>
+        let exe = std::env::current_exe().unwrap_or_default();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        ensure_binaries_built(&profile_dir);
+        profile_dir
+    })
+}
+
+/// `cargo test` builds only the binaries of the package under test, so the suites build the
+/// workspace binaries themselves once per test process (a no-op when they are fresh).
+fn ensure_binaries_built(profile_dir: &Path) {
+    let target_dir = profile_dir.parent().unwrap_or(profile_dir);
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| if n == "debug" { "dev" } else { n })
+        .unwrap_or("dev")
+        .to_string();
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            &profile,
+            "-p",
+            "flotilla-hub",
+            "-p",
+            "flotilla-agent",
+            "-p",
+            "flotilla-cli",
+            "--bins",
+        ])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        other => panic!("building the flotilla binaries failed: {other:?}"),
+    }
+}
+
+/// Path of a workspace binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Polls `check` every 100 ms until it returns `Ok(Some(_))`, or fails after `timeout` with the last error.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("condition never held");
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (graceful stop).
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits for exit up to `timeout`; returns the status and the log.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(ExitStatus, String)> {
+        let status = wait_for(timeout, "process exit", || Ok(self.child.try_wait()?))?;
+        Ok((status, self.log_text()))
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process's stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Settings for a test hub.
+#[derive(Clone)]
+pub struct HubOptions {
+    pub cert_ttl: String,
+    pub heartbeat_interval: String,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            cert_ttl: "30d".into(),
+            heartbeat_interval: "1s".into(),
+        }
+    }
+}
+
+/// A hub in a temporary data directory.
+pub struct Hub {
+    pub dir: tempfile::TempDir,
+    pub opts: HubOptions,
+    pub url: String,
+    pub addr: String,
+    pub process: Proc,
+}
+
+impl Hub {
+    /// `flotilla-hub init` + `serve` on 127.0.0.1:0.
+    pub fn start(opts: HubOptions) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let out = Command::new(bin("flotilla-hub"))
+            .args(["init", "--data-dir"])
+            .arg(dir.path().join("hub"))
+            .output()?;
+        ensure!(out.status.success(), "hub init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (process, addr) = serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
+        Ok(Self {
+            url: format!("https://{addr}"),
+            addr,
+            dir,
+            opts,
+            process,
+        })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("hub")
+    }
+
+    pub fn pki(&self, file: &str) -> PathBuf {
+        self.data_dir().join("pki").join(file)
+    }
+
+    /// `kill -9` the hub.
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// Starts the hub again on the same data directory and port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.process.kill9();
+        let addr = self.addr.clone();
+        // The port was just released; retry briefly in case the kernel has not let go of it yet.
+        let (process, _) = wait_for(Duration::from_secs(10), "hub restart", || {
+            match serve(&self.data_dir(), &addr, &self.opts, self.dir.path()) {
+                Ok(p) => Ok(Some(p)),
+                Err(e) => Err(e),
+            }
+        })?;
+        self.process = process;
+        Ok(())
+    }
+
+    /// Runs the CLI as the admin.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(bin("flotilla"))
+            .arg("--hub")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(self.pki("ca.pem"))
+            .arg("--cert")
+            .arg(self.pki("admin.pem"))
+            .arg("--key")
+            .arg(self.pki("admin-key.pem"))
+            .args(args)
+            .output()?)
+    }
+
+    /// Runs the CLI and parses its JSON output; fails with stderr if the command failed.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(&all)?;
+        ensure!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| format!("parsing output of flotilla {args:?}"))
+    }
+
+    /// `flotilla token create` with extra args; returns the token.
+    pub fn token(&self, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["token", "create"];
+        args.extend(extra);
+        let v = self.cli_json(&args)?;
+        v["token"].as_str().map(str::to_string).ok_or_else(|| anyhow!("no token in {v}"))
+    }
+
+    /// The JSON object of one cluster from `cluster list -o json`, if listed.
+    pub fn cluster(&self, name: &str) -> Result<Option<Value>> {
+        let list = self.cli_json(&["cluster", "list"])?;
+        Ok(list
+            .as_array()
+            .ok_or_else(|| anyhow!("cluster list is not an array: {list}"))?
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned())
+    }
+
+    /// Waits until `name` is listed as connected.
+    pub fn wait_connected(&self, name: &str, timeout: Duration) -> Result<Value> {
+        wait_for(timeout, &format!("cluster {name} connected"), || {
+            Ok(self.cluster(name)?.filter(|c| c["connected"] == true))
+        })
+    }
+
+    /// Starts an agent for `name` in a fresh data directory under the hub's temp dir.
+    pub fn agent(&self, name: &str, token: Option<&str>, labels: &str) -> Result<Agent> {
+        let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
+        Agent::start(&self.url, &self.pki("ca.pem"), &data_dir, Some(name), token, labels)
+    }
+}
+
+fn serve(data_dir: &Path, listen: &str, opts: &HubOptions, logs: &Path) -> Result<(Proc, String)> {
+    let log = unique_log(logs, "hub");
+    let mut child = Command::new(bin("flotilla-hub"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", listen, "--cert-ttl", &opts.cert_ttl])
+        .args(["--heartbeat-interval", &opts.heartbeat_interval])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let stdout = child.stdout.take().context("hub stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Drains stdout for the life of the process; ends when the hub exits.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("flotilla-hub listening on ") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let mut process = Proc { child, log };
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(addr) => Ok((process, addr)),
+        Err(_) => {
+            process.kill9();
+            bail!("hub did not start listening: {}", process.log_text())
+        }
+    }
+}
+
+fn unique_log(dir: &Path, prefix: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("{prefix}-{n}.log"))
+}
+
+/// A running `flotilla-agent run`.
+pub struct Agent {
+    pub data_dir: PathBuf,
+    pub process: Proc,
+}
+
+impl Agent {
+    pub fn start(
+        hub_url: &str,
+        ca: &Path,
+        data_dir: &Path,
+        name: Option<&str>,
+        token: Option<&str>,
+        labels: &str,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let log = unique_log(data_dir, "agent");
+        let mut cmd = Command::new(bin("flotilla-agent"));
+        cmd.args(["run", "--hub", hub_url])
+            .arg("--ca")
+            .arg(ca)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        if let Some(name) = name {
+            cmd.args(["--cluster-name", name]);
+        }
+        if let Some(token) = token {
+            // Through the environment, as an operator should: argv is visible to every local user.
+            cmd.env("FLOTILLA_TOKEN", token);
+        }
+        if !labels.is_empty() {
+            cmd.args(["--labels", labels]);
+        }
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            process: Proc {
+                child: cmd.spawn()?,
+                log,
+            },
+        })
+    }
+
+    /// Starts the agent again on the same data directory (after it exited or was killed).
+    pub fn restart(&mut self, hub_url: &str, ca: &Path, token: Option<&str>) -> Result<()> {
+        self.process.kill9();
+        let fresh = Agent::start(hub_url, ca, &self.data_dir, None, token, "")?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// The agent's identity file (certificate + key).
+    pub fn identity(&self) -> PathBuf {
+        self.data_dir.join("identity.pem")
+    }
+}
+
+/// `cluster list -o json` without the fields that change on their own (last_seen).
+pub fn stable_view(list: &Value) -> Value {
+    let mut list = list.clone();
+    if let Some(items) = list.as_array_mut() {
+        for item in items {
+            if let Some(obj) = item.as_object_mut() {
+                obj.remove("last_seen");
+                obj.remove("connected");
+            }
+        }
+    }
+    list
+}

@@ -1,0 +1,224 @@
+//! The agent's identity on disk: its private key (generated here, never sent anywhere) and the
+//! certificate the hub issued for it, kept together in one 0600 file so they can never get out of step.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+use crate::{Error, Result};
+
+const KEY_HEADER: &str = "-----BEGIN PRIVATE KEY-----";
+
+/// A key and the certificate for it.
+#[derive(Clone)]
+pub struct Credentials {
+    /// Cluster name, read from the certificate's identity URI.
+    pub cluster: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: i64,
+    /// When this agent received the certificate (unix seconds); renewal is paced from here.
+    pub received_at: i64,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is a secret: never printed.
+        f.debug_struct("Credentials")
+            .field("cluster", &self.cluster)
+            .field("not_after", &self.not_after)
+            .field("received_at", &self.received_at)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn now_unix() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl Credentials {
+    /// Builds credentials from a freshly issued certificate.
+    pub fn issued(cert_pem: String, key_pem: String) -> Result<Self> {
+        let (cluster, not_after) = read_cert(&cert_pem)?;
+        Ok(Self {
+            cluster,
+            cert_pem,
+            key_pem,
+            not_after,
+            received_at: now_unix(),
+        })
+    }
+
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.not_after <= now
+    }
+
+    /// When to renew: two thirds of the way from receipt to expiry.
+    pub fn renew_at(&self) -> i64 {
+        self.received_at + (self.not_after - self.received_at).max(0) * 2 / 3
+    }
+
+    /// Time until [`Self::renew_at`], zero if already due.
+    pub fn until_renewal(&self, now: i64) -> Duration {
+        Duration::from_secs(u64::try_from(self.renew_at() - now).unwrap_or(0))
+    }
+}
+
+/// A new private key and a CSR for it naming `cluster`.
+pub fn new_key_and_csr(cluster: &str) -> Result<(String, String)> {
+    let err = |reason: rcgen::Error| Error::Credentials {
+        context: "generating key and CSR".into(),
+        reason: reason.to_string(),
+    };
+    let key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cluster);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key).map_err(err)?.pem().map_err(err)?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Cluster name (from the `.../cluster/<name>` URI SAN) and expiry of a certificate.
+pub fn read_cert(cert_pem: &str) -> Result<(String, i64)> {
+    let err = |reason: String| Error::Credentials {
+        context: "reading the cluster certificate".into(),
+        reason,
+    };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| err(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| err(e.to_string()))?;
+    let not_after = cert.validity().not_after.timestamp();
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("no subject alternative names".into()))?;
+    let cluster = sans
+        .value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => {
+                uri.rsplit_once("/cluster/").map(|(_, name)| name.to_string())
+            }
+            _ => None,
+        })
+        .ok_or_else(|| err("no cluster identity URI".into()))?;
+    Ok((cluster, not_after))
+}
+
+/// Where the agent keeps its identity.
+pub struct IdentityStore {
+    path: PathBuf,
+}
+
+impl IdentityStore {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            path: data_dir.join("identity.pem"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored credentials, if any.
+    pub fn load(&self) -> Result<Option<Credentials>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&self.path, e)),
+        };
+        let split = text.find(KEY_HEADER).ok_or_else(|| Error::Credentials {
+            context: self.path.display().to_string(),
+            reason: "no private key in the identity file".into(),
+        })?;
+        let (cert_pem, key_pem) = text.split_at(split);
+        let (cluster, not_after) = read_cert(cert_pem)?;
+        let received_at = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or_else(now_unix, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+        Ok(Some(Credentials {
+            cluster,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            not_after,
+            received_at,
+        }))
+    }
+
+    /// Replaces the stored credentials atomically (0600, temp file + rename).
+    pub fn save(&self, creds: &Credentials) -> Result<()> {
+        if let Some(parent) = self.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let tmp = self.path.with_extension("pem.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(creds.cert_pem.as_bytes())?;
+            if !creds.cert_pem.ends_with('\n') {
+                file.write_all(b"\n")?;
+            }
+            file.write_all(creds.key_pem.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_paced_from_receipt_not_from_the_backdated_not_before() {
+        let creds = Credentials {
+            cluster: "a".into(),
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            not_after: 1_015,
+            received_at: 1_000,
+        };
+        assert_eq!(creds.renew_at(), 1_010);
+        assert_eq!(creds.until_renewal(1_004), Duration::from_secs(6));
+        assert_eq!(creds.until_renewal(1_020), Duration::ZERO);
+        assert!(creds.is_expired(1_015) && !creds.is_expired(1_014));
+    }
+
+    #[test]
+    fn csr_names_the_cluster_and_keys_stay_private_on_disk() {
+        use std::os::unix::fs::PermissionsExt;
+        let (key, csr) = new_key_and_csr("eu-1").unwrap();
+        assert!(csr.contains("CERTIFICATE REQUEST"));
+        assert!(key.starts_with(KEY_HEADER));
+        let dir = tempfile::tempdir().unwrap();
+        let store = IdentityStore::new(dir.path());
+        assert!(store.load().unwrap().is_none());
+        // A self-signed stand-in certificate with the identity URI is enough to round-trip.
+        let pair = KeyPair::from_pem(&key).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://t/cluster/eu-1".try_into().unwrap(),
+        )];
+        let cert = params.self_signed(&pair).unwrap().pem();
+        let creds = Credentials::issued(cert, key).unwrap();
+        store.save(&creds).unwrap();
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(loaded.cluster, "eu-1");
+        assert_eq!(loaded.key_pem, creds.key_pem);
+        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -1,0 +1,168 @@
+//! The agent's side of the hub protocol: register, renew, and hold the session stream.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_proto::v1::agent_client::AgentClient;
+use flotilla_proto::v1::registration_client::RegistrationClient;
+use flotilla_proto::v1::{
+    AgentMessage, Heartbeat, Hello, HubMessage, RegisterRequest, RenewRequest, agent_message, hub_message,
+};
+use flotilla_proto::{ClientTls, endpoint, error_chain};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::credentials::{Credentials, new_key_and_csr};
+use crate::{Error, Result};
+
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// How to reach the hub.
+#[derive(Clone)]
+pub struct HubLink {
+    pub hub_url: String,
+    pub ca_pem: Vec<u8>,
+}
+
+/// Why a session ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// New credentials are available; reconnect with them.
+    CredentialsChanged,
+}
+
+impl HubLink {
+    async fn channel(&self, creds: Option<&Credentials>) -> Result<Channel> {
+        let tls = ClientTls {
+            ca_pem: self.ca_pem.clone(),
+            identity: creds.map(|c| (c.cert_pem.clone().into_bytes(), c.key_pem.clone().into_bytes())),
+        };
+        endpoint(&self.hub_url, &tls)?
+            .connect()
+            .await
+            .map_err(|e| Error::Unreachable(format!("connecting to {}: {}", self.hub_url, error_chain(&e))))
+    }
+
+    /// Registers `cluster` with a bootstrap token; the key is generated here and stays here.
+    pub async fn register(
+        &self,
+        token: &str,
+        cluster: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Credentials> {
+        let (key_pem, csr_pem) = new_key_and_csr(cluster)?;
+        let mut client = RegistrationClient::new(self.channel(None).await?);
+        let response = client
+            .register(RegisterRequest {
+                token: token.to_string(),
+                cluster_name: cluster.to_string(),
+                labels: labels.clone().into_iter().collect(),
+                csr_pem,
+            })
+            .await
+            .map_err(|s| Error::from_status("registration", &s))?
+            .into_inner();
+        Credentials::issued(response.certificate_pem, key_pem)
+    }
+
+    /// Gets a new certificate for a new key, authenticating with the current one.
+    pub async fn renew(&self, current: &Credentials) -> Result<Credentials> {
+        let (key_pem, csr_pem) = new_key_and_csr(&current.cluster)?;
+        let mut client = RegistrationClient::new(self.channel(Some(current)).await?);
+        let response = client
+            .renew(RenewRequest { csr_pem })
+            .await
+            .map_err(|s| Error::from_status("certificate renewal", &s))?
+            .into_inner();
+        Credentials::issued(response.certificate_pem, key_pem)
+    }
+
+    /// Opens a session: sends hello and waits for the hub's welcome. The session is not driven yet,
+    /// so a caller can open a new session before dropping the old one (make before break).
+    pub async fn open(&self, creds: &Credentials) -> Result<OpenSession> {
+        let mut client = AgentClient::new(self.channel(Some(creds)).await?);
+        let (out, out_rx) = mpsc::channel(8);
+        let hello = AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello {
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+        };
+        // Cannot fail: the buffer is empty and the receiver is alive.
+        let _ = out.try_send(hello);
+        let mut inbound = client
+            .session(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|s| Error::from_status("opening the agent stream", &s))?
+            .into_inner();
+        let welcome = loop {
+            match inbound.message().await {
+                Ok(Some(HubMessage {
+                    kind: Some(hub_message::Kind::Welcome(welcome)),
+                })) => break welcome,
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return Err(Error::Unreachable("the hub closed the agent stream before welcoming it".into()));
+                }
+                Err(status) => return Err(Error::from_status("opening the agent stream", &status)),
+            }
+        };
+        tracing::info!(cluster = %welcome.cluster_name, labels = ?welcome.labels, "connected to hub");
+        let heartbeat = match welcome.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        Ok(OpenSession {
+            out,
+            inbound,
+            heartbeat,
+            seq: 0,
+        })
+    }
+
+    /// Drives an open session: heartbeats at the hub's pace until the hub ends it, the credentials
+    /// change, or shutdown.
+    pub async fn drive(
+        &self,
+        session: &mut OpenSession,
+        credentials_changed: &mut watch::Receiver<Credentials>,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd> {
+        let period = session.heartbeat;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                changed = credentials_changed.changed() => {
+                    return Ok(if changed.is_ok() { SessionEnd::CredentialsChanged } else { SessionEnd::Shutdown });
+                }
+                _ = ticker.tick() => {
+                    session.seq += 1;
+                    let beat = AgentMessage {
+                        kind: Some(agent_message::Kind::Heartbeat(Heartbeat { seq: session.seq })),
+                    };
+                    if session.out.send(beat).await.is_err() {
+                        return Err(Error::Unreachable("agent stream closed".into()));
+                    }
+                }
+                message = session.inbound.message() => match message {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(Error::Unreachable("the hub closed the agent stream".into())),
+                    Err(status) => return Err(Error::from_status("agent stream", &status)),
+                },
+            }
+        }
+    }
+}
+
+/// A session the hub has welcomed.
+pub struct OpenSession {
+    out: mpsc::Sender<AgentMessage>,
+    inbound: tonic::Streaming<HubMessage>,
+    heartbeat: Duration,
+    seq: u64,
+}

@@ -1,0 +1,214 @@
+//! The agent's main loop: obtain credentials (register on first start), keep them renewed, and keep a
+//! session to the hub open, reconnecting with jittered backoff when it drops.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{Backoff, random_fraction};
+use crate::credentials::{Credentials, IdentityStore, now_unix};
+use crate::link::{HubLink, OpenSession, SessionEnd};
+use crate::{Error, Result};
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What `flotilla-agent run` was told.
+pub struct RunOptions {
+    pub link: HubLink,
+    pub data_dir: PathBuf,
+    pub cluster_name: Option<String>,
+    pub token: Option<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Runs until shutdown (Ok) or until the agent cannot go on without an operator (Err).
+pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+    let store = IdentityStore::new(&opts.data_dir);
+    let Some(creds) = obtain_credentials(&opts, &store, &shutdown).await? else {
+        return Ok(());
+    };
+    let (updates, credentials) = watch::channel(creds);
+    tokio::select! {
+        result = renew_forever(&opts.link, &store, updates, &shutdown) => result,
+        result = hold_sessions(&opts.link, credentials, &shutdown) => result,
+    }
+}
+
+/// Existing valid credentials, or new ones from registering with the token. `None` on shutdown.
+async fn obtain_credentials(
+    opts: &RunOptions,
+    store: &IdentityStore,
+    shutdown: &CancellationToken,
+) -> Result<Option<Credentials>> {
+    let existing = store.load()?;
+    let name = match (&existing, &opts.cluster_name) {
+        (Some(creds), Some(flag)) if &creds.cluster != flag => {
+            return Err(Error::NeedsOperator(format!(
+                "{} holds the identity of cluster {:?}, but --cluster-name is {flag:?}; use another --data-dir",
+                store.path().display(),
+                creds.cluster
+            )));
+        }
+        (Some(creds), _) => creds.cluster.clone(),
+        (None, Some(flag)) => flag.clone(),
+        (None, None) => {
+            return Err(Error::NeedsOperator(
+                "no identity in the data directory: pass --cluster-name and --token to register".into(),
+            ));
+        }
+    };
+    if let Some(creds) = existing {
+        if !creds.is_expired(now_unix()) {
+            tracing::info!(cluster = %creds.cluster, "using stored identity");
+            return Ok(Some(creds));
+        }
+        if opts.token.is_none() {
+            return Err(Error::NeedsOperator(format!(
+                "the certificate of cluster {name:?} expired at {} while the agent was offline; \
+                 it needs a new bootstrap token: run `flotilla token create --cluster {name}` and \
+                 start the agent with --token",
+                format_unix(creds.not_after)
+            )));
+        }
+        tracing::warn!(cluster = %name, "stored certificate expired; registering again with the given token");
+    }
+    let token = opts.token.as_deref().ok_or_else(|| {
+        Error::NeedsOperator(format!("cluster {name:?} is not registered yet: pass --token"))
+    })?;
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    loop {
+        match opts.link.register(token, &name, &opts.labels).await {
+            Ok(creds) => {
+                store.save(&creds)?;
+                tracing::info!(cluster = %name, expires = %format_unix(creds.not_after), "registered with the hub");
+                return Ok(Some(creds));
+            }
+            Err(err) if err.is_retryable() => {
+                let delay = backoff.next_delay(random_fraction());
+                tracing::warn!(error = %err, retry_in = ?delay, "registration failed; will retry");
+                if sleep_or_shutdown(delay, shutdown).await {
+                    return Ok(None);
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Renews at two thirds of each certificate's life; publishes new credentials to the session loop.
+async fn renew_forever(
+    link: &HubLink,
+    store: &IdentityStore,
+    updates: watch::Sender<Credentials>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    loop {
+        let current = updates.borrow().clone();
+        if sleep_or_shutdown(current.until_renewal(now_unix()), shutdown).await {
+            return Ok(());
+        }
+        loop {
+            if current.is_expired(now_unix()) {
+                return Err(Error::NeedsOperator(format!(
+                    "the certificate of cluster {:?} expired before it could be renewed; it needs a new \
+                     bootstrap token: run `flotilla token create --cluster {}` and restart the agent with --token",
+                    current.cluster, current.cluster
+                )));
+            }
+            match link.renew(&current).await {
+                Ok(renewed) => {
+                    store.save(&renewed)?;
+                    tracing::info!(cluster = %renewed.cluster, expires = %format_unix(renewed.not_after), "certificate renewed");
+                    backoff.reset();
+                    updates.send_replace(renewed);
+                    break;
+                }
+                Err(err) if err.is_retryable() => {
+                    let delay = backoff.next_delay(random_fraction());
+                    tracing::warn!(error = %err, retry_in = ?delay, "renewal failed; will retry");
+                    if sleep_or_shutdown(delay, shutdown).await {
+                        return Ok(());
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+/// Keeps a session open, reconnecting with backoff; returns only on shutdown or a fatal refusal.
+/// After a renewal the new session is opened before the old one is dropped, so the hub never sees
+/// the cluster disconnected.
+async fn hold_sessions(
+    link: &HubLink,
+    mut credentials: watch::Receiver<Credentials>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+    let mut previous: Option<OpenSession> = None;
+    loop {
+        let creds = credentials.borrow_and_update().clone();
+        let result = match link.open(&creds).await {
+            Ok(mut session) => {
+                drop(previous.take());
+                backoff.reset();
+                match link.drive(&mut session, &mut credentials, shutdown).await {
+                    Ok(SessionEnd::CredentialsChanged) => {
+                        tracing::info!("reconnecting with the renewed certificate");
+                        previous = Some(session);
+                        continue;
+                    }
+                    other => other,
+                }
+            }
+            Err(err) => {
+                drop(previous.take());
+                Err(err)
+            }
+        };
+        match result {
+            Ok(_) => return Ok(()),
+            Err(Error::Rejected {
+                code: tonic::Code::Unauthenticated,
+                detail,
+                ..
+            }) if detail.contains("revoked") => {
+                return Err(Error::NeedsOperator(format!(
+                    "the hub revoked this agent's certificate (cluster {:?} was deregistered): {detail}",
+                    creds.cluster
+                )));
+            }
+            Err(err) if err.is_retryable() => {
+                let delay = backoff.next_delay(random_fraction());
+                tracing::warn!(error = %err, retry_in = ?delay, "hub session lost; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                    // Fresh credentials are worth trying at once.
+                    _ = credentials.changed() => {}
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Sleeps; returns true if shutdown came first.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+fn format_unix(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
