@@ -13,7 +13,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max, attempt: 0 }
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The delay before the next attempt, given a uniform random `fraction` in [0, 1).
@@ -21,7 +25,9 @@ impl Backoff {
         let ceiling = delay_ceiling(self.base, self.max, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         // Full jitter, but never less than a tenth of the base: a zero delay would be a hot loop.
-        ceiling.mul_f64(fraction.clamp(0.0, 1.0)).max(self.base / 10)
+        ceiling
+            .mul_f64(fraction.clamp(0.0, 1.0))
+            .max(self.base / 10)
     }
 
     /// Starts over after a success.
@@ -55,9 +61,20 @@ mod tests {
     fn ceilings_double_up_to_the_cap() {
         let base = Duration::from_millis(500);
         let max = Duration::from_secs(30);
-        let table = [(0, 500), (1, 1_000), (2, 2_000), (5, 16_000), (6, 30_000), (40, 30_000)];
+        let table = [
+            (0, 500),
+            (1, 1_000),
+            (2, 2_000),
+            (5, 16_000),
+            (6, 30_000),
+            (40, 30_000),
+        ];
         for (attempt, ms) in table {
-            assert_eq!(delay_ceiling(base, max, attempt), Duration::from_millis(ms), "attempt {attempt}");
+            assert_eq!(
+                delay_ceiling(base, max, attempt),
+                Duration::from_millis(ms),
+                "attempt {attempt}"
+            );
         }
     }
 
@@ -66,7 +83,10 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         assert_eq!(b.next_delay(0.0), Duration::from_millis(10));
         assert_eq!(b.next_delay(0.5), Duration::from_millis(100));
-        assert_eq!(b.next_delay(0.999), Duration::from_millis(100).mul_f64(4.0 * 0.999));
+        assert_eq!(
+            b.next_delay(0.999),
+            Duration::from_millis(100).mul_f64(4.0 * 0.999)
+        );
         b.reset();
         assert_eq!(b.next_delay(1.0), Duration::from_millis(100));
         for _ in 0..5 {

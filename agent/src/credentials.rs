@@ -36,7 +36,9 @@ impl std::fmt::Debug for Credentials {
 }
 
 pub fn now_unix() -> i64 {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
 }
 
@@ -79,7 +81,11 @@ pub fn new_key_and_csr(cluster: &str) -> Result<(String, String)> {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cluster);
     params.distinguished_name = dn;
-    let csr = params.serialize_request(&key).map_err(err)?.pem().map_err(err)?;
+    let csr = params
+        .serialize_request(&key)
+        .map_err(err)?
+        .pem()
+        .map_err(err)?;
     Ok((key.serialize_pem(), csr))
 }
 
@@ -89,7 +95,8 @@ pub fn read_cert(cert_pem: &str) -> Result<(String, i64)> {
         context: "reading the cluster certificate".into(),
         reason,
     };
-    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| err(e.to_string()))?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| err(e.to_string()))?;
     let cert = pem.parse_x509().map_err(|e| err(e.to_string()))?;
     let not_after = cert.validity().not_after.timestamp();
     let sans = cert
@@ -101,9 +108,9 @@ pub fn read_cert(cert_pem: &str) -> Result<(String, i64)> {
         .general_names
         .iter()
         .find_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => {
-                uri.rsplit_once("/cluster/").map(|(_, name)| name.to_string())
-            }
+            x509_parser::extensions::GeneralName::URI(uri) => uri
+                .rsplit_once("/cluster/")
+                .map(|(_, name)| name.to_string()),
             _ => None,
         })
         .ok_or_else(|| err("no cluster identity URI".into()))?;
@@ -218,7 +225,11 @@ mod tests {
         let loaded = store.load().unwrap().unwrap();
         assert_eq!(loaded.cluster, "eu-1");
         assert_eq!(loaded.key_pem, creds.key_pem);
-        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
     }
 }

@@ -52,10 +52,12 @@ impl Error {
     pub(crate) fn from_status(what: &'static str, status: &tonic::Status) -> Self {
         let detail = flotilla_proto::describe_status(status);
         match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled | tonic::Code::Internal | tonic::Code::ResourceExhausted => {
-                Error::Unreachable(format!("{what}: {detail}"))
-            }
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
+            | tonic::Code::ResourceExhausted => Error::Unreachable(format!("{what}: {detail}")),
             code => Error::Rejected { what, code, detail },
         }
     }

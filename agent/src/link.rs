@@ -6,7 +6,8 @@ use std::time::Duration;
 use flotilla_proto::v1::agent_client::AgentClient;
 use flotilla_proto::v1::registration_client::RegistrationClient;
 use flotilla_proto::v1::{
-    AgentMessage, Heartbeat, Hello, HubMessage, RegisterRequest, RenewRequest, agent_message, hub_message,
+    AgentMessage, Heartbeat, Hello, HubMessage, RegisterRequest, RenewRequest, agent_message,
+    hub_message,
 };
 use flotilla_proto::{ClientTls, endpoint, error_chain};
 use tokio::sync::{mpsc, watch};
@@ -39,12 +40,20 @@ impl HubLink {
     async fn channel(&self, creds: Option<&Credentials>) -> Result<Channel> {
         let tls = ClientTls {
             ca_pem: self.ca_pem.clone(),
-            identity: creds.map(|c| (c.cert_pem.clone().into_bytes(), c.key_pem.clone().into_bytes())),
+            identity: creds.map(|c| {
+                (
+                    c.cert_pem.clone().into_bytes(),
+                    c.key_pem.clone().into_bytes(),
+                )
+            }),
         };
-        endpoint(&self.hub_url, &tls)?
-            .connect()
-            .await
-            .map_err(|e| Error::Unreachable(format!("connecting to {}: {}", self.hub_url, error_chain(&e))))
+        endpoint(&self.hub_url, &tls)?.connect().await.map_err(|e| {
+            Error::Unreachable(format!(
+                "connecting to {}: {}",
+                self.hub_url,
+                error_chain(&e)
+            ))
+        })
     }
 
     /// Registers `cluster` with a bootstrap token; the key is generated here and stays here.
@@ -105,7 +114,9 @@ impl HubLink {
                 })) => break welcome,
                 Ok(Some(_)) => continue,
                 Ok(None) => {
-                    return Err(Error::Unreachable("the hub closed the agent stream before welcoming it".into()));
+                    return Err(Error::Unreachable(
+                        "the hub closed the agent stream before welcoming it".into(),
+                    ));
                 }
                 Err(status) => return Err(Error::from_status("opening the agent stream", &status)),
             }

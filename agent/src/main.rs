@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use flotilla_agent::Error;
 use flotilla_agent::link::HubLink;
 use flotilla_agent::runner::{RunOptions, run};
-use flotilla_agent::Error;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -81,7 +81,10 @@ async fn main() -> ExitCode {
         }
     });
     let opts = RunOptions {
-        link: HubLink { hub_url: hub, ca_pem },
+        link: HubLink {
+            hub_url: hub,
+            ca_pem,
+        },
         data_dir,
         cluster_name,
         token,

@@ -57,7 +57,8 @@ async fn obtain_credentials(
         (None, Some(flag)) => flag.clone(),
         (None, None) => {
             return Err(Error::NeedsOperator(
-                "no identity in the data directory: pass --cluster-name and --token to register".into(),
+                "no identity in the data directory: pass --cluster-name and --token to register"
+                    .into(),
             ));
         }
     };
@@ -77,7 +78,9 @@ async fn obtain_credentials(
         tracing::warn!(cluster = %name, "stored certificate expired; registering again with the given token");
     }
     let token = opts.token.as_deref().ok_or_else(|| {
-        Error::NeedsOperator(format!("cluster {name:?} is not registered yet: pass --token"))
+        Error::NeedsOperator(format!(
+            "cluster {name:?} is not registered yet: pass --token"
+        ))
     })?;
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
@@ -209,6 +212,9 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> boo
 fn format_unix(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix.to_string())
 }

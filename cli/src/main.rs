@@ -1,5 +1,6 @@
 //! `flotilla`: the operator CLI. Talks to the hub's Admin API with the admin client certificate.
 
+mod demo;
 mod output;
 
 use std::path::PathBuf;
@@ -19,6 +20,18 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(name = "flotilla", version, about = "Operate a Flotilla fleet")]
 struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How to reach the hub as an admin.
+#[derive(clap::Args)]
+struct Connection {
     /// Hub address, https://HOST:PORT.
     #[arg(long, global = true, env = "FLOTILLA_HUB")]
     hub: Option<String>,
@@ -31,11 +44,6 @@ struct Cli {
     /// Admin client key (PEM).
     #[arg(long, global = true, env = "FLOTILLA_KEY")]
     key: Option<PathBuf>,
-    /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
-    output: Format,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -46,6 +54,15 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a local fleet (hub + agents in this process) and watch it register and connect.
+    Demo {
+        /// How many clusters.
+        #[arg(long, default_value_t = 3)]
+        clusters: usize,
+        /// Exit once every cluster is connected (for scripts), instead of running until Ctrl-C.
+        #[arg(long)]
+        exit_when_synced: bool,
+    },
     /// Bootstrap tokens for registering clusters.
     Token {
         #[command(subcommand)]
@@ -102,8 +119,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn admin_client(cli: &Cli) -> anyhow::Result<AdminClient<Channel>> {
-    let hub = cli.hub.as_deref().context("no hub address: pass --hub or set FLOTILLA_HUB")?;
+async fn admin_client(cli: &Connection) -> anyhow::Result<AdminClient<Channel>> {
+    let hub = cli
+        .hub
+        .as_deref()
+        .context("no hub address: pass --hub or set FLOTILLA_HUB")?;
     let read = |flag: &str, env: &str, path: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
         let path = path
             .as_ref()
@@ -124,17 +144,26 @@ async fn admin_client(cli: &Cli) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel))
 }
 
-fn rpc_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(describe_status(&status))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
-    let mut admin = admin_client(&cli).await?;
     match cli.command {
-        Command::Token {
-            command: TokenCommand::Create { ttl, uses, cluster },
-        } => {
+        Command::Demo {
+            clusters,
+            exit_when_synced,
+        } => demo::run(clusters, exit_when_synced).await,
+        Command::Token { command } => token(&cli.conn, format, command).await,
+        Command::Cluster { command } => cluster(&cli.conn, format, command).await,
+    }
+}
+
+async fn token(conn: &Connection, format: Format, command: TokenCommand) -> anyhow::Result<()> {
+    let mut admin = admin_client(conn).await?;
+    match command {
+        TokenCommand::Create { ttl, uses, cluster } => {
             let response = admin
                 .create_token(CreateTokenRequest {
                     ttl_seconds: ttl.as_secs().max(1),
@@ -146,50 +175,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             output::token(format, &response);
         }
-        Command::Cluster { command } => match command {
-            ClusterCommand::List => {
-                let clusters = admin
-                    .list_clusters(ListClustersRequest {})
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner()
-                    .clusters;
-                output::clusters(format, &clusters);
-            }
-            ClusterCommand::Get { name } => {
-                let cluster = admin
-                    .get_cluster(GetClusterRequest { name })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                output::cluster(format, &cluster);
-            }
-            ClusterCommand::Label { name, changes } => {
-                let mut request = LabelClusterRequest {
-                    name,
-                    ..Default::default()
-                };
-                for change in changes {
-                    if let Some((k, v)) = change.split_once('=') {
-                        request.set.insert(k.to_string(), v.to_string());
-                    } else if let Some(k) = change.strip_suffix('-') {
-                        request.remove.push(k.to_string());
-                    } else {
-                        bail!("label change {change:?} must be key=value (set) or key- (remove)");
-                    }
+    }
+    Ok(())
+}
+
+async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> anyhow::Result<()> {
+    let mut admin = admin_client(conn).await?;
+    match command {
+        ClusterCommand::List => {
+            let clusters = admin
+                .list_clusters(ListClustersRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .clusters;
+            output::clusters(format, &clusters);
+        }
+        ClusterCommand::Get { name } => {
+            let cluster = admin
+                .get_cluster(GetClusterRequest { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::cluster(format, &cluster);
+        }
+        ClusterCommand::Label { name, changes } => {
+            let mut request = LabelClusterRequest {
+                name,
+                ..Default::default()
+            };
+            for change in changes {
+                if let Some((k, v)) = change.split_once('=') {
+                    request.set.insert(k.to_string(), v.to_string());
+                } else if let Some(k) = change.strip_suffix('-') {
+                    request.remove.push(k.to_string());
+                } else {
+                    bail!("label change {change:?} must be key=value (set) or key- (remove)");
                 }
-                let cluster = admin.label_cluster(request).await.map_err(rpc_error)?.into_inner();
-                output::cluster(format, &cluster);
             }
-            ClusterCommand::Deregister { name } => {
-                let response = admin
-                    .deregister_cluster(DeregisterClusterRequest { name: name.clone() })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner();
-                output::deregistered(format, &name, &response.revoked_serials);
-            }
-        },
+            let cluster = admin
+                .label_cluster(request)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::cluster(format, &cluster);
+        }
+        ClusterCommand::Deregister { name } => {
+            let response = admin
+                .deregister_cluster(DeregisterClusterRequest { name: name.clone() })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::deregistered(format, &name, &response.revoked_serials);
+        }
     }
     Ok(())
 }

@@ -18,9 +18,17 @@ fn rfc3339_ms(unix_ms: i64) -> Option<String> {
 }
 
 fn labels_text(cluster: &Cluster) -> String {
-    let mut labels: Vec<_> = cluster.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut labels: Vec<_> = cluster
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     labels.sort();
-    if labels.is_empty() { "<none>".into() } else { labels.join(",") }
+    if labels.is_empty() {
+        "<none>".into()
+    } else {
+        labels.join(",")
+    }
 }
 
 fn cluster_json(cluster: &Cluster) -> Value {
@@ -57,7 +65,10 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 
 fn print_json(value: &Value) {
     // Serializing a serde_json::Value cannot fail.
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 pub fn token(format: Format, token: &CreateTokenResponse) {

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use tonic::Request;
 
 use crate::pki::{Ca, Identity, PeerCert};
-use crate::{now_unix, Error, Result};
+use crate::{Error, Result, now_unix};
 
 /// Verifies callers of mTLS RPCs.
 pub struct Auth {
@@ -42,10 +42,14 @@ impl Auth {
     /// The caller's certificate, if it is valid right now.
     pub fn peer<T>(&self, request: &Request<T>) -> Result<PeerCert> {
         let certs = request.peer_certs().ok_or_else(|| {
-            Error::Unauthenticated("this RPC requires a client certificate issued by the hub CA".into())
+            Error::Unauthenticated(
+                "this RPC requires a client certificate issued by the hub CA".into(),
+            )
         })?;
         let leaf = certs.first().ok_or_else(|| {
-            Error::Unauthenticated("this RPC requires a client certificate issued by the hub CA".into())
+            Error::Unauthenticated(
+                "this RPC requires a client certificate issued by the hub CA".into(),
+            )
         })?;
         let peer = self.ca.peer_cert(leaf)?;
         if self.is_revoked(&peer.serial) {

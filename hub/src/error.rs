@@ -22,7 +22,9 @@ pub enum Error {
     PermissionDenied(String),
 
     /// A cluster with this name already holds a live registration.
-    #[error("cluster {0:?} is already registered; deregister it first or use `flotilla cluster rebuild`")]
+    #[error(
+        "cluster {0:?} is already registered; deregister it first or use `flotilla cluster rebuild`"
+    )]
     AlreadyRegistered(String),
 
     /// No such cluster.

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -108,10 +109,12 @@ fn random_serial() -> Result<(SerialNumber, String)> {
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration) {
@@ -144,7 +147,13 @@ pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<()> 
 
     let ca_key = KeyPair::generate().map_err(pki_err("CA key"))?;
     let mut ca = CertificateParams::default();
-    ca.distinguished_name = common_name(&format!("Flotilla hub CA ({trust_domain})"));
+    // A per-CA suffix keeps two hubs' CAs distinguishable by name, so a certificate from another
+    // hub fails as "unknown CA" rather than as a bad signature.
+    let (_, suffix) = random_serial()?;
+    ca.distinguished_name = common_name(&format!(
+        "Flotilla hub CA ({trust_domain}) {}",
+        &suffix[..8]
+    ));
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -176,7 +185,9 @@ pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<()> 
     admin.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     admin.serial_number = Some(random_serial()?.0);
     validity(&mut admin, now, HUB_AND_ADMIN_LIFETIME);
-    let admin_cert = admin.signed_by(&admin_key, &issuer).map_err(pki_err("admin"))?;
+    let admin_cert = admin
+        .signed_by(&admin_key, &issuer)
+        .map_err(pki_err("admin"))?;
 
     write_private(&paths.ca_key(), ca_key.serialize_pem().as_bytes())?;
     write_private(&paths.hub_key(), hub_key.serialize_pem().as_bytes())?;
@@ -236,7 +247,12 @@ impl Ca {
 
     /// Verifies `csr_pem` (its signature must verify against its own key) and issues a client
     /// certificate for cluster `name`. The CSR may only ask for that same name.
-    pub fn issue_cluster_cert(&self, name: &str, csr_pem: &str, lifetime: Duration) -> Result<IssuedCert> {
+    pub fn issue_cluster_cert(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCert> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
             rcgen::Error::InvalidCertificationRequestSignature => Error::invalid(
                 "csr",
@@ -248,7 +264,12 @@ impl Ca {
             let cn = match cn {
                 DnValue::Utf8String(s) => s.clone(),
                 DnValue::PrintableString(s) => s.as_str().to_string(),
-                _ => return Err(Error::invalid("csr", "subject CN has an unsupported string type")),
+                _ => {
+                    return Err(Error::invalid(
+                        "csr",
+                        "subject CN has an unsupported string type",
+                    ));
+                }
             };
             if cn != name {
                 return Err(Error::PermissionDenied(format!(
@@ -309,7 +330,8 @@ impl Ca {
                     if let Some(cluster) = rest.strip_prefix("cluster/") {
                         Some(Identity::Cluster(cluster.to_string()))
                     } else {
-                        rest.strip_prefix("admin/").map(|a| Identity::Admin(a.to_string()))
+                        rest.strip_prefix("admin/")
+                            .map(|a| Identity::Admin(a.to_string()))
                     }
                 }
                 _ => None,

@@ -38,7 +38,10 @@ pub async fn serve(
     let ca = Arc::new(Ca::load(&opts.data_dir)?);
     let paths = PkiPaths::new(&opts.data_dir);
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read_file(&paths.hub())?, read_file(&paths.hub_key())?))
+        .identity(Identity::from_pem(
+            read_file(&paths.hub())?,
+            read_file(&paths.hub_key())?,
+        ))
         .client_ca_root(Certificate::from_pem(ca.ca_pem.as_bytes()))
         // Register is the one RPC without a client certificate; every other RPC checks for one.
         .client_auth_optional(true)
@@ -74,7 +77,9 @@ pub async fn serve(
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(RegistrationServer::new(RegistrationService::new(Arc::clone(&hub))))
+        .add_service(RegistrationServer::new(RegistrationService::new(
+            Arc::clone(&hub),
+        )))
         .add_service(AgentServer::new(AgentService::new(Arc::clone(&hub))))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&hub))))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
@@ -88,7 +93,10 @@ pub async fn serve(
     let result = served.await;
     hub.shutdown.cancel();
     hub.tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, hub.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, hub.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("session tasks did not finish within the grace period");
     }
     hub.store.close().await?;

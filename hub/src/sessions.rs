@@ -2,8 +2,8 @@
 //! drop a cluster's streams when it is deregistered.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
@@ -41,14 +41,23 @@ impl Sessions {
     }
 
     /// Registers a new stream for `cluster`, cancelled with `parent` (the hub's shutdown token).
-    pub fn open(self: &Arc<Self>, cluster: &str, parent: &CancellationToken, now_ms: i64) -> Session {
+    pub fn open(
+        self: &Arc<Self>,
+        cluster: &str,
+        parent: &CancellationToken,
+        now_ms: i64,
+    ) -> Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = parent.child_token();
         let mut inner = self.lock();
-        inner.live.entry(cluster.to_string()).or_default().push(Entry {
-            id,
-            cancel: cancel.clone(),
-        });
+        inner
+            .live
+            .entry(cluster.to_string())
+            .or_default()
+            .push(Entry {
+                id,
+                cancel: cancel.clone(),
+            });
         inner.last_seen_ms.insert(cluster.to_string(), now_ms);
         drop(inner);
         Session {

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use crate::pki::IssuedCert;
 use crate::{Error, Result};
@@ -108,7 +108,10 @@ fn abort<T>(err: Error) -> TxResult<T> {
 fn format_time(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| unix.to_string())
 }
 
@@ -122,7 +125,10 @@ fn check_token(token: &TokenRecord, name: &str, now: i64) -> Result<()> {
         )));
     }
     if token.uses_left == 0 {
-        return Err(Error::Token(format!("token {} has no registrations left", token.id)));
+        return Err(Error::Token(format!(
+            "token {} has no registrations left",
+            token.id
+        )));
     }
     if let Some(bound) = &token.cluster
         && bound != name
@@ -177,7 +183,8 @@ impl Store {
                     return abort(Error::Token("unknown token".into()));
                 };
                 let mut token: TokenRecord = tx_decode(b"token", &bytes)?;
-                check_token(&token, reg.name, reg.now).map_err(ConflictableTransactionError::Abort)?;
+                check_token(&token, reg.name, reg.now)
+                    .map_err(ConflictableTransactionError::Abort)?;
 
                 let mut labels = BTreeMap::new();
                 if let Some(bytes) = clusters.get(reg.name)? {
@@ -352,7 +359,13 @@ impl Store {
     }
 }
 
-fn revoke_in(revoked: &TransactionalTree, serial: &str, cluster: &str, now: i64, reason: &str) -> TxResult<()> {
+fn revoke_in(
+    revoked: &TransactionalTree,
+    serial: &str,
+    cluster: &str,
+    now: i64,
+    reason: &str,
+) -> TxResult<()> {
     revoked.insert(
         serial.as_bytes(),
         encode(&Revocation {
@@ -389,7 +402,13 @@ mod tests {
         store.create_token(hash, &record).await.unwrap();
     }
 
-    fn reg<'a>(hash: &'a [u8], name: &'a str, labels: &'a BTreeMap<String, String>, c: &'a IssuedCert, now: i64) -> Registration<'a> {
+    fn reg<'a>(
+        hash: &'a [u8],
+        name: &'a str,
+        labels: &'a BTreeMap<String, String>,
+        c: &'a IssuedCert,
+        now: i64,
+    ) -> Registration<'a> {
         Registration {
             token_hash: hash,
             name,
@@ -407,16 +426,31 @@ mod tests {
         token(&store, b"h1", 1, Some("a")).await;
         let c1 = cert("01", 500);
 
-        let err = store.register(reg(b"nope", "a", &labels, &c1, 10)).await.unwrap_err();
+        let err = store
+            .register(reg(b"nope", "a", &labels, &c1, 10))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Token(_)), "{err}");
-        let err = store.register(reg(b"h1", "b", &labels, &c1, 10)).await.unwrap_err();
+        let err = store
+            .register(reg(b"h1", "b", &labels, &c1, 10))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
-        let err = store.register(reg(b"h1", "a", &labels, &c1, 2_000)).await.unwrap_err();
+        let err = store
+            .register(reg(b"h1", "a", &labels, &c1, 2_000))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
         assert!(store.clusters().unwrap().is_empty());
 
-        store.register(reg(b"h1", "a", &labels, &c1, 10)).await.unwrap();
-        let err = store.register(reg(b"h1", "a", &labels, &cert("02", 500), 11)).await.unwrap_err();
+        store
+            .register(reg(b"h1", "a", &labels, &c1, 10))
+            .await
+            .unwrap();
+        let err = store
+            .register(reg(b"h1", "a", &labels, &cert("02", 500), 11))
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("no registrations left"), "{err}");
         assert_eq!(store.cluster("a").unwrap().unwrap().cert_serial, "01");
     }
@@ -427,10 +461,19 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         token(&store, b"h", 5, None).await;
         let labels = BTreeMap::from([("region".to_string(), "eu".to_string())]);
-        store.register(reg(b"h", "a", &labels, &cert("01", 100), 10)).await.unwrap();
-        let err = store.register(reg(b"h", "a", &BTreeMap::new(), &cert("02", 200), 50)).await.unwrap_err();
+        store
+            .register(reg(b"h", "a", &labels, &cert("01", 100), 10))
+            .await
+            .unwrap();
+        let err = store
+            .register(reg(b"h", "a", &BTreeMap::new(), &cert("02", 200), 50))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::AlreadyRegistered(_)));
-        let back = store.register(reg(b"h", "a", &BTreeMap::new(), &cert("03", 300), 150)).await.unwrap();
+        let back = store
+            .register(reg(b"h", "a", &BTreeMap::new(), &cert("03", 300), 150))
+            .await
+            .unwrap();
         assert_eq!(back.labels, labels);
         assert!(store.revoked_serials().unwrap().contains("01"));
     }
@@ -441,7 +484,10 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             token(&store, b"h", 1, None).await;
-            store.register(reg(b"h", "a", &BTreeMap::new(), &cert("01", 900), 10)).await.unwrap();
+            store
+                .register(reg(b"h", "a", &BTreeMap::new(), &cert("01", 900), 10))
+                .await
+                .unwrap();
             store.renew("a", &cert("02", 950), 20).await.unwrap();
             let revoked = store.deregister("a", 30).await.unwrap();
             assert_eq!(revoked, vec!["01".to_string(), "02".to_string()]);

@@ -10,7 +10,8 @@ use crate::{Error, Result};
 
 /// Checks a cluster name: a DNS-1123 label (lowercase alphanumerics and '-', 1..=63, alphanumeric ends).
 pub fn cluster_name(name: &str) -> Result<()> {
-    dns1123_label(name).map_err(|reason| Error::invalid("cluster name", format!("{name:?} {reason}")))
+    dns1123_label(name)
+        .map_err(|reason| Error::invalid("cluster name", format!("{name:?} {reason}")))
 }
 
 fn dns1123_label(s: &str) -> Result<(), String> {
@@ -20,7 +21,10 @@ fn dns1123_label(s: &str) -> Result<(), String> {
     if s.len() > 63 {
         return Err("is longer than 63 characters".into());
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err("must consist of lowercase letters, digits and '-'".into());
     }
     if s.starts_with('-') || s.ends_with('-') {
@@ -39,7 +43,11 @@ fn dns1123_subdomain(s: &str) -> Result<(), String> {
 /// A Kubernetes "qualified name" segment: 1..=63 alphanumerics, '-', '_', '.', alphanumeric ends.
 fn qualified_segment(s: &str, allow_empty: bool) -> Result<(), String> {
     if s.is_empty() {
-        return if allow_empty { Ok(()) } else { Err("is empty".into()) };
+        return if allow_empty {
+            Ok(())
+        } else {
+            Err("is empty".into())
+        };
     }
     if s.len() > 63 {
         return Err("is longer than 63 characters".into());
@@ -133,6 +141,9 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         let err = cluster_name("Bad_Name").unwrap_err().to_string();
-        assert!(err.contains("cluster name") && err.contains("Bad_Name"), "{err}");
+        assert!(
+            err.contains("cluster name") && err.contains("Bad_Name"),
+            "{err}"
+        );
     }
 }

@@ -51,7 +51,9 @@ pub fn endpoint(hub_url: &str, tls: &ClientTls) -> Result<Endpoint> {
         reason,
     };
     if !hub_url.starts_with("https://") {
-        return Err(invalid("the hub is only served over TLS; use https://HOST:PORT".into()));
+        return Err(invalid(
+            "the hub is only served over TLS; use https://HOST:PORT".into(),
+        ));
     }
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
     if let Some((cert, key)) = &tls.identity {

@@ -38,18 +38,35 @@ fn ensure_binaries_built(profile_dir: &Path) {
         .map(|n| if n == "debug" { "dev" } else { n })
         .unwrap_or("dev")
         .to_string();
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // Variables cargo sets for the running test would make build scripts (ring's, for one) look
+    // changed and force a rebuild of half the tree on every run; hide them from the nested build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let per_crate = key.starts_with("CARGO_PKG_")
+            || matches!(
+                key.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            );
+        if per_crate {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    let status = cargo
         .args([
             "build",
             "--quiet",
             "--profile",
             &profile,
-            "-p",
-            "flotilla-hub",
-            "-p",
-            "flotilla-agent",
-            "-p",
-            "flotilla-cli",
+            // The whole workspace, as `cargo test --workspace` resolves it: selecting fewer
+            // packages would unify features differently and rebuild every time.
+            "--workspace",
             "--bins",
         ])
         .env("CARGO_TARGET_DIR", target_dir)
@@ -67,7 +84,11 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Polls `check` every 100 ms until it returns `Ok(Some(_))`, or fails after `timeout` with the last error.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("condition never held");
     loop {
@@ -102,7 +123,10 @@ impl Proc {
 
     /// Sends SIGTERM (graceful stop).
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// Waits for exit up to `timeout`; returns the status and the log.
@@ -161,7 +185,11 @@ impl Hub {
             .args(["init", "--data-dir"])
             .arg(dir.path().join("hub"))
             .output()?;
-        ensure!(out.status.success(), "hub init failed: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "hub init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (process, addr) = serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
         Ok(Self {
             url: format!("https://{addr}"),
@@ -225,7 +253,8 @@ impl Hub {
             "flotilla {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice(&out.stdout).with_context(|| format!("parsing output of flotilla {args:?}"))
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("parsing output of flotilla {args:?}"))
     }
 
     /// `flotilla token create` with extra args; returns the token.
@@ -233,7 +262,10 @@ impl Hub {
         let mut args = vec!["token", "create"];
         args.extend(extra);
         let v = self.cli_json(&args)?;
-        v["token"].as_str().map(str::to_string).ok_or_else(|| anyhow!("no token in {v}"))
+        v["token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no token in {v}"))
     }
 
     /// The JSON object of one cluster from `cluster list -o json`, if listed.
@@ -257,7 +289,14 @@ impl Hub {
     /// Starts an agent for `name` in a fresh data directory under the hub's temp dir.
     pub fn agent(&self, name: &str, token: Option<&str>, labels: &str) -> Result<Agent> {
         let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
-        Agent::start(&self.url, &self.pki("ca.pem"), &data_dir, Some(name), token, labels)
+        Agent::start(
+            &self.url,
+            &self.pki("ca.pem"),
+            &data_dir,
+            Some(name),
+            token,
+            labels,
+        )
     }
 }
 
@@ -370,4 +409,73 @@ pub fn stable_view(list: &Value) -> Value {
         }
     }
     list
+}
+
+/// Direct gRPC access to a hub, for inputs the real binaries would never send.
+pub mod grpc {
+    use super::*;
+    use flotilla_proto::v1::RegisterRequest;
+    use flotilla_proto::v1::registration_client::RegistrationClient;
+    use flotilla_proto::{ClientTls, endpoint};
+    use tonic::transport::Channel;
+
+    /// PEM certificate and key.
+    pub type Identity = (Vec<u8>, Vec<u8>);
+
+    /// A channel to `hub` with an optional client identity; connection errors surface on first use.
+    pub fn channel(hub: &Hub, identity: Option<Identity>) -> Result<Channel> {
+        let tls = ClientTls {
+            ca_pem: std::fs::read(hub.pki("ca.pem"))?,
+            identity,
+        };
+        Ok(endpoint(&hub.url, &tls)?.connect_lazy())
+    }
+
+    /// The admin identity of `hub`.
+    pub fn admin(hub: &Hub) -> Result<Identity> {
+        Ok((
+            std::fs::read(hub.pki("admin.pem"))?,
+            std::fs::read(hub.pki("admin-key.pem"))?,
+        ))
+    }
+
+    /// A fresh key and a CSR with CN `cn`.
+    pub fn key_and_csr(cn: &str) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let csr = params.serialize_request(&key)?.pem()?;
+        Ok((key.serialize_pem(), csr))
+    }
+
+    /// Registers `name` directly; returns its identity.
+    pub async fn register(hub: &Hub, token: &str, name: &str) -> Result<Identity> {
+        let (key, csr) = key_and_csr(name)?;
+        let mut client = RegistrationClient::new(channel(hub, None)?);
+        let response = client
+            .register(RegisterRequest {
+                token: token.into(),
+                cluster_name: name.into(),
+                labels: Default::default(),
+                csr_pem: csr,
+            })
+            .await?
+            .into_inner();
+        Ok((response.certificate_pem.into_bytes(), key.into_bytes()))
+    }
+
+    /// Reads an agent's identity file (certificate followed by key).
+    pub fn agent_identity(agent: &Agent) -> Result<Identity> {
+        let text = std::fs::read_to_string(agent.identity())?;
+        let split = text
+            .find("-----BEGIN PRIVATE KEY-----")
+            .context("no key in identity file")?;
+        Ok((
+            text.as_bytes()[..split].to_vec(),
+            text.as_bytes()[split..].to_vec(),
+        ))
+    }
 }

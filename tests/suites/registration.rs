@@ -18,16 +18,34 @@ fn register_shows_connected_and_labels_round_trip() -> Result<()> {
     assert_eq!(cluster["labels"]["tier"], "prod");
     assert!(cluster["cert_expires"].is_string());
 
-    let out = hub.cli(&["cluster", "label", "eu-1", "tier-", "ring=canary", "-o", "json"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = hub.cli(&[
+        "cluster",
+        "label",
+        "eu-1",
+        "tier-",
+        "ring=canary",
+        "-o",
+        "json",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = hub.cli_json(&["cluster", "get", "eu-1"])?;
-    assert_eq!(got["labels"], serde_json::json!({"region": "eu", "ring": "canary"}));
+    assert_eq!(
+        got["labels"],
+        serde_json::json!({"region": "eu", "ring": "canary"})
+    );
     assert_eq!(got["connected"], true);
 
     let bad = hub.cli(&["cluster", "label", "eu-1", "Bad Key=x"])?;
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("label key") && err.contains("Bad Key"), "{err}");
+    assert!(
+        err.contains("label key") && err.contains("Bad Key"),
+        "{err}"
+    );
     let missing = hub.cli(&["cluster", "get", "nope"])?;
     assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
     Ok(())
@@ -37,8 +55,15 @@ fn register_shows_connected_and_labels_round_trip() -> Result<()> {
 fn refused(hub: &Hub, name: &str, token: &str) -> Result<String> {
     let mut agent = hub.agent(name, Some(token), "")?;
     let (status, log) = agent.process.wait_exit(T)?;
-    assert_eq!(status.code(), Some(2), "agent for {name} should be refused: {log}");
-    assert!(!log.contains(token), "the token leaked into the agent's output: {log}");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "agent for {name} should be refused: {log}"
+    );
+    assert!(
+        !log.contains(token),
+        "the token leaked into the agent's output: {log}"
+    );
     Ok(log)
 }
 
@@ -94,7 +119,10 @@ fn an_agent_whose_certificate_expired_offline_asks_for_a_new_token() -> Result<(
     agent.restart(&hub.url, &hub.pki("ca.pem"), None)?;
     let (status, log) = agent.process.wait_exit(T)?;
     assert_eq!(status.code(), Some(2), "{log}");
-    assert!(log.contains("expired") && log.contains("new bootstrap token"), "{log}");
+    assert!(
+        log.contains("expired") && log.contains("new bootstrap token"),
+        "{log}"
+    );
 
     // With a new token it comes back as itself, from the same data directory.
     let again = hub.token(&["--cluster", "lapsed"])?;

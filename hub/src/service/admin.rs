@@ -111,7 +111,9 @@ impl Admin for AdminService {
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
         self.hub.auth.admin(&request)?;
-        Ok(Response::new(self.create_token(request.into_inner()).await?))
+        Ok(Response::new(
+            self.create_token(request.into_inner()).await?,
+        ))
     }
 
     async fn list_clusters(
@@ -129,7 +131,10 @@ impl Admin for AdminService {
         Ok(Response::new(ListClustersResponse { clusters }))
     }
 
-    async fn get_cluster(&self, request: Request<GetClusterRequest>) -> Result<Response<Cluster>, Status> {
+    async fn get_cluster(
+        &self,
+        request: Request<GetClusterRequest>,
+    ) -> Result<Response<Cluster>, Status> {
         self.hub.auth.admin(&request)?;
         let record = self.cluster(&request.get_ref().name)?;
         Ok(Response::new(self.to_proto(record)))
@@ -148,6 +153,8 @@ impl Admin for AdminService {
         request: Request<DeregisterClusterRequest>,
     ) -> Result<Response<DeregisterClusterResponse>, Status> {
         self.hub.auth.admin(&request)?;
-        Ok(Response::new(self.deregister(&request.get_ref().name).await?))
+        Ok(Response::new(
+            self.deregister(&request.get_ref().name).await?,
+        ))
     }
 }

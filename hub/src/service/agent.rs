@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_proto::v1::agent_server::Agent;
-use flotilla_proto::v1::{AgentMessage, HeartbeatAck, HubMessage, Welcome, agent_message, hub_message};
+use flotilla_proto::v1::{
+    AgentMessage, HeartbeatAck, HubMessage, Welcome, agent_message, hub_message,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -39,7 +41,9 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let (name, peer) = self.hub.auth.cluster(&request)?;
         let Some(record) = self.hub.store.cluster(&name)? else {
-            return Err(Error::Unauthenticated(format!("cluster {name:?} is not registered")).into());
+            return Err(
+                Error::Unauthenticated(format!("cluster {name:?} is not registered")).into(),
+            );
         };
         let inbound = request.into_inner();
         let session = self.hub.sessions.open(&name, &self.hub.shutdown, now_ms());
@@ -48,8 +52,10 @@ impl Agent for AgentService {
             kind: Some(hub_message::Kind::Welcome(Welcome {
                 cluster_name: name.clone(),
                 labels: record.labels.into_iter().collect(),
-                heartbeat_interval_ms: u32::try_from(self.hub.settings.heartbeat_interval.as_millis())
-                    .unwrap_or(u32::MAX),
+                heartbeat_interval_ms: u32::try_from(
+                    self.hub.settings.heartbeat_interval.as_millis(),
+                )
+                .unwrap_or(u32::MAX),
             })),
         };
         // Cannot fail: the buffer is empty and the receiver is alive.
@@ -127,7 +133,9 @@ fn handle(message: AgentMessage) -> Option<HubMessage> {
     match message.kind? {
         agent_message::Kind::Hello(_) => None,
         agent_message::Kind::Heartbeat(hb) => Some(HubMessage {
-            kind: Some(hub_message::Kind::HeartbeatAck(HeartbeatAck { seq: hb.seq })),
+            kind: Some(hub_message::Kind::HeartbeatAck(HeartbeatAck {
+                seq: hb.seq,
+            })),
         }),
     }
 }

@@ -33,10 +33,10 @@ impl RegistrationService {
         // Cheap read-only check first, so unauthenticated callers cannot make the hub sign anything;
         // the transaction below checks again atomically.
         self.hub.store.precheck_token(&hash, name, now)?;
-        let cert = self
-            .hub
-            .ca
-            .issue_cluster_cert(name, &req.csr_pem, self.hub.settings.cert_ttl)?;
+        let cert =
+            self.hub
+                .ca
+                .issue_cluster_cert(name, &req.csr_pem, self.hub.settings.cert_ttl)?;
         let record = self
             .hub
             .store
@@ -59,12 +59,14 @@ impl RegistrationService {
 
     async fn renew(&self, name: &str, req: RenewRequest) -> Result<RenewResponse> {
         if self.hub.store.cluster(name)?.is_none() {
-            return Err(Error::Unauthenticated(format!("cluster {name:?} is not registered")));
+            return Err(Error::Unauthenticated(format!(
+                "cluster {name:?} is not registered"
+            )));
         }
-        let cert = self
-            .hub
-            .ca
-            .issue_cluster_cert(name, &req.csr_pem, self.hub.settings.cert_ttl)?;
+        let cert =
+            self.hub
+                .ca
+                .issue_cluster_cert(name, &req.csr_pem, self.hub.settings.cert_ttl)?;
         self.hub.store.renew(name, &cert, now_unix()).await?;
         tracing::info!(cluster = name, serial = %cert.serial, "certificate renewed");
         Ok(RenewResponse {
@@ -89,8 +91,13 @@ impl Registration for RegistrationService {
         Ok(Response::new(result?))
     }
 
-    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
         let (name, _peer) = self.hub.auth.cluster(&request)?;
-        Ok(Response::new(self.renew(&name, request.into_inner()).await?))
+        Ok(Response::new(
+            self.renew(&name, request.into_inner()).await?,
+        ))
     }
 }
