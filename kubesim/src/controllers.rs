@@ -16,6 +16,7 @@ pub fn watches(plural: &str) -> bool {
     matches!(
         plural,
         "deployments" | "statefulsets" | "daemonsets" | "replicasets" | "jobs" | "persistentvolumeclaims" | "services" | "pods"
+            | "customresourcedefinitions"
     )
 }
 
@@ -408,6 +409,24 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
                 let ip = obj["spec"]["clusterIP"].as_str().unwrap_or("10.96.0.1").replacen("10.96.", "172.18.", 1);
                 out.status = Some(json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}));
             }
+        }
+        "customresourcedefinitions" => {
+            // Names are accepted and the API established at once, as on a real server in practice.
+            let names = obj["spec"]["names"].clone();
+            let stored: Vec<Value> = obj["spec"]["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["storage"].as_bool() == Some(true))
+                .map(|v| v["name"].clone())
+                .collect();
+            out.status = Some(json!({
+                "acceptedNames": names,
+                "storedVersions": stored,
+                "conditions": [
+                    keep(json!({"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": now})),
+                    keep(json!({"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": now}))]
+            }));
         }
         "pods" => {
             let phase = if ready && !is_broken_pod(obj) { "Running" } else { "Pending" };
