@@ -15,9 +15,9 @@ use tokio::sync::{Notify, broadcast};
 use crate::controllers;
 use crate::error::ApiError;
 use crate::meta::{self, spec_part};
+use crate::patch;
 use crate::resources::{self, ResourceType};
 use crate::ssa::{self, Writer};
-use crate::patch;
 
 /// (group, plural, namespace, name); namespace is "" for cluster-scoped objects.
 pub type ObjKey = (String, String, String, String);
@@ -94,7 +94,9 @@ pub enum PatchType {
     Merge,
     Strategic,
     /// Server-side apply.
-    Apply { force: bool },
+    Apply {
+        force: bool,
+    },
 }
 
 /// A simulated cluster.
@@ -136,7 +138,9 @@ impl Cluster {
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-            let rt = cluster.resolve("", "v1", "namespaces").unwrap_or_else(|| resources::builtins().remove(0));
+            let rt = cluster
+                .resolve("", "v1", "namespaces")
+                .unwrap_or_else(|| resources::builtins().remove(0));
             // Creating a built-in namespace in an empty cluster cannot fail.
             let _ = cluster.create(&rt, None, body, &opts);
         }
@@ -149,7 +153,10 @@ impl Cluster {
     }
 
     pub fn faults(&self) -> Faults {
-        self.faults.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -200,9 +207,17 @@ impl Cluster {
     }
 
     /// Records a change: next resourceVersion, history, watchers, controllers.
-    fn commit(&self, state: &mut State, key: ObjKey, object: Option<Value>, kind: &'static str, deleted: Option<Value>) -> Value {
+    fn commit(
+        &self,
+        state: &mut State,
+        key: ObjKey,
+        object: Option<Value>,
+        kind: &'static str,
+        deleted: Option<Value>,
+    ) -> Value {
         state.rv += 1;
         let rv = state.rv;
+        tracing::debug!(cluster = %self.name, rv, kind, group = %key.0, resource = %key.1, namespace = %key.2, name = %key.3, "commit");
         let mut shown = match object {
             Some(mut obj) => {
                 obj["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -244,7 +259,9 @@ impl Cluster {
         if controllers::watches(&key.1) {
             let now = Instant::now();
             state.pending.insert((now, key.clone()));
-            state.pending.insert((now + self.settings.ready_delay, key.clone()));
+            state
+                .pending
+                .insert((now + self.settings.ready_delay, key.clone()));
             self.wake.notify_one();
         }
     }
@@ -272,7 +289,10 @@ impl Cluster {
         let (group, plural) = rt.storage_key();
         let mut items = Vec::new();
         let mut next = None;
-        for ((g, p, n, name), obj) in state.objects.range((group.clone(), plural.clone(), String::new(), String::new())..) {
+        for ((g, p, n, name), obj) in state
+            .objects
+            .range((group.clone(), plural.clone(), String::new(), String::new())..)
+        {
             if *g != group || *p != plural {
                 break;
             }
@@ -290,7 +310,10 @@ impl Cluster {
                 continue;
             }
             if limit.is_some_and(|l| items.len() >= l) {
-                next = items.last().map(|_: &Value| ()).and(Some(last_position(&items)));
+                next = items
+                    .last()
+                    .map(|_: &Value| ())
+                    .and(Some(last_position(&items)));
                 break;
             }
             items.push(Self::present(rt, obj));
@@ -299,7 +322,12 @@ impl Cluster {
     }
 
     /// Starts a watch of a type: the events to send first and the live channel, without a gap.
-    pub fn watch(&self, rt: &ResourceType, ns: Option<&str>, rv: Option<u64>) -> Result<WatchStart, ApiError> {
+    pub fn watch(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        rv: Option<u64>,
+    ) -> Result<WatchStart, ApiError> {
         let state = self.lock();
         let rx = self.events.subscribe();
         let (group, plural) = rt.storage_key();
@@ -311,7 +339,10 @@ impl Cluster {
                 .filter(|((g, p, n, _), _)| *g == group && *p == plural && in_scope(n))
                 .map(|((g, p, n, _), obj)| {
                     Arc::new(WatchEvent {
-                        rv: obj["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
+                        rv: obj["metadata"]["resourceVersion"]
+                            .as_str()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0),
                         group: g.clone(),
                         plural: p.clone(),
                         namespace: n.clone(),
@@ -330,16 +361,31 @@ impl Cluster {
                 state
                     .history
                     .iter()
-                    .filter(|e| e.rv > from && e.group == group && e.plural == plural && in_scope(&e.namespace))
+                    .filter(|e| {
+                        e.rv > from
+                            && e.group == group
+                            && e.plural == plural
+                            && in_scope(&e.namespace)
+                    })
                     .cloned()
                     .collect()
             }
         };
-        Ok(WatchStart { initial, rx, rv: state.rv })
+        Ok(WatchStart {
+            initial,
+            rx,
+            rv: state.rv,
+        })
     }
 
     /// CREATE.
-    pub fn create(&self, rt: &ResourceType, ns: Option<&str>, mut body: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+    pub fn create(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        mut body: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         check_type(rt, &body)?;
         let ns = self.namespace_for(rt, ns, &mut body)?;
         let name = match meta::name_of(&body) {
@@ -347,7 +393,14 @@ impl Cluster {
             _ => match body["metadata"]["generateName"].as_str() {
                 Some(prefix) => format!("{prefix}{}", meta::name_suffix()),
                 None => {
-                    return Err(ApiError::invalid(&rt.kind, "", vec![("metadata.name".into(), "Required value: name or generateName is required".into())]));
+                    return Err(ApiError::invalid(
+                        &rt.kind,
+                        "",
+                        vec![(
+                            "metadata.name".into(),
+                            "Required value: name or generateName is required".into(),
+                        )],
+                    ));
                 }
             },
         };
@@ -376,7 +429,12 @@ impl Cluster {
         Ok(Self::present(rt, &shown))
     }
 
-    fn namespace_for(&self, rt: &ResourceType, ns: Option<&str>, body: &mut Value) -> Result<String, ApiError> {
+    fn namespace_for(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        body: &mut Value,
+    ) -> Result<String, ApiError> {
         if !rt.namespaced {
             if let Some(m) = body["metadata"].as_object_mut() {
                 m.remove("namespace");
@@ -386,11 +444,17 @@ impl Cluster {
         let from_body = body["metadata"]["namespace"].as_str().map(str::to_string);
         let ns = match (ns, from_body) {
             (Some(path), Some(b)) if path != b => {
-                return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
             }
             (Some(path), _) => path.to_string(),
             (None, Some(b)) => b,
-            (None, None) => return Err(ApiError::bad_request("a namespace is required for a namespaced resource")),
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "a namespace is required for a namespaced resource",
+                ));
+            }
         };
         body["metadata"]["namespace"] = json!(ns);
         Ok(ns)
@@ -400,20 +464,39 @@ impl Cluster {
         if !rt.namespaced {
             return Ok(());
         }
-        let key = (String::new(), "namespaces".to_string(), String::new(), ns.to_string());
+        let key = (
+            String::new(),
+            "namespaces".to_string(),
+            String::new(),
+            ns.to_string(),
+        );
         match state.objects.get(&key) {
             None => Err(ApiError::not_found("namespaces", ns)),
-            Some(n) if !n["metadata"]["deletionTimestamp"].is_null() => Err(ApiError::conflict_namespace_terminating(ns)),
+            Some(n) if !n["metadata"]["deletionTimestamp"].is_null() => {
+                Err(ApiError::conflict_namespace_terminating(ns))
+            }
             Some(_) => Ok(()),
         }
     }
 
     /// Server-set fields of a new object: uid, timestamps, generation, defaults, cleared status.
-    fn prepare_new(&self, state: &mut State, rt: &ResourceType, mut obj: Value) -> Result<Value, ApiError> {
+    fn prepare_new(
+        &self,
+        state: &mut State,
+        rt: &ResourceType,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
         obj["apiVersion"] = json!(rt.api_version());
         obj["kind"] = json!(rt.kind);
-        let m = obj["metadata"].as_object_mut().ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
-        for f in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
+        let m = obj["metadata"]
+            .as_object_mut()
+            .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
+        for f in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+        ] {
             m.remove(f);
         }
         m.insert("uid".into(), json!(meta::uid()));
@@ -421,7 +504,9 @@ impl Cluster {
         if rt.generation {
             m.insert("generation".into(), json!(1));
         }
-        if rt.status && let Some(o) = obj.as_object_mut() {
+        if rt.status
+            && let Some(o) = obj.as_object_mut()
+        {
             o.remove("status");
         }
         controllers::default_object(&rt.kind, &mut obj, state.rv);
@@ -430,7 +515,14 @@ impl Cluster {
     }
 
     /// UPDATE (PUT), of the object or its status.
-    pub fn update(&self, rt: &ResourceType, ns: Option<&str>, name: &str, mut body: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+    pub fn update(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        mut body: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         check_type(rt, &body)?;
         if meta::name_of(&body).is_some_and(|n| n != name) {
             return Err(ApiError::bad_request(format!(
@@ -450,15 +542,31 @@ impl Cluster {
         if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
             && Some(rv) != old["metadata"]["resourceVersion"].as_str()
         {
-            return Err(ApiError::conflict(&rt.group_resource(), name, "the object has been modified; please apply your changes to the latest version and try again"));
+            return Err(ApiError::conflict(
+                &rt.group_resource(),
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
         let new = merge_write(rt, &old, body, opts.subresource.as_deref());
         self.finish_write(&mut state, rt, key, old, new, opts)
     }
 
     /// PATCH, including server-side apply (which creates a missing object).
-    pub fn patch(&self, rt: &ResourceType, ns: Option<&str>, name: &str, kind: PatchType, body: Value, opts: &WriteOptions) -> Result<(Value, bool), ApiError> {
-        let ns_owned = if rt.namespaced { ns.unwrap_or("").to_string() } else { String::new() };
+    pub fn patch(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        kind: PatchType,
+        body: Value,
+        opts: &WriteOptions,
+    ) -> Result<(Value, bool), ApiError> {
+        let ns_owned = if rt.namespaced {
+            ns.unwrap_or("").to_string()
+        } else {
+            String::new()
+        };
         let mut state = self.lock();
         let key = Self::key(rt, Some(&ns_owned), name);
         let old = state.objects.get(&key).cloned();
@@ -467,10 +575,19 @@ impl Cluster {
             (PatchType::Apply { force }, old) => {
                 check_type(rt, &body)?;
                 if meta::name_of(&body).is_some_and(|n| n != name) {
-                    return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({name})", meta::name_of(&body).unwrap_or_default())));
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({}) does not match the name on the URL ({name})",
+                        meta::name_of(&body).unwrap_or_default()
+                    )));
                 }
-                if rt.namespaced && body["metadata"]["namespace"].as_str().is_some_and(|n| n != ns_owned) {
-                    return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+                if rt.namespaced
+                    && body["metadata"]["namespace"]
+                        .as_str()
+                        .is_some_and(|n| n != ns_owned)
+                {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
                 }
                 let mut config = body;
                 config["apiVersion"] = json!(rt.api_version());
@@ -487,10 +604,11 @@ impl Cluster {
                     subresource: opts.subresource.as_deref().unwrap_or(""),
                 };
                 let skip_status = rt.status && !status_only;
-                let applied = ssa::apply(old.as_ref(), &config, &writer, force, skip_status).map_err(|conflicts| {
-                    let (message, causes) = ssa::conflict_message(&conflicts);
-                    ApiError::apply_conflict(message, causes)
-                })?;
+                let applied = ssa::apply(old.as_ref(), &config, &writer, force, skip_status)
+                    .map_err(|conflicts| {
+                        let (message, causes) = ssa::conflict_message(&conflicts);
+                        ApiError::apply_conflict(message, causes)
+                    })?;
                 match old {
                     None => {
                         if status_only {
@@ -513,8 +631,14 @@ impl Cluster {
                         if skip_status {
                             restore(&mut new, &old, "status");
                         }
-                        let opts = WriteOptions { manager: String::new(), ..opts.clone() };
-                        Ok((self.finish_write(&mut state, rt, key, old, new, &opts)?, false))
+                        let opts = WriteOptions {
+                            manager: String::new(),
+                            ..opts.clone()
+                        };
+                        Ok((
+                            self.finish_write(&mut state, rt, key, old, new, &opts)?,
+                            false,
+                        ))
                     }
                 }
             }
@@ -530,8 +654,13 @@ impl Cluster {
                 self.finish_patch(&mut state, rt, key, name, old, patched, opts)
             }
             (PatchType::Strategic, Some(old)) => {
-                if !resources::builtins().iter().any(|b| b.group == rt.group && b.plural == rt.plural) {
-                    return Err(ApiError::unsupported_media_type("application/strategic-merge-patch+json"));
+                if !resources::builtins()
+                    .iter()
+                    .any(|b| b.group == rt.group && b.plural == rt.plural)
+                {
+                    return Err(ApiError::unsupported_media_type(
+                        "application/strategic-merge-patch+json",
+                    ));
                 }
                 let mut patched = old.clone();
                 patch::strategic_merge(&mut patched, &body)?;
@@ -541,14 +670,31 @@ impl Cluster {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn finish_patch(&self, state: &mut State, rt: &ResourceType, key: ObjKey, name: &str, old: Value, patched: Value, opts: &WriteOptions) -> Result<(Value, bool), ApiError> {
+    fn finish_patch(
+        &self,
+        state: &mut State,
+        rt: &ResourceType,
+        key: ObjKey,
+        name: &str,
+        old: Value,
+        patched: Value,
+        opts: &WriteOptions,
+    ) -> Result<(Value, bool), ApiError> {
         {
             {
-                if patched["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"] && !patched["metadata"]["resourceVersion"].is_null() {
-                    return Err(ApiError::conflict(&rt.group_resource(), name, "the object has been modified; please apply your changes to the latest version and try again"));
+                if patched["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"]
+                    && !patched["metadata"]["resourceVersion"].is_null()
+                {
+                    return Err(ApiError::conflict(
+                        &rt.group_resource(),
+                        name,
+                        "the object has been modified; please apply your changes to the latest version and try again",
+                    ));
                 }
                 if meta::name_of(&patched) != Some(name) {
-                    return Err(ApiError::bad_request("metadata.name cannot be changed by a patch"));
+                    return Err(ApiError::bad_request(
+                        "metadata.name cannot be changed by a patch",
+                    ));
                 }
                 let new = merge_write(rt, &old, patched, opts.subresource.as_deref());
                 Ok((self.finish_write(state, rt, key, old, new, opts)?, false))
@@ -557,8 +703,24 @@ impl Cluster {
     }
 
     /// The common tail of update and patch: immutability, defaults, generation, ownership, commit.
-    fn finish_write(&self, state: &mut State, rt: &ResourceType, key: ObjKey, old: Value, mut new: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
-        for f in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"] {
+    fn finish_write(
+        &self,
+        state: &mut State,
+        rt: &ResourceType,
+        key: ObjKey,
+        old: Value,
+        mut new: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "namespace",
+            "name",
+        ] {
             restore(&mut new["metadata"], &old["metadata"], f);
         }
         new["apiVersion"] = json!(rt.api_version());
@@ -577,11 +739,18 @@ impl Cluster {
                 time: &time,
                 subresource: opts.subresource.as_deref().unwrap_or(""),
             };
-            ssa::record_update(Some(&old), &mut new, &writer, rt.status && opts.subresource.as_deref() != Some("status"));
+            ssa::record_update(
+                Some(&old),
+                &mut new,
+                &writer,
+                rt.status && opts.subresource.as_deref() != Some("status"),
+            );
         }
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         let deleting = !new["metadata"]["deletionTimestamp"].is_null();
-        let finalizers_empty = new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+        let finalizers_empty = new["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty);
         if opts.dry_run {
             return Ok(Self::present(rt, &new));
         }
@@ -593,41 +762,83 @@ impl Cluster {
         if without_times(&new) == without_times(&old) {
             return Ok(Self::present(rt, &old));
         }
+        let spec_changed = spec_part(&old) != spec_part(&new);
         let shown = self.commit(state, key.clone(), Some(new), "MODIFIED", None);
-        if opts.subresource.as_deref() != Some("status") {
+        if spec_changed {
             self.schedule(state, &key);
         }
         Ok(Self::present(rt, &shown))
     }
 
     /// DELETE one object. Returns the object when deletion waits on finalizers, else a Status.
-    pub fn delete(&self, rt: &ResourceType, ns: Option<&str>, name: &str, options: &Value, dry_run: bool) -> Result<Value, ApiError> {
+    pub fn delete(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        options: &Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
         let mut state = self.lock();
         let key = Self::key(rt, ns, name);
-        let old = state.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(&rt.group_resource(), name))?;
+        let old = state
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&rt.group_resource(), name))?;
         let pre = &options["preconditions"];
-        if pre["uid"].as_str().is_some_and(|u| Some(u) != old["metadata"]["uid"].as_str()) {
-            return Err(ApiError::conflict(&rt.group_resource(), name, format!("Precondition failed: UID in precondition: {}, UID in object meta: {}", pre["uid"].as_str().unwrap_or(""), old["metadata"]["uid"].as_str().unwrap_or(""))));
+        if pre["uid"]
+            .as_str()
+            .is_some_and(|u| Some(u) != old["metadata"]["uid"].as_str())
+        {
+            return Err(ApiError::conflict(
+                &rt.group_resource(),
+                name,
+                format!(
+                    "Precondition failed: UID in precondition: {}, UID in object meta: {}",
+                    pre["uid"].as_str().unwrap_or(""),
+                    old["metadata"]["uid"].as_str().unwrap_or("")
+                ),
+            ));
         }
-        if pre["resourceVersion"].as_str().is_some_and(|r| Some(r) != old["metadata"]["resourceVersion"].as_str()) {
-            return Err(ApiError::conflict(&rt.group_resource(), name, "Precondition failed: resourceVersion does not match"));
+        if pre["resourceVersion"]
+            .as_str()
+            .is_some_and(|r| Some(r) != old["metadata"]["resourceVersion"].as_str())
+        {
+            return Err(ApiError::conflict(
+                &rt.group_resource(),
+                name,
+                "Precondition failed: resourceVersion does not match",
+            ));
         }
         if dry_run {
             return Ok(Self::present(rt, &old));
         }
-        let policy = options["propagationPolicy"].as_str().unwrap_or("Background");
+        let policy = options["propagationPolicy"]
+            .as_str()
+            .unwrap_or("Background");
         let result = self.delete_locked(&mut state, key, old, policy);
         Ok(match result {
             Some(pending) => Self::present(rt, &pending),
-            None => json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                           "details": {"name": name, "group": rt.group, "kind": rt.plural}}),
+            None => {
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                           "details": {"name": name, "group": rt.group, "kind": rt.plural}})
+            }
         })
     }
 
     /// Deletes (or marks for deletion) under the lock. Returns the object if it still exists.
-    fn delete_locked(&self, state: &mut State, key: ObjKey, obj: Value, policy: &str) -> Option<Value> {
+    fn delete_locked(
+        &self,
+        state: &mut State,
+        key: ObjKey,
+        obj: Value,
+        policy: &str,
+    ) -> Option<Value> {
         let mut obj = obj;
-        let has_finalizers = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let has_finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
         let is_namespace = key.1 == "namespaces" && key.0.is_empty();
         if is_namespace {
             if obj["metadata"]["deletionTimestamp"].is_null() {
@@ -673,7 +884,10 @@ impl Cluster {
     fn after_delete(&self, state: &mut State, key: &ObjKey, deleted: &Value) {
         if key.1 == "customresourcedefinitions" && key.0 == "apiextensions.k8s.io" {
             let group = deleted["spec"]["group"].as_str().unwrap_or("").to_string();
-            let plural = deleted["spec"]["names"]["plural"].as_str().unwrap_or("").to_string();
+            let plural = deleted["spec"]["names"]["plural"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let doomed: Vec<(ObjKey, Value)> = state
                 .objects
                 .iter()
@@ -692,7 +906,12 @@ impl Cluster {
 
     /// Removes a terminating namespace once it is empty; returns it if it still exists.
     fn finish_namespace(&self, state: &mut State, ns: &str) -> Option<Value> {
-        let ns_key = (String::new(), "namespaces".to_string(), String::new(), ns.to_string());
+        let ns_key = (
+            String::new(),
+            "namespaces".to_string(),
+            String::new(),
+            ns.to_string(),
+        );
         let obj = state.objects.get(&ns_key)?.clone();
         if obj["metadata"]["deletionTimestamp"].is_null() {
             return Some(obj);
@@ -705,7 +924,9 @@ impl Cluster {
     }
 
     fn dependents(state: &State, owner: &Value) -> Vec<(ObjKey, Value)> {
-        let Some(uid) = owner["metadata"]["uid"].as_str() else { return Vec::new() };
+        let Some(uid) = owner["metadata"]["uid"].as_str() else {
+            return Vec::new();
+        };
         state
             .objects
             .iter()
@@ -737,13 +958,22 @@ impl Cluster {
     }
 
     /// DELETE a collection: every object of the type (in the namespace) the filter keeps.
-    pub fn delete_collection(&self, rt: &ResourceType, ns: Option<&str>, filter: impl Fn(&Value) -> bool, options: &Value) -> Vec<Value> {
+    pub fn delete_collection(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        filter: impl Fn(&Value) -> bool,
+        options: &Value,
+    ) -> Vec<Value> {
         let (items, _, _) = self.list(rt, ns, filter, None, None);
         let mut deleted = Vec::new();
         for item in items {
             let name = meta::name_of(&item).unwrap_or_default().to_string();
             let item_ns = item["metadata"]["namespace"].as_str().map(str::to_string);
-            if self.delete(rt, item_ns.as_deref(), &name, options, false).is_ok() {
+            if self
+                .delete(rt, item_ns.as_deref(), &name, options, false)
+                .is_ok()
+            {
                 deleted.push(item);
             }
         }
@@ -760,14 +990,19 @@ impl Cluster {
             }
             state.pending.remove(&first);
             let key = first.1;
-            let Some(obj) = state.objects.get(&key).cloned() else { continue };
+            let Some(obj) = state.objects.get(&key).cloned() else {
+                continue;
+            };
             let due_ready = self.is_ready_time(&state, &key, now);
             let outcome = controllers::reconcile(&key.1, &obj, due_ready);
-            if let Some(status) = outcome.status
-                && obj["status"] != status
-            {
-                let mut new = obj.clone();
+            let mut new = obj.clone();
+            if let Some(status) = outcome.status {
                 new["status"] = status;
+            }
+            if let Some(spec_patch) = &outcome.spec_patch {
+                patch::merge_patch(&mut new, spec_patch);
+            }
+            if new != obj {
                 let time = meta::now();
                 let api_version = new["apiVersion"].as_str().unwrap_or("").to_string();
                 let writer = Writer {
@@ -779,15 +1014,12 @@ impl Cluster {
                 ssa::record_update(Some(&obj), &mut new, &writer, false);
                 self.commit(&mut state, key.clone(), Some(new), "MODIFIED", None);
             }
-            if let Some(spec_patch) = outcome.spec_patch {
-                let mut new = obj.clone();
-                patch::merge_patch(&mut new, &spec_patch);
-                if new != obj {
-                    self.commit(&mut state, key.clone(), Some(new), "MODIFIED", None);
-                }
-            }
             for child in outcome.create {
-                let rt = state.types.iter().find(|t| t.kind == child["kind"].as_str().unwrap_or("")).cloned();
+                let rt = state
+                    .types
+                    .iter()
+                    .find(|t| t.kind == child["kind"].as_str().unwrap_or(""))
+                    .cloned();
                 if let Some(rt) = rt {
                     let name = meta::name_of(&child).unwrap_or_default().to_string();
                     let ckey = Self::key(&rt, child["metadata"]["namespace"].as_str(), &name);
@@ -795,7 +1027,12 @@ impl Cluster {
                         && let Ok(mut obj) = self.prepare_new(&mut state, &rt, child)
                     {
                         let time = meta::now();
-                        let writer = Writer { manager: "kube-controller-manager", api_version: &rt.api_version(), time: &time, subresource: "" };
+                        let writer = Writer {
+                            manager: "kube-controller-manager",
+                            api_version: &rt.api_version(),
+                            time: &time,
+                            subresource: "",
+                        };
                         ssa::record_update(None, &mut obj, &writer, rt.status);
                         self.commit(&mut state, ckey.clone(), Some(obj), "ADDED", None);
                         self.schedule(&mut state, &ckey);
@@ -815,14 +1052,23 @@ impl Cluster {
 fn last_position(items: &[Value]) -> String {
     items
         .last()
-        .map(|o| format!("{}/{}", o["metadata"]["namespace"].as_str().unwrap_or(""), o["metadata"]["name"].as_str().unwrap_or("")))
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["metadata"]["namespace"].as_str().unwrap_or(""),
+                o["metadata"]["name"].as_str().unwrap_or("")
+            )
+        })
         .unwrap_or_default()
 }
 
 fn refresh_types(state: &mut State) {
     let mut types = resources::builtins();
     for ((g, p, _, _), crd) in &state.objects {
-        if g == "apiextensions.k8s.io" && p == "customresourcedefinitions" && crd["metadata"]["deletionTimestamp"].is_null() {
+        if g == "apiextensions.k8s.io"
+            && p == "customresourcedefinitions"
+            && crd["metadata"]["deletionTimestamp"].is_null()
+        {
             types.extend(resources::from_crd(crd));
         }
     }
@@ -831,12 +1077,17 @@ fn refresh_types(state: &mut State) {
 
 fn check_type(rt: &ResourceType, body: &Value) -> Result<(), ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request("the body must be a JSON or YAML object"));
+        return Err(ApiError::bad_request(
+            "the body must be a JSON or YAML object",
+        ));
     }
     if let Some(kind) = body["kind"].as_str()
         && kind != rt.kind
     {
-        return Err(ApiError::bad_request(format!("the kind in the data ({kind}) does not match the expected kind ({})", rt.kind)));
+        return Err(ApiError::bad_request(format!(
+            "the kind in the data ({kind}) does not match the expected kind ({})",
+            rt.kind
+        )));
     }
     if let Some(av) = body["apiVersion"].as_str()
         && av != rt.api_version()
@@ -871,7 +1122,9 @@ fn merge_write(rt: &ResourceType, old: &Value, body: Value, subresource: Option<
 }
 
 fn restore(new: &mut Value, old: &Value, field: &str) {
-    let Some(map) = new.as_object_mut() else { return };
+    let Some(map) = new.as_object_mut() else {
+        return;
+    };
     match old.get(field) {
         Some(v) => {
             map.insert(field.to_string(), v.clone());

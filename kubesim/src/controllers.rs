@@ -15,7 +15,14 @@ use crate::meta;
 pub fn watches(plural: &str) -> bool {
     matches!(
         plural,
-        "deployments" | "statefulsets" | "daemonsets" | "replicasets" | "jobs" | "persistentvolumeclaims" | "services" | "pods"
+        "deployments"
+            | "statefulsets"
+            | "daemonsets"
+            | "replicasets"
+            | "jobs"
+            | "persistentvolumeclaims"
+            | "services"
+            | "pods"
             | "customresourcedefinitions"
     )
 }
@@ -56,9 +63,19 @@ fn default_pod_spec(spec: &mut Value) {
     for list in ["containers", "initContainers"] {
         if let Some(containers) = spec[list].as_array_mut() {
             for c in containers {
-                let latest = c["image"].as_str().is_some_and(|i| !i.contains(':') || i.ends_with(":latest"));
-                set_default(c, &["imagePullPolicy"], json!(if latest { "Always" } else { "IfNotPresent" }));
-                set_default(c, &["terminationMessagePath"], json!("/dev/termination-log"));
+                let latest = c["image"]
+                    .as_str()
+                    .is_some_and(|i| !i.contains(':') || i.ends_with(":latest"));
+                set_default(
+                    c,
+                    &["imagePullPolicy"],
+                    json!(if latest { "Always" } else { "IfNotPresent" }),
+                );
+                set_default(
+                    c,
+                    &["terminationMessagePath"],
+                    json!("/dev/termination-log"),
+                );
                 set_default(c, &["terminationMessagePolicy"], json!("File"));
                 if let Some(ports) = c["ports"].as_array_mut() {
                     for p in ports {
@@ -75,7 +92,11 @@ pub fn default_object(kind: &str, obj: &mut Value, rv: u64) {
     match kind {
         "Namespace" => {
             let name = obj["metadata"]["name"].clone();
-            set_default(obj, &["metadata", "labels", "kubernetes.io/metadata.name"], name);
+            set_default(
+                obj,
+                &["metadata", "labels", "kubernetes.io/metadata.name"],
+                name,
+            );
             set_default(obj, &["spec", "finalizers"], json!(["kubernetes"]));
             if obj["metadata"]["deletionTimestamp"].is_null() {
                 obj["status"] = json!({"phase": "Active"});
@@ -85,19 +106,31 @@ pub fn default_object(kind: &str, obj: &mut Value, rv: u64) {
             set_default(obj, &["spec", "replicas"], json!(1));
             set_default(obj, &["spec", "revisionHistoryLimit"], json!(10));
             set_default(obj, &["spec", "progressDeadlineSeconds"], json!(600));
-            set_default(obj, &["spec", "strategy"], json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}));
+            set_default(
+                obj,
+                &["spec", "strategy"],
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
+            );
             default_pod_spec(&mut obj["spec"]["template"]["spec"]);
         }
         "StatefulSet" => {
             set_default(obj, &["spec", "replicas"], json!(1));
             set_default(obj, &["spec", "podManagementPolicy"], json!("OrderedReady"));
             set_default(obj, &["spec", "revisionHistoryLimit"], json!(10));
-            set_default(obj, &["spec", "updateStrategy"], json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}));
+            set_default(
+                obj,
+                &["spec", "updateStrategy"],
+                json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}),
+            );
             default_pod_spec(&mut obj["spec"]["template"]["spec"]);
         }
         "DaemonSet" => {
             set_default(obj, &["spec", "revisionHistoryLimit"], json!(10));
-            set_default(obj, &["spec", "updateStrategy"], json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}));
+            set_default(
+                obj,
+                &["spec", "updateStrategy"],
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+            );
             default_pod_spec(&mut obj["spec"]["template"]["spec"]);
         }
         "ReplicaSet" => {
@@ -148,7 +181,8 @@ pub fn default_object(kind: &str, obj: &mut Value, rv: u64) {
             set_default(obj, &["type"], json!("Opaque"));
             if let Some(string_data) = obj.get("stringData").and_then(Value::as_object).cloned() {
                 for (k, v) in string_data {
-                    let encoded = base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+                    let encoded = base64::engine::general_purpose::STANDARD
+                        .encode(v.as_str().unwrap_or_default());
                     obj["data"][k] = json!(encoded);
                 }
                 if let Some(m) = obj.as_object_mut() {
@@ -165,20 +199,39 @@ pub fn default_object(kind: &str, obj: &mut Value, rv: u64) {
 }
 
 fn invalid(kind: &str, obj: &Value, field: &str, message: &str) -> ApiError {
-    ApiError::invalid(kind, obj["metadata"]["name"].as_str().unwrap_or(""), vec![(field.into(), message.into())])
+    ApiError::invalid(
+        kind,
+        obj["metadata"]["name"].as_str().unwrap_or(""),
+        vec![(field.into(), message.into())],
+    )
 }
 
 fn check_containers(kind: &str, obj: &Value, path: &str, spec: &Value) -> Result<(), ApiError> {
     let containers = spec["containers"].as_array().filter(|c| !c.is_empty());
     let Some(containers) = containers else {
-        return Err(invalid(kind, obj, &format!("{path}.containers"), "Required value"));
+        return Err(invalid(
+            kind,
+            obj,
+            &format!("{path}.containers"),
+            "Required value",
+        ));
     };
     for (i, c) in containers.iter().enumerate() {
         if c["name"].as_str().is_none_or(str::is_empty) {
-            return Err(invalid(kind, obj, &format!("{path}.containers[{i}].name"), "Required value"));
+            return Err(invalid(
+                kind,
+                obj,
+                &format!("{path}.containers[{i}].name"),
+                "Required value",
+            ));
         }
         if c["image"].as_str().is_none_or(str::is_empty) {
-            return Err(invalid(kind, obj, &format!("{path}.containers[{i}].image"), "Required value"));
+            return Err(invalid(
+                kind,
+                obj,
+                &format!("{path}.containers[{i}].image"),
+                "Required value",
+            ));
         }
     }
     Ok(())
@@ -196,23 +249,53 @@ pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiE
             if let Some(want) = selector["matchLabels"].as_object() {
                 for (k, v) in want {
                     if labels.get(k) != Some(v) {
-                        return Err(invalid(kind, obj, "spec.template.metadata.labels", &format!("Invalid value: {labels}: `selector` does not match template `labels`")));
+                        return Err(invalid(
+                            kind,
+                            obj,
+                            "spec.template.metadata.labels",
+                            &format!(
+                                "Invalid value: {labels}: `selector` does not match template `labels`"
+                            ),
+                        ));
                     }
                 }
             }
-            check_containers(kind, obj, "spec.template.spec", &obj["spec"]["template"]["spec"])?;
+            check_containers(
+                kind,
+                obj,
+                "spec.template.spec",
+                &obj["spec"]["template"]["spec"],
+            )?;
             if let Some(old) = old
                 && old["spec"]["selector"] != obj["spec"]["selector"]
             {
-                return Err(invalid(kind, obj, "spec.selector", &format!("Invalid value: {}: field is immutable", obj["spec"]["selector"])));
+                return Err(invalid(
+                    kind,
+                    obj,
+                    "spec.selector",
+                    &format!(
+                        "Invalid value: {}: field is immutable",
+                        obj["spec"]["selector"]
+                    ),
+                ));
             }
         }
         "Job" => {
-            check_containers(kind, obj, "spec.template.spec", &obj["spec"]["template"]["spec"])?;
+            check_containers(
+                kind,
+                obj,
+                "spec.template.spec",
+                &obj["spec"]["template"]["spec"],
+            )?;
             if let Some(old) = old
                 && old["spec"]["template"] != obj["spec"]["template"]
             {
-                return Err(invalid(kind, obj, "spec.template", "Invalid value: field is immutable"));
+                return Err(invalid(
+                    kind,
+                    obj,
+                    "spec.template",
+                    "Invalid value: field is immutable",
+                ));
             }
         }
         "Pod" => check_containers(kind, obj, "spec", &obj["spec"])?,
@@ -220,38 +303,78 @@ pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiE
             if let Some(old) = old {
                 let (a, b) = (&old["spec"]["clusterIP"], &obj["spec"]["clusterIP"]);
                 if !a.is_null() && a != b {
-                    return Err(invalid(kind, obj, "spec.clusterIP", &format!("Invalid value: {b}: field is immutable")));
+                    return Err(invalid(
+                        kind,
+                        obj,
+                        "spec.clusterIP",
+                        &format!("Invalid value: {b}: field is immutable"),
+                    ));
                 }
             }
-            for (i, p) in obj["spec"]["ports"].as_array().into_iter().flatten().enumerate() {
+            for (i, p) in obj["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
                 if !p["port"].is_i64() {
-                    return Err(invalid(kind, obj, &format!("spec.ports[{i}].port"), "Required value"));
+                    return Err(invalid(
+                        kind,
+                        obj,
+                        &format!("spec.ports[{i}].port"),
+                        "Required value",
+                    ));
                 }
             }
         }
         "ConfigMap" | "Secret" => {
             for (k, v) in obj["data"].as_object().into_iter().flatten() {
                 if !v.is_string() {
-                    return Err(invalid(kind, obj, &format!("data[{k}]"), "Invalid value: must be a string"));
+                    return Err(invalid(
+                        kind,
+                        obj,
+                        &format!("data[{k}]"),
+                        "Invalid value: must be a string",
+                    ));
                 }
             }
             if let Some(old) = old
                 && old["immutable"] == json!(true)
                 && (old["data"] != obj["data"] || old["binaryData"] != obj["binaryData"])
             {
-                return Err(invalid(kind, obj, "data", "Forbidden: field is immutable when `immutable` is set"));
+                return Err(invalid(
+                    kind,
+                    obj,
+                    "data",
+                    "Forbidden: field is immutable when `immutable` is set",
+                ));
             }
         }
         "CustomResourceDefinition" => {
             let spec = &obj["spec"];
-            for (field, value) in [("spec.group", &spec["group"]), ("spec.names.kind", &spec["names"]["kind"]), ("spec.names.plural", &spec["names"]["plural"])] {
+            for (field, value) in [
+                ("spec.group", &spec["group"]),
+                ("spec.names.kind", &spec["names"]["kind"]),
+                ("spec.names.plural", &spec["names"]["plural"]),
+            ] {
                 if value.as_str().is_none_or(str::is_empty) {
                     return Err(invalid(kind, obj, field, "Required value"));
                 }
             }
-            let expected = format!("{}.{}", spec["names"]["plural"].as_str().unwrap_or(""), spec["group"].as_str().unwrap_or(""));
+            let expected = format!(
+                "{}.{}",
+                spec["names"]["plural"].as_str().unwrap_or(""),
+                spec["group"].as_str().unwrap_or("")
+            );
             if obj["metadata"]["name"].as_str() != Some(expected.as_str()) {
-                return Err(invalid(kind, obj, "metadata.name", &format!("Invalid value: must be spec.names.plural+\".\"+spec.group ({expected})")));
+                return Err(invalid(
+                    kind,
+                    obj,
+                    "metadata.name",
+                    &format!(
+                        "Invalid value: must be spec.names.plural+\".\"+spec.group ({expected})"
+                    ),
+                ));
             }
             if spec["versions"].as_array().is_none_or(Vec::is_empty) {
                 return Err(invalid(kind, obj, "spec.versions", "Required value"));
@@ -263,7 +386,8 @@ pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiE
 }
 
 fn broken(template: &Value) -> bool {
-    let annotated = template["metadata"]["annotations"]["kubesim.flotilla.dev/broken"].as_str() == Some("true");
+    let annotated =
+        template["metadata"]["annotations"]["kubesim.flotilla.dev/broken"].as_str() == Some("true");
     let image = template["spec"]["containers"]
         .as_array()
         .into_iter()
@@ -287,7 +411,9 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
     let is_broken = broken(template);
     // Keep a condition's transition time when its status did not change.
     let keep = |mut fresh: Value| -> Value {
-        let old = obj["status"]["conditions"].as_array().and_then(|cs| cs.iter().find(|c| c["type"] == fresh["type"]).cloned());
+        let old = obj["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == fresh["type"]).cloned());
         if let Some(old) = old
             && old["status"] == fresh["status"]
         {
@@ -301,16 +427,54 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
             let rs = format!("{name}-{}", obj["metadata"]["generation"]);
             let (available, progressing) = match (ready, is_broken) {
                 (false, _) => (
-                    condition("Available", false, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", &now),
-                    condition("Progressing", true, "ReplicaSetUpdated", &format!("ReplicaSet \"{name}\" is progressing."), &now),
+                    condition(
+                        "Available",
+                        false,
+                        "MinimumReplicasUnavailable",
+                        "Deployment does not have minimum availability.",
+                        &now,
+                    ),
+                    condition(
+                        "Progressing",
+                        true,
+                        "ReplicaSetUpdated",
+                        &format!("ReplicaSet \"{name}\" is progressing."),
+                        &now,
+                    ),
                 ),
                 (true, true) => (
-                    condition("Available", false, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.", &now),
-                    condition("Progressing", false, "ProgressDeadlineExceeded", &format!("ReplicaSet \"{rs}\" has timed out progressing: containers are in CrashLoopBackOff"), &now),
+                    condition(
+                        "Available",
+                        false,
+                        "MinimumReplicasUnavailable",
+                        "Deployment does not have minimum availability.",
+                        &now,
+                    ),
+                    condition(
+                        "Progressing",
+                        false,
+                        "ProgressDeadlineExceeded",
+                        &format!(
+                            "ReplicaSet \"{rs}\" has timed out progressing: containers are in CrashLoopBackOff"
+                        ),
+                        &now,
+                    ),
                 ),
                 (true, false) => (
-                    condition("Available", true, "MinimumReplicasAvailable", "Deployment has minimum availability.", &now),
-                    condition("Progressing", true, "NewReplicaSetAvailable", &format!("ReplicaSet \"{name}\" has successfully progressed."), &now),
+                    condition(
+                        "Available",
+                        true,
+                        "MinimumReplicasAvailable",
+                        "Deployment has minimum availability.",
+                        &now,
+                    ),
+                    condition(
+                        "Progressing",
+                        true,
+                        "NewReplicaSetAvailable",
+                        &format!("ReplicaSet \"{name}\" has successfully progressed."),
+                        &now,
+                    ),
                 ),
             };
             let ready_count = if ready && !is_broken { replicas } else { 0 };
@@ -335,7 +499,11 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
                 status["currentRevision"] = json!(revision);
                 status["updateRevision"] = json!(revision);
                 status["collisionCount"] = json!(0);
-                for tpl in obj["spec"]["volumeClaimTemplates"].as_array().into_iter().flatten() {
+                for tpl in obj["spec"]["volumeClaimTemplates"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
                     for i in 0..replicas {
                         let mut pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                             "metadata": {"name": format!("{}-{name}-{i}", tpl["metadata"]["name"].as_str().unwrap_or("data")),
@@ -371,7 +539,9 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
             out.status = Some(status);
         }
         "jobs" => {
-            let start = obj["status"]["startTime"].as_str().map_or_else(|| now.clone(), str::to_string);
+            let start = obj["status"]["startTime"]
+                .as_str()
+                .map_or_else(|| now.clone(), str::to_string);
             let mut status = json!({"startTime": start, "active": 1, "ready": 0, "terminating": 0});
             if ready {
                 let completions = obj["spec"]["completions"].as_i64().unwrap_or(1);
@@ -389,26 +559,29 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
                             condition("Complete", true, "CompletionsReached", "Reached expected number of succeeded pods", &now)]});
                 }
             }
-            if obj["status"].get("completionTime").is_some() || obj["status"].get("failed").is_some() {
+            if obj["status"].get("completionTime").is_some()
+                || obj["status"].get("failed").is_some()
+            {
                 return out;
             }
             out.status = Some(status);
         }
-        "persistentvolumeclaims" => {
-            if ready {
-                let volume = format!("pvc-{}", obj["metadata"]["uid"].as_str().unwrap_or(""));
-                let storage = obj["spec"]["resources"]["requests"]["storage"].clone();
-                out.status = Some(json!({"phase": "Bound", "accessModes": obj["spec"]["accessModes"], "capacity": {"storage": storage}}));
-                if obj["spec"]["volumeName"].is_null() {
-                    out.spec_patch = Some(json!({"spec": {"volumeName": volume}}));
-                }
+        "persistentvolumeclaims" if ready => {
+            let volume = format!("pvc-{}", obj["metadata"]["uid"].as_str().unwrap_or(""));
+            let storage = obj["spec"]["resources"]["requests"]["storage"].clone();
+            out.status = Some(
+                json!({"phase": "Bound", "accessModes": obj["spec"]["accessModes"], "capacity": {"storage": storage}}),
+            );
+            if obj["spec"]["volumeName"].is_null() {
+                out.spec_patch = Some(json!({"spec": {"volumeName": volume}}));
             }
         }
-        "services" => {
-            if ready && obj["spec"]["type"].as_str() == Some("LoadBalancer") {
-                let ip = obj["spec"]["clusterIP"].as_str().unwrap_or("10.96.0.1").replacen("10.96.", "172.18.", 1);
-                out.status = Some(json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}));
-            }
+        "services" if ready && obj["spec"]["type"].as_str() == Some("LoadBalancer") => {
+            let ip = obj["spec"]["clusterIP"]
+                .as_str()
+                .unwrap_or("10.96.0.1")
+                .replacen("10.96.", "172.18.", 1);
+            out.status = Some(json!({"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}));
         }
         "customresourcedefinitions" => {
             // Names are accepted and the API established at once, as on a real server in practice.
@@ -429,9 +602,15 @@ pub fn reconcile(plural: &str, obj: &Value, ready: bool) -> Outcome {
             }));
         }
         "pods" => {
-            let phase = if ready && !is_broken_pod(obj) { "Running" } else { "Pending" };
+            let phase = if ready && !is_broken_pod(obj) {
+                "Running"
+            } else {
+                "Pending"
+            };
             let ready_cond = json!({"type": "Ready", "status": if phase == "Running" { "True" } else { "False" }, "lastTransitionTime": now});
-            out.status = Some(json!({"phase": phase, "conditions": [keep(ready_cond)], "podIP": "10.244.0.10", "hostIP": "172.18.0.2"}));
+            out.status = Some(
+                json!({"phase": phase, "conditions": [keep(ready_cond)], "podIP": "10.244.0.10", "hostIP": "172.18.0.2"}),
+            );
         }
         _ => {}
     }
@@ -460,13 +639,26 @@ mod tests {
             ("nginx:broken", true, "False", Value::Null),
         ];
         for (image, ready, available, ready_replicas) in table {
-            let status = reconcile("deployments", &deployment(image), ready).status.unwrap();
+            let status = reconcile("deployments", &deployment(image), ready)
+                .status
+                .unwrap();
             assert_eq!(status["observedGeneration"], 2);
-            assert_eq!(status["conditions"][0]["status"], available, "{image} ready={ready}");
-            assert_eq!(status["readyReplicas"], ready_replicas, "{image} ready={ready}");
+            assert_eq!(
+                status["conditions"][0]["status"], available,
+                "{image} ready={ready}"
+            );
+            assert_eq!(
+                status["readyReplicas"], ready_replicas,
+                "{image} ready={ready}"
+            );
         }
-        let broken = reconcile("deployments", &deployment("nginx:broken"), true).status.unwrap();
-        assert_eq!(broken["conditions"][1]["reason"], "ProgressDeadlineExceeded");
+        let broken = reconcile("deployments", &deployment("nginx:broken"), true)
+            .status
+            .unwrap();
+        assert_eq!(
+            broken["conditions"][1]["reason"],
+            "ProgressDeadlineExceeded"
+        );
     }
 
     #[test]
@@ -479,7 +671,11 @@ mod tests {
         changed["spec"]["template"]["metadata"]["labels"] = json!({"app": "other"});
         let err = validate("Deployment", Some(&d), &changed).unwrap_err();
         assert_eq!(err.code, 422);
-        assert!(err.message.contains("field is immutable"), "{}", err.message);
+        assert!(
+            err.message.contains("field is immutable"),
+            "{}",
+            err.message
+        );
         let mut mismatch = d.clone();
         mismatch["spec"]["template"]["metadata"]["labels"] = json!({"app": "x"});
         assert!(validate("Deployment", None, &mismatch).is_err());

@@ -42,7 +42,10 @@ fn group_json(name: &str, versions: &[String]) -> Value {
 }
 
 pub fn api_group_list(types: &[ResourceType]) -> Value {
-    let groups: Vec<Value> = groups(types).iter().map(|(g, vs)| group_json(g, vs)).collect();
+    let groups: Vec<Value> = groups(types)
+        .iter()
+        .map(|(g, vs)| group_json(g, vs))
+        .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
@@ -55,10 +58,22 @@ pub fn api_group(types: &[ResourceType], group: &str) -> Option<Value> {
     Some(g)
 }
 
-const VERBS: [&str; 8] = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Option<Value> {
-    let matching: Vec<&ResourceType> = types.iter().filter(|t| t.group == group && t.version == version).collect();
+    let matching: Vec<&ResourceType> = types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+        .collect();
     if matching.is_empty() {
         return None;
     }
@@ -69,7 +84,17 @@ pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Opti
         if !t.short_names.is_empty() {
             r["shortNames"] = json!(t.short_names);
         }
-        if matches!(t.kind.as_str(), "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "CronJob" | "Service" | "Pod") {
+        if matches!(
+            t.kind.as_str(),
+            "Deployment"
+                | "StatefulSet"
+                | "DaemonSet"
+                | "ReplicaSet"
+                | "Job"
+                | "CronJob"
+                | "Service"
+                | "Pod"
+        ) {
             r["categories"] = json!(["all"]);
         }
         resources.push(r);
@@ -78,19 +103,32 @@ pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Opti
                                   "namespaced": t.namespaced, "kind": t.kind, "verbs": ["get", "patch", "update"]}));
         }
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 fn gv_path(group: &str, version: &str) -> String {
-    if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
 }
 
 pub fn openapi_v3_index(types: &[ResourceType]) -> Value {
     let mut paths = serde_json::Map::new();
     for t in types {
         let p = gv_path(&t.group, &t.version);
-        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}")}));
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}")}),
+        );
     }
     json!({"paths": paths})
 }
@@ -112,14 +150,18 @@ pub fn openapi_v3_group_version(types: &[ResourceType], gv: &str) -> Option<Valu
         } else {
             format!("/{gv}/{}", t.plural)
         };
-        let op = |action: &str| json!({"x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": action,
-                                       "parameters": params, "responses": {"200": {"description": "OK"}}});
+        let op = |action: &str| {
+            json!({"x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": action,
+                                       "parameters": params, "responses": {"200": {"description": "OK"}}})
+        };
         paths.insert(base.clone(), json!({"get": op("list"), "post": op("post")}));
         paths.insert(format!("{base}/{{name}}"), json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}));
     }
     if paths.is_empty() {
         return None;
     }
-    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": KUBE_VERSION}, "paths": paths,
-                "components": {"schemas": {}}}))
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": KUBE_VERSION}, "paths": paths,
+                "components": {"schemas": {}}}),
+    )
 }

@@ -26,18 +26,34 @@ impl ApiError {
     }
 
     pub fn not_found(group_resource: &str, name: &str) -> Self {
-        let mut e = Self::new(404, "NotFound", format!("{group_resource} \"{name}\" not found"));
-        e.details = Some(json!({"name": name, "kind": kind_of(group_resource), "group": group_of(group_resource)}));
+        let mut e = Self::new(
+            404,
+            "NotFound",
+            format!("{group_resource} \"{name}\" not found"),
+        );
+        e.details = Some(
+            json!({"name": name, "kind": kind_of(group_resource), "group": group_of(group_resource)}),
+        );
         e
     }
 
     pub fn not_found_path(path: &str) -> Self {
-        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
     }
 
     pub fn already_exists(group_resource: &str, name: &str) -> Self {
-        let mut e = Self::new(409, "AlreadyExists", format!("{group_resource} \"{name}\" already exists"));
-        e.details = Some(json!({"name": name, "kind": kind_of(group_resource), "group": group_of(group_resource)}));
+        let mut e = Self::new(
+            409,
+            "AlreadyExists",
+            format!("{group_resource} \"{name}\" already exists"),
+        );
+        e.details = Some(
+            json!({"name": name, "kind": kind_of(group_resource), "group": group_of(group_resource)}),
+        );
         e
     }
 
@@ -45,9 +61,14 @@ impl ApiError {
         let mut e = Self::new(
             409,
             "Conflict",
-            format!("Operation cannot be fulfilled on {group_resource} \"{name}\": {}", message.into()),
+            format!(
+                "Operation cannot be fulfilled on {group_resource} \"{name}\": {}",
+                message.into()
+            ),
         );
-        e.details = Some(json!({"name": name, "kind": kind_of(group_resource), "group": group_of(group_resource)}));
+        e.details = Some(
+            json!({"name": name, "kind": kind_of(group_resource), "group": group_of(group_resource)}),
+        );
         e
     }
 
@@ -60,7 +81,11 @@ impl ApiError {
 
     pub fn invalid(kind: &str, name: &str, causes: Vec<(String, String)>) -> Self {
         let text: Vec<String> = causes.iter().map(|(f, m)| format!("{f}: {m}")).collect();
-        let mut e = Self::new(422, "Invalid", format!("{kind} \"{name}\" is invalid: {}", text.join(", ")));
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{kind} \"{name}\" is invalid: {}", text.join(", ")),
+        );
         e.details = Some(json!({
             "name": name, "kind": kind,
             "causes": causes.iter().map(|(f, m)| json!({"reason": "FieldValueInvalid", "message": m, "field": f})).collect::<Vec<_>>()
@@ -69,7 +94,14 @@ impl ApiError {
     }
 
     pub fn invalid_patch(message: impl Into<String>) -> Self {
-        Self::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {}", message.into()))
+        Self::new(
+            422,
+            "Invalid",
+            format!(
+                "the server rejected our request due to an error in our request: {}",
+                message.into()
+            ),
+        )
     }
 
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
@@ -77,7 +109,13 @@ impl ApiError {
     }
 
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type:?})"))
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type:?})"
+            ),
+        )
     }
 
     pub fn unauthorized() -> Self {
@@ -89,7 +127,11 @@ impl ApiError {
     }
 
     pub fn too_many_requests() -> Self {
-        Self::new(429, "TooManyRequests", "the server has received too many requests and has asked us to try again later (injected by kubesim)")
+        Self::new(
+            429,
+            "TooManyRequests",
+            "the server has received too many requests and has asked us to try again later (injected by kubesim)",
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -97,7 +139,13 @@ impl ApiError {
     }
 
     pub fn conflict_namespace_terminating(ns: &str) -> Self {
-        Self::new(403, "Forbidden", format!("unable to create new content in namespace {ns} because it is being terminated"))
+        Self::new(
+            403,
+            "Forbidden",
+            format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            ),
+        )
     }
 
     /// The `Status` object.

@@ -33,14 +33,18 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = code;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 
 fn error_response(err: &ApiError) -> Response<Body> {
-    json_response(StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &err.status())
+    json_response(
+        StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &err.status(),
+    )
 }
 
 fn percent_decode(s: &str) -> String {
@@ -51,7 +55,10 @@ fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(b) => {
                         out.push(b);
                         i += 2;
@@ -78,15 +85,25 @@ fn parse_query(q: Option<&str>) -> HashMap<String, String> {
 }
 
 /// Entry point for every request.
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let query = parse_query(req.uri().query());
     let (cluster, rest) = match shared.route_cluster(&path) {
         Some(found) => found,
         None => return Ok(error_response(&ApiError::not_found_path(&path))),
     };
-    let segments: Vec<String> = rest.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
-    let public = matches!(segments.first().map(String::as_str), Some("healthz" | "readyz" | "livez" | "version"));
+    let segments: Vec<String> = rest
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let public = matches!(
+        segments.first().map(String::as_str),
+        Some("healthz" | "readyz" | "livez" | "version")
+    );
     if !public && !shared.authorized(req.headers()) {
         return Ok(error_response(&ApiError::unauthorized()));
     }
@@ -94,19 +111,31 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Respo
     if faults.unresponsive {
         // A cluster that stopped answering: hold the request until the client gives up or we stop.
         shared.shutdown.cancelled().await;
-        return Ok(error_response(&ApiError::internal("kubesim is shutting down")));
+        return Ok(error_response(&ApiError::internal(
+            "kubesim is shutting down",
+        )));
     }
     if faults.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
     }
     let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    if faults.error_rate > 0.0 && !is_watch && segments.first().map(String::as_str) != Some("kubesim") {
-        let roll = f64::from(u32::from_le_bytes(crate::meta::random_bytes::<4>())) / f64::from(u32::MAX);
+    if faults.error_rate > 0.0
+        && !is_watch
+        && segments.first().map(String::as_str) != Some("kubesim")
+    {
+        let roll =
+            f64::from(u32::from_le_bytes(crate::meta::random_bytes::<4>())) / f64::from(u32::MAX);
         if roll < faults.error_rate {
-            let err = if roll < faults.error_rate / 2.0 { ApiError::too_many_requests() } else { ApiError::internal("injected by kubesim") };
+            let err = if roll < faults.error_rate / 2.0 {
+                ApiError::too_many_requests()
+            } else {
+                ApiError::internal("injected by kubesim")
+            };
             let mut response = error_response(&err);
             if err.code == 429 {
-                response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             }
             return Ok(response);
         }
@@ -133,9 +162,11 @@ fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
         return Ok(Value::Null);
     }
     if yaml {
-        serde_yaml_ng::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+        serde_yaml_ng::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
     } else {
-        serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
     }
 }
 
@@ -185,25 +216,41 @@ async fn route(
         ["version"] => return ok(discovery::version()),
         ["healthz" | "readyz" | "livez"] => {
             let mut r = Response::new(full("ok"));
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
             return Ok(r);
         }
         ["api"] => return ok(discovery::api_versions()),
         ["apis"] => return ok(discovery::api_group_list(&types)),
-        ["api", "v1"] => return discovery::resource_list(&types, "", "v1").map_or_else(|| Err(ApiError::not_found_path("/api/v1")), ok),
-        ["apis", g] => return discovery::api_group(&types, g).map_or_else(|| Err(ApiError::not_found_path(&format!("/apis/{g}"))), ok),
+        ["api", "v1"] => {
+            return discovery::resource_list(&types, "", "v1")
+                .map_or_else(|| Err(ApiError::not_found_path("/api/v1")), ok);
+        }
+        ["apis", g] => {
+            return discovery::api_group(&types, g)
+                .map_or_else(|| Err(ApiError::not_found_path(&format!("/apis/{g}"))), ok);
+        }
         ["apis", g, v] => {
-            return discovery::resource_list(&types, g, v).map_or_else(|| Err(ApiError::not_found_path(&format!("/apis/{g}/{v}"))), ok);
+            return discovery::resource_list(&types, g, v).map_or_else(
+                || Err(ApiError::not_found_path(&format!("/apis/{g}/{v}"))),
+                ok,
+            );
         }
         ["openapi", "v3"] => return ok(discovery::openapi_v3_index(&types)),
         ["openapi", "v3", rest @ ..] => {
             let gv = rest.join("/");
-            return discovery::openapi_v3_group_version(&types, &gv).map_or_else(|| Err(ApiError::not_found_path(&format!("/openapi/v3/{gv}"))), ok);
+            return discovery::openapi_v3_group_version(&types, &gv).map_or_else(
+                || Err(ApiError::not_found_path(&format!("/openapi/v3/{gv}"))),
+                ok,
+            );
         }
         ["kubesim", "v1", "faults"] => {
             if method == Method::PUT || method == Method::POST {
                 let (_, bytes) = read_body(req).await?;
-                let faults: Faults = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("faults: {e}")))?;
+                let faults: Faults = serde_json::from_slice(&bytes)
+                    .map_err(|e| ApiError::bad_request(format!("faults: {e}")))?;
                 cluster.set_faults(faults);
             }
             return ok(serde_json::to_value(cluster.faults()).unwrap_or_default());
@@ -221,7 +268,9 @@ async fn route(
     };
     // namespaces/{ns}/{plural}[/{name}[/{sub}]] unless it is a namespace's own subresource.
     let (ns, plural, name, sub): (Option<&str>, &str, Option<&str>, Option<&str>) = match rest {
-        ["namespaces", ns, sub @ ("status" | "finalize")] if group.is_empty() => (None, "namespaces", Some(ns), Some(sub)),
+        ["namespaces", ns, sub @ ("status" | "finalize")] if group.is_empty() => {
+            (None, "namespaces", Some(ns), Some(sub))
+        }
         ["namespaces", ns, plural] => (Some(ns), plural, None, None),
         ["namespaces", ns, plural, name] => (Some(ns), plural, Some(name), None),
         ["namespaces", ns, plural, name, sub] => (Some(ns), plural, Some(name), Some(sub)),
@@ -251,18 +300,35 @@ async fn route(
     };
     match (method, name) {
         (Method::GET, None) => {
-            let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
-            let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?;
+            let labels =
+                LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
+            let fields =
+                FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?;
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
                 return watch(shared, cluster, &rt, ns, labels, fields, query);
             }
-            let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
-            let cont = query.get("continue").filter(|c| !c.is_empty()).map(|c| decode_continue(c)).transpose()?;
-            let (items, rv, next) = cluster.list(&rt, ns, |o| labels.matches(&o["metadata"]["labels"]) && fields.matches(o), limit, cont.as_deref());
+            let limit = query
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0);
+            let cont = query
+                .get("continue")
+                .filter(|c| !c.is_empty())
+                .map(|c| decode_continue(c))
+                .transpose()?;
+            let (items, rv, next) = cluster.list(
+                &rt,
+                ns,
+                |o| labels.matches(&o["metadata"]["labels"]) && fields.matches(o),
+                limit,
+                cont.as_deref(),
+            );
             if wants_table(&headers) {
                 return ok(table(&items, rv));
             }
-            let builtin = crate::resources::builtins().iter().any(|b| b.group == rt.group && b.plural == rt.plural);
+            let builtin = crate::resources::builtins()
+                .iter()
+                .any(|b| b.group == rt.group && b.plural == rt.plural);
             let items: Vec<Value> = items
                 .into_iter()
                 .map(|mut o| {
@@ -277,12 +343,17 @@ async fn route(
             if let Some(next) = next {
                 metadata["continue"] = json!(encode_continue(&next));
             }
-            ok(json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": metadata, "items": items}))
+            ok(
+                json!({"kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(), "metadata": metadata, "items": items}),
+            )
         }
         (Method::GET, Some(name)) => {
             let obj = cluster.get(&rt, ns, name)?;
             if wants_table(&headers) {
-                return ok(table(std::slice::from_ref(&obj), cluster.resource_version()));
+                return ok(table(
+                    std::slice::from_ref(&obj),
+                    cluster.resource_version(),
+                ));
             }
             ok(obj)
         }
@@ -306,15 +377,31 @@ async fn route(
                 "application/strategic-merge-patch+json" => PatchType::Strategic,
                 "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
                     if opts.manager.is_empty() || !query.contains_key("fieldManager") {
-                        return Err(ApiError::invalid("PatchOptions.meta.k8s.io", "", vec![("fieldManager".into(), "Required value: is required for apply patch".into())]));
+                        return Err(ApiError::invalid(
+                            "PatchOptions.meta.k8s.io",
+                            "",
+                            vec![(
+                                "fieldManager".into(),
+                                "Required value: is required for apply patch".into(),
+                            )],
+                        ));
                     }
-                    PatchType::Apply { force: query.get("force").is_some_and(|f| f == "true") }
+                    PatchType::Apply {
+                        force: query.get("force").is_some_and(|f| f == "true"),
+                    }
                 }
                 other => return Err(ApiError::unsupported_media_type(other)),
             };
             let body = parse_body(&bytes, ct.contains("yaml"))?;
             let (obj, created) = cluster.patch(&rt, ns, name, kind, body, &opts)?;
-            Ok(json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &obj))
+            Ok(json_response(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &obj,
+            ))
         }
         (Method::DELETE, Some(name)) => {
             let (headers, bytes) = read_body(req).await?;
@@ -326,20 +413,34 @@ async fn route(
                 options["propagationPolicy"] = json!(p);
             }
             let result = cluster.delete(&rt, ns, name, &options, dry_run)?;
-            let code = if result["kind"] == "Status" { StatusCode::OK } else { StatusCode::ACCEPTED };
+            let code = if result["kind"] == "Status" {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
             Ok(json_response(code, &result))
         }
         (Method::DELETE, None) => {
-            let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
-            let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?;
+            let labels =
+                LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))?;
+            let fields =
+                FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))?;
             let mut options = json!({});
             if let Some(p) = query.get("propagationPolicy") {
                 options["propagationPolicy"] = json!(p);
             }
-            cluster.delete_collection(&rt, ns, |o| labels.matches(&o["metadata"]["labels"]) && fields.matches(o), &options);
+            cluster.delete_collection(
+                &rt,
+                ns,
+                |o| labels.matches(&o["metadata"]["labels"]) && fields.matches(o),
+                &options,
+            );
             ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
         }
-        (m, _) => Err(ApiError::method_not_allowed(format!("{m} is not supported on {}", rt.plural))),
+        (m, _) => Err(ApiError::method_not_allowed(format!(
+            "{m} is not supported on {}",
+            rt.plural
+        ))),
     }
 }
 
@@ -349,16 +450,24 @@ fn encode_continue(position: &str) -> String {
 
 fn decode_continue(token: &str) -> Result<String, ApiError> {
     let bad = || ApiError::bad_request(format!("invalid continue token {token:?}"));
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
-    let bytes: Result<Vec<u8>, _> = (0..token.len()).step_by(2).map(|i| u8::from_str_radix(&token[i..i + 2], 16)).collect();
+    let bytes: Result<Vec<u8>, _> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect();
     String::from_utf8(bytes.map_err(|_| bad())?).map_err(|_| bad())
 }
 
 fn age(created: &str) -> String {
-    let Ok(t) = humantime::parse_rfc3339(created) else { return "<unknown>".into() };
-    let secs = std::time::SystemTime::now().duration_since(t).unwrap_or_default().as_secs();
+    let Ok(t) = humantime::parse_rfc3339(created) else {
+        return "<unknown>".into();
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(t)
+        .unwrap_or_default()
+        .as_secs();
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -401,9 +510,14 @@ fn watch(
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
     let rv = match query.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => None,
-        Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))?),
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))?,
+        ),
     };
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
@@ -414,7 +528,10 @@ fn watch(
             // The API server reports an expired resourceVersion as an ERROR event in a 200 stream.
             let body = full(event_line("ERROR", &gone.status()));
             let mut r = Response::new(body);
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             return Ok(r);
         }
     };
@@ -432,9 +549,10 @@ fn watch(
     };
     shared.tasks.spawn(task.run(start, tx));
     let mut response = Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed());
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     Ok(response)
 }
 
@@ -459,7 +577,10 @@ impl WatchTask {
         let (group, plural) = self.rt.storage_key();
         e.group == group
             && e.plural == plural
-            && self.ns.as_deref().is_none_or(|n| !self.rt.namespaced || e.namespace == n)
+            && self
+                .ns
+                .as_deref()
+                .is_none_or(|n| !self.rt.namespaced || e.namespace == n)
             && self.labels.matches(&e.object["metadata"]["labels"])
             && self.fields.matches(&e.object)
     }
@@ -479,7 +600,11 @@ impl WatchTask {
         self.line("BOOKMARK", &json!({"metadata": metadata}))
     }
 
-    async fn run(mut self, start: crate::cluster::WatchStart, tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>) {
+    async fn run(
+        mut self,
+        start: crate::cluster::WatchStart,
+        tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+    ) {
         for event in &start.initial {
             if self.matches(event) && tx.send(self.line(event.kind, &event.object)).await.is_err() {
                 return;

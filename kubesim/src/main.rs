@@ -48,7 +48,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    anyhow::ensure!((0.0..=1.0).contains(&cli.error_rate), "--error-rate must be between 0 and 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&cli.error_rate),
+        "--error-rate must be between 0 and 1"
+    );
     let names: Vec<String> = match cli.clusters {
         None => vec!["kubesim".into()],
         Some(0) => anyhow::bail!("--clusters must be at least 1"),
@@ -75,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &cli.kubeconfig_out {
-        sim.write_kubeconfig(&names[0], path).with_context(|| format!("writing {}", path.display()))?;
+        sim.write_kubeconfig(&names[0], path)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(dir) = &cli.kubeconfig_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -83,7 +87,11 @@ async fn main() -> anyhow::Result<()> {
             sim.write_kubeconfig(name, &dir.join(format!("{name}.yaml")))?;
         }
     }
-    println!("kubesim listening on {} serving {} cluster(s)", sim.addr(), names.len());
+    println!(
+        "kubesim listening on {} serving {} cluster(s)",
+        sim.addr(),
+        names.len()
+    );
     tokio::signal::ctrl_c().await?;
     sim.shutdown().await;
     Ok(())

@@ -17,7 +17,14 @@ pub fn uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Random bytes from the system CSPRNG (zeros if it is unavailable, which only weakens uniqueness).
@@ -40,7 +47,8 @@ pub fn name_suffix() -> String {
 fn label_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -61,7 +69,14 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ApiError> {
     } else {
         "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
     };
-    Err(ApiError::invalid(kind, name, vec![("metadata.name".into(), format!("Invalid value: {name:?}: {rule}"))]))
+    Err(ApiError::invalid(
+        kind,
+        name,
+        vec![(
+            "metadata.name".into(),
+            format!("Invalid value: {name:?}: {rule}"),
+        )],
+    ))
 }
 
 /// `metadata.name`, if present.

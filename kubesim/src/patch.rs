@@ -38,13 +38,17 @@ fn smp(target: &mut Value, patch: &Value, field: &str) {
     if !target.is_object() {
         *target = Value::Object(Map::new());
     }
-    let Some(target_map) = target.as_object_mut() else { return };
+    let Some(target_map) = target.as_object_mut() else {
+        return;
+    };
     for (key, value) in patch_map {
         if key.starts_with("$setElementOrder/") || key == "$retainKeys" || key == "$patch" {
             continue;
         }
         if let Some(list_field) = key.strip_prefix("$deleteFromPrimitiveList/") {
-            if let (Some(Value::Array(items)), Value::Array(remove)) = (target_map.get_mut(list_field), value) {
+            if let (Some(Value::Array(items)), Value::Array(remove)) =
+                (target_map.get_mut(list_field), value)
+            {
                 items.retain(|i| !remove.contains(i));
             }
             continue;
@@ -126,9 +130,14 @@ mod tests {
         let mut v = json!({"a": 1, "b": {"c": 2}});
         merge_patch(&mut v, &json!({"a": null, "b": {"d": 3}}));
         assert_eq!(v, json!({"b": {"c": 2, "d": 3}}));
-        json_patch(&mut v, &json!([{"op": "replace", "path": "/b/c", "value": 5}])).unwrap();
+        json_patch(
+            &mut v,
+            &json!([{"op": "replace", "path": "/b/c", "value": 5}]),
+        )
+        .unwrap();
         assert_eq!(v["b"]["c"], 5);
-        let err = json_patch(&mut v, &json!([{"op": "test", "path": "/b/c", "value": 6}])).unwrap_err();
+        let err =
+            json_patch(&mut v, &json!([{"op": "test", "path": "/b/c", "value": 6}])).unwrap_err();
         assert_eq!(err.code, 422);
     }
 }

@@ -44,35 +44,224 @@ impl ResourceType {
     }
 }
 
-struct Builtin(&'static str, &'static str, &'static str, &'static str, bool, &'static [&'static str], bool, bool);
+struct Builtin(
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    &'static [&'static str],
+    bool,
+    bool,
+);
 
 // group, version, kind, plural, namespaced, short names, status subresource, generation
 const BUILTINS: &[Builtin] = &[
-    Builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true, false),
-    Builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false, false),
+    Builtin(
+        "",
+        "v1",
+        "Namespace",
+        "namespaces",
+        false,
+        &["ns"],
+        true,
+        false,
+    ),
+    Builtin(
+        "",
+        "v1",
+        "ConfigMap",
+        "configmaps",
+        true,
+        &["cm"],
+        false,
+        false,
+    ),
     Builtin("", "v1", "Secret", "secrets", true, &[], false, false),
     Builtin("", "v1", "Service", "services", true, &["svc"], true, false),
-    Builtin("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false, false),
+    Builtin(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        true,
+        &["sa"],
+        false,
+        false,
+    ),
     Builtin("", "v1", "Pod", "pods", true, &["po"], true, false),
-    Builtin("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", true, &["pvc"], true, false),
+    Builtin(
+        "",
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        true,
+        &["pvc"],
+        true,
+        false,
+    ),
     Builtin("", "v1", "Event", "events", true, &["ev"], false, false),
-    Builtin("", "v1", "Endpoints", "endpoints", true, &["ep"], false, false),
-    Builtin("apps", "v1", "Deployment", "deployments", true, &["deploy"], true, true),
-    Builtin("apps", "v1", "StatefulSet", "statefulsets", true, &["sts"], true, true),
-    Builtin("apps", "v1", "DaemonSet", "daemonsets", true, &["ds"], true, true),
-    Builtin("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"], true, true),
+    Builtin(
+        "",
+        "v1",
+        "Endpoints",
+        "endpoints",
+        true,
+        &["ep"],
+        false,
+        false,
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        true,
+        &["deploy"],
+        true,
+        true,
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "StatefulSet",
+        "statefulsets",
+        true,
+        &["sts"],
+        true,
+        true,
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "DaemonSet",
+        "daemonsets",
+        true,
+        &["ds"],
+        true,
+        true,
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        true,
+        &["rs"],
+        true,
+        true,
+    ),
     Builtin("batch", "v1", "Job", "jobs", true, &[], true, true),
-    Builtin("batch", "v1", "CronJob", "cronjobs", true, &["cj"], true, true),
-    Builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true, &[], false, false),
-    Builtin("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true, &[], false, false),
-    Builtin("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false, &[], false, false),
-    Builtin("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", false, &[], false, false),
-    Builtin("networking.k8s.io", "v1", "Ingress", "ingresses", true, &["ing"], true, true),
-    Builtin("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", true, &["netpol"], false, true),
-    Builtin("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true, &["pdb"], true, true),
-    Builtin("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", true, &["hpa"], true, false),
-    Builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false, false),
-    Builtin("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false, &["crd", "crds"], true, true),
+    Builtin(
+        "batch",
+        "v1",
+        "CronJob",
+        "cronjobs",
+        true,
+        &["cj"],
+        true,
+        true,
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        true,
+        &[],
+        false,
+        false,
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+        &[],
+        false,
+        false,
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        false,
+        &[],
+        false,
+        false,
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        false,
+        &[],
+        false,
+        false,
+    ),
+    Builtin(
+        "networking.k8s.io",
+        "v1",
+        "Ingress",
+        "ingresses",
+        true,
+        &["ing"],
+        true,
+        true,
+    ),
+    Builtin(
+        "networking.k8s.io",
+        "v1",
+        "NetworkPolicy",
+        "networkpolicies",
+        true,
+        &["netpol"],
+        false,
+        true,
+    ),
+    Builtin(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        true,
+        &["pdb"],
+        true,
+        true,
+    ),
+    Builtin(
+        "autoscaling",
+        "v2",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        true,
+        &["hpa"],
+        true,
+        false,
+    ),
+    Builtin(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        true,
+        &[],
+        false,
+        false,
+    ),
+    Builtin(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        false,
+        &["crd", "crds"],
+        true,
+        true,
+    ),
 ];
 
 /// The built-in resource types.
@@ -108,7 +297,11 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceType> {
         .map_or_else(|| kind.to_lowercase(), str::to_string);
     let short_names: Vec<String> = spec["names"]["shortNames"]
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let namespaced = spec["scope"].as_str() != Some("Cluster");
     spec["versions"]
@@ -140,11 +333,11 @@ mod tests {
     #[test]
     fn crd_serves_only_served_versions_with_their_subresources() {
         let crd = json!({"spec": {"group": "example.com", "scope": "Cluster",
-            "names": {"kind": "Widget", "plural": "widgets", "shortNames": ["wd"]},
-            "versions": [
-                {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}}},
-                {"name": "v1beta1", "served": false, "storage": false}
-            ]}});
+        "names": {"kind": "Widget", "plural": "widgets", "shortNames": ["wd"]},
+        "versions": [
+            {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}}},
+            {"name": "v1beta1", "served": false, "storage": false}
+        ]}});
         let types = from_crd(&crd);
         assert_eq!(types.len(), 1);
         assert_eq!(types[0].api_version(), "example.com/v1");
@@ -156,7 +349,13 @@ mod tests {
     #[test]
     fn builtins_cover_the_documented_kinds() {
         let kinds: Vec<String> = builtins().into_iter().map(|r| r.kind).collect();
-        for kind in ["Deployment", "CronJob", "ClusterRoleBinding", "HorizontalPodAutoscaler", "Lease"] {
+        for kind in [
+            "Deployment",
+            "CronJob",
+            "ClusterRoleBinding",
+            "HorizontalPodAutoscaler",
+            "Lease",
+        ] {
             assert!(kinds.iter().any(|k| k == kind), "{kind}");
         }
     }

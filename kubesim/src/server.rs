@@ -40,10 +40,18 @@ impl Shared {
         let clusters = self.clusters.read().unwrap_or_else(|p| p.into_inner());
         if let Some(rest) = path.strip_prefix("/clusters/") {
             let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
-            return clusters.get(name).map(|e| (Arc::clone(&e.cluster), format!("/{rest}")));
+            return clusters
+                .get(name)
+                .map(|e| (Arc::clone(&e.cluster), format!("/{rest}")));
         }
-        let first = self.first.read().unwrap_or_else(|p| p.into_inner()).clone()?;
-        clusters.get(&first).map(|e| (Arc::clone(&e.cluster), path.to_string()))
+        let first = self
+            .first
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        clusters
+            .get(&first)
+            .map(|e| (Arc::clone(&e.cluster), path.to_string()))
     }
 
     pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -89,18 +97,31 @@ fn tls_material() -> Result<(String, rustls::ServerConfig)> {
     let err = |e: rcgen::Error| Error::Tls(e.to_string());
     let ca_key = rcgen::KeyPair::generate().map_err(err)?;
     let mut ca = rcgen::CertificateParams::default();
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "kubesim CA");
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "kubesim CA");
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
     let issuer = rcgen::Issuer::new(ca, &ca_key);
     let key = rcgen::KeyPair::generate().map_err(err)?;
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into(), "::1".into(), "kubernetes.default.svc".into()]).map_err(err)?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "kube-apiserver");
+    let mut params = rcgen::CertificateParams::new(vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "::1".into(),
+        "kubernetes.default.svc".into(),
+    ])
+    .map_err(err)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kube-apiserver");
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.signed_by(&key, &issuer).map_err(err)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| Error::Tls(e.to_string()))?;
+    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| Error::Tls(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
@@ -114,16 +135,21 @@ fn tls_material() -> Result<(String, rustls::ServerConfig)> {
 impl Sim {
     /// Starts serving on `opts.listen` with `opts.clusters`.
     pub async fn start(opts: SimOptions) -> Result<Self> {
-        let listener = TcpListener::bind(opts.listen).await.map_err(|source| Error::Io {
-            context: format!("listening on {}", opts.listen),
-            source,
-        })?;
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| Error::Io {
+                context: format!("listening on {}", opts.listen),
+                source,
+            })?;
         let addr = listener.local_addr().map_err(|source| Error::Io {
             context: "local address".into(),
             source,
         })?;
         let (ca_pem, tls) = tls_material()?;
-        let token = crate::meta::random_bytes::<16>().iter().map(|b| format!("{b:02x}")).collect();
+        let token = crate::meta::random_bytes::<16>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let shared = Arc::new(Shared {
             clusters: RwLock::new(BTreeMap::new()),
             first: RwLock::new(None),
@@ -141,8 +167,12 @@ impl Sim {
         for name in &opts.clusters {
             sim.add_cluster(name);
         }
-        let acceptor = opts.tls.then(|| tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
-        shared.tasks.spawn(accept_loop(Arc::clone(&shared), listener, acceptor));
+        let acceptor = opts
+            .tls
+            .then(|| tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
+        shared
+            .tasks
+            .spawn(accept_loop(Arc::clone(&shared), listener, acceptor));
         Ok(sim)
     }
 
@@ -161,24 +191,43 @@ impl Sim {
     }
 
     pub fn cluster_names(&self) -> Vec<String> {
-        self.shared.clusters.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+        self.shared
+            .clusters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
-        self.shared.clusters.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|e| Arc::clone(&e.cluster))
+        self.shared
+            .clusters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|e| Arc::clone(&e.cluster))
     }
 
     /// Adds (or replaces with a fresh, empty one: a wiped cluster) the cluster `name`.
     pub fn add_cluster(&self, name: &str) -> Arc<Cluster> {
         let cluster = Cluster::new(name, self.shared.settings.clone());
         let cancel = self.shared.shutdown.child_token();
-        self.shared.tasks.spawn(drive_controllers(Arc::clone(&cluster), cancel.clone()));
+        self.shared
+            .tasks
+            .spawn(drive_controllers(Arc::clone(&cluster), cancel.clone()));
         let old = self
             .shared
             .clusters
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), Entry { cluster: Arc::clone(&cluster), cancel });
+            .insert(
+                name.to_string(),
+                Entry {
+                    cluster: Arc::clone(&cluster),
+                    cancel,
+                },
+            );
         if let Some(old) = old {
             old.cancel.cancel();
             old.cluster.drop_all_watches();
@@ -201,7 +250,8 @@ impl Sim {
         let context = format!("kubesim-{name}");
         let mut cluster = json!({"server": self.server_url(name)});
         if self.tls {
-            cluster["certificate-authority-data"] = json!(base64::engine::general_purpose::STANDARD.encode(&self.ca_pem));
+            cluster["certificate-authority-data"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(&self.ca_pem));
         }
         let config = json!({
             "apiVersion": "v1", "kind": "Config", "preferences": {},
@@ -217,17 +267,30 @@ impl Sim {
     pub fn write_kubeconfig(&self, name: &str, path: &std::path::Path) -> Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let io = |source| Error::Io { context: path.display().to_string(), source };
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io)?;
+        let io = |source| Error::Io {
+            context: path.display().to_string(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
         file.write_all(self.kubeconfig(name).as_bytes()).map_err(io)
     }
 
     /// A `kube::Config` for cluster `name`, as a client reading its kubeconfig would build it.
     pub async fn kube_config(&self, name: &str) -> Result<kube::Config> {
-        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig(name)).map_err(|e| Error::KubeConfig(e.to_string()))?;
-        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| Error::KubeConfig(e.to_string()))
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig(name))
+            .map_err(|e| Error::KubeConfig(e.to_string()))?;
+        kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| Error::KubeConfig(e.to_string()))
     }
 
     /// Stops serving and waits (bounded) for connections and watches to end.
@@ -238,7 +301,11 @@ impl Sim {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: Option<tokio_rustls::TlsAcceptor>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -258,11 +325,15 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, acceptor: Optio
         let acceptor = acceptor.clone();
         shared.tasks.spawn(async move {
             let shutdown = conn_shared.shutdown.clone();
-            let service = hyper::service::service_fn(move |req| handle(Arc::clone(&conn_shared), req));
+            let service =
+                hyper::service::service_fn(move |req| handle(Arc::clone(&conn_shared), req));
             let builder = auto::Builder::new(TokioExecutor::new());
             match acceptor {
                 Some(acceptor) => {
-                    let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await else {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                            .await
+                    else {
                         return;
                     };
                     let conn = builder.serve_connection(TokioIo::new(tls), service);

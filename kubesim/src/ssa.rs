@@ -76,7 +76,10 @@ fn list_kind(field: &str, items: &[Value]) -> ListKind {
 
 fn key_of(item: &Value, key: &str) -> String {
     let mut m = Map::new();
-    m.insert(key.to_string(), item.get(key).cloned().unwrap_or(Value::Null));
+    m.insert(
+        key.to_string(),
+        item.get(key).cloned().unwrap_or(Value::Null),
+    );
     Value::Object(m).to_string()
 }
 
@@ -86,7 +89,9 @@ pub fn fields_of(config: &Value, skip_status: bool) -> FieldSet {
     let mut path = Vec::new();
     collect(config, "", &mut path, &mut out);
     out.retain(|p| {
-        !ignored(p) && !(skip_status && matches!(p.first(), Some(PathElement::Field(f)) if f == "status"))
+        let status = matches!(p.first(), Some(PathElement::Field(f)) if f == "status");
+        let dropped_status = skip_status && status;
+        !(ignored(p) || dropped_status)
     });
     out
 }
@@ -409,7 +414,10 @@ pub fn apply(
         .unwrap_or_default();
 
     let mut conflicts = Vec::new();
-    for entry in entries.iter().filter(|e| !is_mine(e) && e.subresource == writer.subresource) {
+    for entry in entries
+        .iter()
+        .filter(|e| !is_mine(e) && e.subresource == writer.subresource)
+    {
         for path in entry.fields.intersection(&applied) {
             let differs = match (get(&object, path), get(config, path)) {
                 (Some(live_value), Some(new_value)) => {
@@ -443,10 +451,15 @@ pub fn apply(
         .collect();
     let dropped: Vec<&Path> = previous.difference(&applied).collect();
     // Deepest first, so a removed list item's fields do not resurrect it.
-    let mut dropped: Vec<&Path> = dropped.into_iter().filter(|p| !others.contains(*p)).collect();
+    let mut dropped: Vec<&Path> = dropped
+        .into_iter()
+        .filter(|p| !others.contains(*p))
+        .collect();
     dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for path in dropped {
-        let still_needed = others.iter().any(|o| o.starts_with(path) && o.len() > path.len());
+        let still_needed = others
+            .iter()
+            .any(|o| o.starts_with(path) && o.len() > path.len());
         if !still_needed {
             remove(&mut object, path);
         }
@@ -461,8 +474,11 @@ pub fn apply(
         subresource: writer.subresource.to_string(),
         fields: applied,
     };
-    entries.retain(|e| !is_mine(e));
-    entries.push(mine);
+    // Keep the entry's position: reordering managedFields would be a change of its own.
+    match entries.iter_mut().find(|e| is_mine(e)) {
+        Some(entry) => *entry = mine,
+        None => entries.push(mine),
+    }
     write_managed(&mut object, &entries);
     Ok(object)
 }
@@ -479,7 +495,10 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>, 
         write_managed(new, &entries);
         return;
     }
-    for entry in entries.iter_mut().filter(|e| e.subresource == writer.subresource) {
+    for entry in entries
+        .iter_mut()
+        .filter(|e| e.subresource == writer.subresource)
+    {
         entry.fields.retain(|p| !changed.contains(p));
     }
     // Drop ownership of fields that no longer exist.
@@ -487,7 +506,9 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>, 
         entry.fields.retain(|p| get(new, p).is_some());
     }
     match entries.iter_mut().find(|e| {
-        e.manager == writer.manager && e.operation == "Update" && e.subresource == writer.subresource
+        e.manager == writer.manager
+            && e.operation == "Update"
+            && e.subresource == writer.subresource
     }) {
         Some(entry) => {
             entry.fields.extend(changed);
@@ -509,13 +530,24 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, writer: &Writer<'_>, 
 pub fn conflict_message(conflicts: &[Conflict]) -> (String, Vec<Value>) {
     let mut by_manager: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for c in conflicts {
-        by_manager.entry(&c.manager).or_default().push(path_string(&c.path));
+        by_manager
+            .entry(&c.manager)
+            .or_default()
+            .push(path_string(&c.path));
     }
     let parts: Vec<String> = by_manager
         .iter()
-        .flat_map(|(m, paths)| paths.iter().map(move |p| format!("conflict with \"{m}\": {p}")))
+        .flat_map(|(m, paths)| {
+            paths
+                .iter()
+                .map(move |p| format!("conflict with \"{m}\": {p}"))
+        })
         .collect();
-    let noun = if conflicts.len() == 1 { "conflict" } else { "conflicts" };
+    let noun = if conflicts.len() == 1 {
+        "conflict"
+    } else {
+        "conflicts"
+    };
     let causes = conflicts
         .iter()
         .map(|c| {
@@ -525,7 +557,11 @@ pub fn conflict_message(conflicts: &[Conflict]) -> (String, Vec<Value>) {
         })
         .collect();
     (
-        format!("Apply failed with {} {noun}: {}", conflicts.len(), parts.join("\n")),
+        format!(
+            "Apply failed with {} {noun}: {}",
+            conflicts.len(),
+            parts.join("\n")
+        ),
         causes,
     )
 }
@@ -562,9 +598,27 @@ mod tests {
 
     #[test]
     fn reapply_with_a_field_removed_drops_it_and_conflicts_need_force() {
-        let first = apply(None, &deploy(2, "nginx", json!([{"name": "A", "value": "1"}, {"name": "B", "value": "2"}])), &w("agent"), false, true).unwrap();
+        let first = apply(
+            None,
+            &deploy(
+                2,
+                "nginx",
+                json!([{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]),
+            ),
+            &w("agent"),
+            false,
+            true,
+        )
+        .unwrap();
         // The agent stops setting env B: it disappears.
-        let second = apply(Some(&first), &deploy(2, "nginx", json!([{"name": "A", "value": "1"}])), &w("agent"), false, true).unwrap();
+        let second = apply(
+            Some(&first),
+            &deploy(2, "nginx", json!([{"name": "A", "value": "1"}])),
+            &w("agent"),
+            false,
+            true,
+        )
+        .unwrap();
         let env = &second["spec"]["template"]["spec"]["containers"][0]["env"];
         assert_eq!(env, &json!([{"name": "A", "value": "1"}]));
 
@@ -572,14 +626,34 @@ mod tests {
         let mut edited = second.clone();
         edited["spec"]["replicas"] = json!(5);
         record_update(Some(&second), &mut edited, &w("kubectl-edit"), true);
-        let err = apply(Some(&edited), &deploy(2, "nginx", json!([{"name": "A", "value": "1"}])), &w("agent"), false, true).unwrap_err();
+        let err = apply(
+            Some(&edited),
+            &deploy(2, "nginx", json!([{"name": "A", "value": "1"}])),
+            &w("agent"),
+            false,
+            true,
+        )
+        .unwrap_err();
         assert_eq!(err.len(), 1);
         assert_eq!(path_string(&err[0].path), ".spec.replicas");
-        assert_eq!(conflict_message(&err).0, "Apply failed with 1 conflict: conflict with \"kubectl-edit\": .spec.replicas");
+        assert_eq!(
+            conflict_message(&err).0,
+            "Apply failed with 1 conflict: conflict with \"kubectl-edit\": .spec.replicas"
+        );
         // Forced: the agent takes the field back.
-        let forced = apply(Some(&edited), &deploy(2, "nginx", json!([{"name": "A", "value": "1"}])), &w("agent"), true, true).unwrap();
+        let forced = apply(
+            Some(&edited),
+            &deploy(2, "nginx", json!([{"name": "A", "value": "1"}])),
+            &w("agent"),
+            true,
+            true,
+        )
+        .unwrap();
         assert_eq!(forced["spec"]["replicas"], 2);
-        let managers: Vec<String> = read_managed(&forced).into_iter().map(|e| e.manager).collect();
+        let managers: Vec<String> = read_managed(&forced)
+            .into_iter()
+            .map(|e| e.manager)
+            .collect();
         assert_eq!(managers, vec!["agent".to_string()]);
     }
 
@@ -589,7 +663,14 @@ mod tests {
         let b = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"shared": "s"}});
         let one = apply(None, &a, &w("a"), false, false).unwrap();
         let two = apply(Some(&one), &b, &w("b"), false, false).unwrap();
-        let three = apply(Some(&two), &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}), &w("a"), false, false).unwrap();
+        let three = apply(
+            Some(&two),
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}),
+            &w("a"),
+            false,
+            false,
+        )
+        .unwrap();
         assert_eq!(three["data"], json!({"shared": "s"}));
     }
 
