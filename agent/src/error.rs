@@ -32,6 +32,26 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A manifest in a bundle is unusable; `source` names file and document.
+    #[error("{origin}: {reason}")]
+    Manifest { origin: String, reason: String },
+
+    /// The cluster does not serve a kind.
+    #[error("no resource for {api_version} {kind} in the cluster: {reason}")]
+    NoResource { api_version: String, kind: String, reason: String },
+
+    /// A Kubernetes API call failed; `context` names the object.
+    #[error("{context}: {detail}")]
+    Kube { context: String, detail: String },
+
+    /// Something did not happen in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+
+    /// The local cache failed.
+    #[error("local cache: {0}")]
+    Cache(String),
+
     /// Building the channel failed.
     #[error(transparent)]
     Channel(#[from] flotilla_proto::Error),
@@ -46,6 +66,14 @@ impl Error {
             path: path.display().to_string(),
             source,
         }
+    }
+
+    pub(crate) fn kube(context: &str, err: kube::Error) -> Self {
+        let detail = match &err {
+            kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+            other => other.to_string(),
+        };
+        Error::Kube { context: context.to_string(), detail }
     }
 
     /// Classifies a failed RPC: transport failures are retryable, refusals are not.

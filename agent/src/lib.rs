@@ -7,8 +7,10 @@
 
 pub mod backoff;
 pub mod credentials;
+pub mod engine;
 mod error;
 pub mod link;
+pub mod local;
 pub mod runner;
 
 pub use error::{Error, Result};

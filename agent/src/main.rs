@@ -3,9 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use flotilla_agent::Error;
+use flotilla_agent::engine::AppSpec;
+use flotilla_agent::local::{ApplyOptions, apply};
 use flotilla_agent::link::HubLink;
 use flotilla_agent::runner::{RunOptions, run};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +43,38 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Apply the manifests under DIR to a cluster as app NAME, wait for health, print a summary.
+    Apply {
+        /// Kubeconfig of the target cluster.
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+        /// App name: labels every object and names its inventory.
+        #[arg(long)]
+        app: String,
+        /// Namespace for namespaced objects that name none.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// How long to wait for the app to become healthy.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Keep objects that left the bundle instead of deleting them.
+        #[arg(long)]
+        no_prune: bool,
+        /// Allow an empty bundle to prune everything the app had.
+        #[arg(long)]
+        allow_empty: bool,
+        /// Local cache of inventories and bundles.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// After applying, keep healing drift until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Full re-apply interval while watching.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        resync: Duration,
+        /// Directory of manifests (.yaml, .yml, .json; multi-document).
+        dir: PathBuf,
+    },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -58,14 +93,57 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Run {
-        hub,
-        ca,
-        data_dir,
-        cluster_name,
-        token,
-        labels,
-    } = Cli::parse().command;
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signals.cancel();
+    });
+    let (hub, ca, data_dir, cluster_name, token, labels) = match Cli::parse().command {
+        Command::Run {
+            hub,
+            ca,
+            data_dir,
+            cluster_name,
+            token,
+            labels,
+        } => (hub, ca, data_dir, cluster_name, token, labels),
+        Command::Apply {
+            kubeconfig,
+            app,
+            namespace,
+            timeout,
+            no_prune,
+            allow_empty,
+            data_dir,
+            watch,
+            resync,
+            dir,
+        } => {
+            let opts = ApplyOptions {
+                kubeconfig,
+                app: AppSpec {
+                    name: app,
+                    namespace,
+                    prune: !no_prune,
+                    allow_empty,
+                },
+                dir,
+                timeout,
+                data_dir,
+                watch,
+                resync,
+            };
+            return match apply(opts, shutdown).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
     let ca_pem = match std::fs::read(&ca) {
         Ok(pem) => pem,
         Err(e) => {
@@ -73,13 +151,6 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            signals.cancel();
-        }
-    });
     let opts = RunOptions {
         link: HubLink {
             hub_url: hub,
@@ -101,4 +172,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = ctrl_c.await;
 }

@@ -1,0 +1,133 @@
+//! Reading a bundle: every .yaml/.yml/.json file under a directory, multi-document, each object
+//! checked for the fields every Kubernetes object needs. Errors name the file and document.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Limits that keep a hostile or broken bundle from exhausting the agent.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+const MAX_FILES: usize = 5_000;
+
+/// One object from a bundle, with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// `path/to/file.yaml#2` (document index from 1).
+    pub source: String,
+    pub object: Value,
+}
+
+fn bad(source: &str, reason: impl Into<String>) -> Error {
+    Error::Manifest {
+        origin: source.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Loads every manifest under `dir`, in path order.
+pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, &mut files)?;
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let rel = file.strip_prefix(dir).unwrap_or(&file).display().to_string();
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        out.extend(parse_documents(&rel, &text)?);
+    }
+    Ok(out)
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if meta.file_type().is_symlink() {
+            // A bundle is data; links could point anywhere on the agent's machine.
+            return Err(bad(&path.strip_prefix(root).unwrap_or(&path).display().to_string(), "symbolic links are not allowed in a bundle"));
+        }
+        if meta.is_dir() {
+            if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                collect_files(root, &path, out)?;
+            }
+            continue;
+        }
+        let is_manifest = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+        if is_manifest {
+            if meta.len() > MAX_FILE_BYTES {
+                return Err(bad(&path.display().to_string(), format!("larger than {MAX_FILE_BYTES} bytes")));
+            }
+            out.push(path);
+            if out.len() > MAX_FILES {
+                return Err(bad(&root.display().to_string(), format!("more than {MAX_FILES} manifest files")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses the YAML (or JSON) documents of one file.
+pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let source = format!("{name}#{}", i + 1);
+        let value: Value = serde::Deserialize::deserialize(doc).map_err(|e| bad(&source, format!("invalid YAML: {e}")))?;
+        match value {
+            Value::Null => continue,
+            Value::Object(_) => {}
+            _ => return Err(bad(&source, "a document must be a mapping (a Kubernetes object)")),
+        }
+        // `kind: List` bundles expand to their items.
+        if value["kind"] == "List" && value["items"].is_array() {
+            for (j, item) in value["items"].as_array().into_iter().flatten().enumerate() {
+                let item_source = format!("{source}/items/{j}");
+                check_object(&item_source, item)?;
+                out.push(Manifest { source: item_source, object: item.clone() });
+            }
+            continue;
+        }
+        check_object(&source, &value)?;
+        out.push(Manifest { source, object: value });
+    }
+    Ok(out)
+}
+
+fn check_object(source: &str, v: &Value) -> Result<()> {
+    for (field, value) in [("apiVersion", &v["apiVersion"]), ("kind", &v["kind"]), ("metadata.name", &v["metadata"]["name"])] {
+        if value.as_str().is_none_or(str::is_empty) {
+            return Err(bad(source, format!("missing {field}")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_files_with_errors_that_name_the_document() {
+        let ok = parse_documents("a.yaml", "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n").unwrap();
+        assert_eq!(ok.iter().map(|m| m.source.as_str()).collect::<Vec<_>>(), ["a.yaml#1", "a.yaml#3"]);
+        let err = parse_documents("b.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: Secret\nmetadata: {name: s}\n").unwrap_err();
+        assert_eq!(err.to_string(), "b.yaml#2: missing apiVersion");
+        let err = parse_documents("c.yaml", "a: [unclosed").unwrap_err();
+        assert!(err.to_string().starts_with("c.yaml#1: invalid YAML"), "{err}");
+    }
+
+    #[test]
+    fn symlinks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("b.yaml")).unwrap();
+        let err = load_dir(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("symbolic links"), "{err}");
+    }
+}

@@ -1,0 +1,381 @@
+//! The reconcile engine: makes a cluster match an app's bundle through the `kube` crate, in order,
+//! with pruning, health, and drift healing. Decisions live in [`plan`] and [`health`] (pure); this
+//! module does the IO.
+
+pub mod health;
+pub mod inventory;
+pub mod manifest;
+pub mod plan;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiCapabilities, Scope};
+use kube::runtime::watcher;
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result};
+use health::{Health, HealthState};
+use inventory::{Inventory, LocalCache};
+use plan::{ObjRef, PruneDecision};
+
+/// The field manager of everything the agent applies.
+pub const FIELD_MANAGER: &str = "flotilla-agent";
+
+/// How an app is to be reconciled.
+#[derive(Debug, Clone)]
+pub struct AppSpec {
+    pub name: String,
+    /// Where namespaced objects without a namespace go.
+    pub namespace: String,
+    pub prune: bool,
+    pub allow_empty: bool,
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Applied,
+    Failed(String),
+    Pruned,
+    /// Left alone: in the old inventory but no longer labelled as ours.
+    Skipped(String),
+}
+
+/// The result of one reconcile pass.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub digest: String,
+    pub objects: Vec<(ObjRef, Outcome)>,
+    /// Set when pruning was refused (empty bundle) or disabled, in words.
+    pub prune_note: Option<String>,
+}
+
+impl Report {
+    pub fn failed(&self) -> usize {
+        self.objects.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count()
+    }
+    pub fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
+        self.objects.iter().filter(|(_, o)| pred(o)).count()
+    }
+}
+
+/// SHA-256 over the canonical JSON of the bundle's objects, in order: the bundle digest.
+pub fn digest(objects: &[Value]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for o in objects {
+        ctx.update(o.to_string().as_bytes());
+        ctx.update(b"\n");
+    }
+    let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Applies bundles to one cluster.
+pub struct Engine {
+    client: kube::Client,
+    resources: Mutex<HashMap<String, (ApiResource, ApiCapabilities)>>,
+    cache: Option<LocalCache>,
+}
+
+fn gvk_of(obj: &Value) -> GroupVersionKind {
+    let api_version = obj["apiVersion"].as_str().unwrap_or("");
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    GroupVersionKind::gvk(group, version, obj["kind"].as_str().unwrap_or(""))
+}
+
+impl Engine {
+    pub fn new(client: kube::Client, cache: Option<LocalCache>) -> Self {
+        Self {
+            client,
+            resources: Mutex::new(HashMap::new()),
+            cache,
+        }
+    }
+
+    pub fn cache(&self) -> Option<&LocalCache> {
+        self.cache.as_ref()
+    }
+
+    /// The API resource for a kind, from discovery of its group version (cached; a miss asks again,
+    /// so a CRD applied a moment ago is found).
+    async fn resolve(&self, gvk: &GroupVersionKind) -> Result<(ApiResource, ApiCapabilities)> {
+        let key = format!("{}/{}/{}", gvk.group, gvk.version, gvk.kind);
+        if let Some(found) = self.resources.lock().await.get(&key) {
+            return Ok(found.clone());
+        }
+        let found = kube::discovery::pinned_kind(&self.client, gvk).await.map_err(|e| Error::NoResource {
+            kind: gvk.kind.clone(),
+            api_version: if gvk.group.is_empty() { gvk.version.clone() } else { format!("{}/{}", gvk.group, gvk.version) },
+            reason: e.to_string(),
+        })?;
+        self.resources.lock().await.insert(key, found.clone());
+        Ok(found)
+    }
+
+    fn api(&self, ar: &ApiResource, caps: &ApiCapabilities, namespace: &str) -> Api<DynamicObject> {
+        if caps.scope == Scope::Namespaced {
+            Api::namespaced_with(self.client.clone(), namespace, ar)
+        } else {
+            Api::all_with(self.client.clone(), ar)
+        }
+    }
+
+    /// The object as it will be applied, and its ref (scope from discovery when known).
+    async fn desired(&self, app: &AppSpec, obj: &Value) -> (Value, ObjRef) {
+        let namespaced = match self.resolve(&gvk_of(obj)).await {
+            Ok((_, caps)) => caps.scope == Scope::Namespaced,
+            // Not served yet (a CR whose CRD comes in this bundle): custom resources are namespaced
+            // far more often than not; the ref is corrected on the next pass.
+            Err(_) => obj["metadata"]["namespace"].is_string() || obj["kind"] != "Namespace",
+        };
+        let mut prepared = plan::prepare(obj, &app.name, namespaced.then_some(app.namespace.as_str()));
+        if !namespaced && let Some(m) = prepared["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        let r = ObjRef::of(&prepared);
+        (prepared, r)
+    }
+
+    /// The last inventory of `app`: in-cluster, else the local cache.
+    pub async fn inventory(&self, app: &str) -> Result<Inventory> {
+        if let Some(inv) = inventory::read(&self.client, app).await? {
+            return Ok(inv);
+        }
+        Ok(self.cache.as_ref().map(|c| c.inventory(app)).transpose()?.flatten().unwrap_or_default())
+    }
+
+    async fn save_inventory(&self, app: &str, inv: &Inventory) -> Result<()> {
+        if let Some(cache) = &self.cache {
+            cache.save_inventory(app, inv).await?;
+        }
+        inventory::write(&self.client, app, inv).await
+    }
+
+    /// One reconcile pass: apply every object in order, prune what left, record the inventory.
+    /// `progress` is told about each object as it is done.
+    pub async fn reconcile(&self, app: &AppSpec, objects: &[Value], mut progress: impl FnMut(&ObjRef, &Outcome)) -> Result<Report> {
+        let digest = digest(objects);
+        if let Some(cache) = &self.cache {
+            cache.save_bundle(&app.name, objects).await?;
+        }
+        let old = self.inventory(&app.name).await?;
+        let mut desired = Vec::with_capacity(objects.len());
+        for obj in objects {
+            desired.push(self.desired(app, obj).await);
+        }
+        let desired_refs: Vec<ObjRef> = desired.iter().map(|(_, r)| r.clone()).collect();
+
+        // Crash safety: record everything we may create before creating it, so an agent killed
+        // mid-apply still knows (and can later prune) every object it touched.
+        let mut union = old.objects.clone();
+        for r in &desired_refs {
+            if !union.iter().any(|o| o.same_object(r)) {
+                union.push(r.clone());
+            }
+        }
+        self.save_inventory(&app.name, &Inventory { digest: old.digest.clone(), objects: union }).await?;
+
+        let mut report = Report { digest: digest.clone(), ..Report::default() };
+        let values: Vec<Value> = desired.iter().map(|(v, _)| v.clone()).collect();
+        let mut final_refs = Vec::with_capacity(desired.len());
+        for i in plan::apply_order(&values) {
+            let (obj, _) = &desired[i];
+            let (outcome, r) = match self.apply_one(app, obj).await {
+                Ok(r) => (Outcome::Applied, r),
+                Err(e) => (Outcome::Failed(e.to_string()), ObjRef::of(obj)),
+            };
+            progress(&r, &outcome);
+            final_refs.push(r.clone());
+            report.objects.push((r, outcome));
+        }
+
+        match plan::decide_prune(&old.objects, &final_refs, app.prune, app.allow_empty) {
+            PruneDecision::EmptyBundleRefused => {
+                report.prune_note = Some("the bundle is empty and the app does not allow empty bundles: nothing was pruned".into());
+                let keep = Inventory { digest: old.digest.clone(), objects: old.objects.clone() };
+                self.save_inventory(&app.name, &keep).await?;
+                return Ok(report);
+            }
+            PruneDecision::Disabled => {
+                report.prune_note = Some("prune is off: objects that left the bundle were kept".into());
+                let mut kept = final_refs.clone();
+                kept.extend(plan::prune_set(&old.objects, &final_refs));
+                self.save_inventory(&app.name, &Inventory { digest, objects: kept }).await?;
+                return Ok(report);
+            }
+            PruneDecision::Prune(doomed) => {
+                let mut still_tracked = final_refs.clone();
+                for r in doomed {
+                    let outcome = self.prune_one(app, &r).await;
+                    if matches!(outcome, Outcome::Failed(_)) {
+                        still_tracked.push(r.clone());
+                    }
+                    progress(&r, &outcome);
+                    report.objects.push((r, outcome));
+                }
+                self.save_inventory(&app.name, &Inventory { digest, objects: still_tracked }).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn apply_one(&self, _app: &AppSpec, obj: &Value) -> Result<ObjRef> {
+        let gvk = gvk_of(obj);
+        let (ar, caps) = self.resolve(&gvk).await?;
+        let r = ObjRef::of(obj);
+        let api = self.api(&ar, &caps, &r.namespace);
+        let applied = api
+            .patch(&r.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+            .await
+            .map_err(|e| Error::kube(&format!("applying {r}"), e))?;
+        if gvk.group == "apiextensions.k8s.io" && gvk.kind == "CustomResourceDefinition" {
+            self.wait_established(&api, &r, &applied).await?;
+        }
+        Ok(r)
+    }
+
+    async fn wait_established(&self, api: &Api<DynamicObject>, r: &ObjRef, first: &DynamicObject) -> Result<()> {
+        let established = |o: &DynamicObject| {
+            o.data["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Established" && c["status"] == "True"))
+        };
+        if established(first) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let o = api.get(&r.name).await.map_err(|e| Error::kube(&format!("waiting for {r}"), e))?;
+            if established(&o) {
+                return Ok(());
+            }
+        }
+        Err(Error::Timeout(format!("{r} was not Established within 30s")))
+    }
+
+    async fn prune_one(&self, app: &AppSpec, r: &ObjRef) -> Outcome {
+        let gvk = gvk_of(&serde_json::json!({"apiVersion": r.api_version, "kind": r.kind}));
+        let (ar, caps) = match self.resolve(&gvk).await {
+            Ok(found) => found,
+            // The kind is gone (its CRD was pruned first or removed): so are its objects.
+            Err(_) => return Outcome::Pruned,
+        };
+        let api = self.api(&ar, &caps, &r.namespace);
+        let live = match api.get_opt(&r.name).await {
+            Ok(Some(live)) => live,
+            Ok(None) => return Outcome::Pruned,
+            Err(e) => return Outcome::Failed(Error::kube(&format!("reading {r}"), e).to_string()),
+        };
+        let live_value = serde_json::to_value(&live).unwrap_or_default();
+        if !plan::owned_by(&live_value, &app.name) {
+            return Outcome::Skipped(format!("{r} no longer carries {}={}; left alone", plan::APP_LABEL, app.name));
+        }
+        match api.delete(&r.name, &DeleteParams::background()).await {
+            Ok(_) => Outcome::Pruned,
+            Err(kube::Error::Api(s)) if s.code == 404 => Outcome::Pruned,
+            Err(e) => Outcome::Failed(Error::kube(&format!("deleting {r}"), e).to_string()),
+        }
+    }
+
+    /// Health of each object of the app and of the app.
+    pub async fn health(&self, refs: &[ObjRef]) -> (Health, Vec<(ObjRef, Health)>) {
+        let mut each = Vec::with_capacity(refs.len());
+        for r in refs {
+            let gvk = gvk_of(&serde_json::json!({"apiVersion": r.api_version, "kind": r.kind}));
+            let live = match self.resolve(&gvk).await {
+                Ok((ar, caps)) => self.api(&ar, &caps, &r.namespace).get_opt(&r.name).await.ok().flatten(),
+                Err(_) => None,
+            };
+            let value = live.map(|l| serde_json::to_value(&l).unwrap_or_default());
+            each.push((r.clone(), health::assess(value.as_ref())));
+        }
+        (health::aggregate(&each), each)
+    }
+
+    /// Polls health until the app is Healthy or Degraded, or `timeout` passes.
+    pub async fn wait_healthy(&self, refs: &[ObjRef], timeout: Duration) -> (Health, Vec<(ObjRef, Health)>) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (app, each) = self.health(refs).await;
+            if matches!(app.state, HealthState::Healthy | HealthState::Degraded) || Instant::now() >= deadline {
+                return (app, each);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Keeps `objects` in place until cancelled: watches the app's kinds (by label) and re-applies an
+    /// object that was changed or deleted; a full re-apply every `resync` is the safety net.
+    /// `on_heal` is told about each healed object with the running drift count.
+    pub async fn keep_in_sync(
+        &self,
+        app: &AppSpec,
+        objects: &[Value],
+        resync: Duration,
+        cancel: CancellationToken,
+        mut on_heal: impl FnMut(&ObjRef, u64),
+    ) -> Result<()> {
+        let mut desired: BTreeMap<ObjRef, Value> = BTreeMap::new();
+        let mut kinds: BTreeMap<String, (ApiResource, ApiCapabilities)> = BTreeMap::new();
+        for obj in objects {
+            let (prepared, r) = self.desired(app, obj).await;
+            if let Ok(found) = self.resolve(&gvk_of(&prepared)).await {
+                kinds.insert(format!("{}/{}", r.api_version, r.kind), found);
+            }
+            desired.insert(r, prepared);
+        }
+        let selector = format!("{}={}", plan::APP_LABEL, app.name);
+        let streams = kinds.values().map(|(ar, _)| {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+            watcher(api, watcher::Config::default().labels(&selector)).boxed()
+        });
+        let mut events = futures::stream::select_all(streams);
+        let mut drift: u64 = 0;
+        let mut ticker = tokio::time::interval(resync);
+        ticker.tick().await;
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = ticker.tick() => {
+                    self.reconcile(app, objects, |_, _| {}).await?;
+                    continue;
+                }
+                event = events.next() => event,
+            };
+            let Some(event) = event else { return Ok(()) };
+            let changed = match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => Some((serde_json::to_value(&o).unwrap_or_default(), false)),
+                Ok(watcher::Event::Delete(o)) => Some((serde_json::to_value(&o).unwrap_or_default(), true)),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "drift watch error; the watcher retries");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    None
+                }
+            };
+            let Some((live, deleted)) = changed else { continue };
+            let live_ref = ObjRef::of(&live);
+            let Some((r, want)) = desired.iter().find(|(r, _)| r.same_object(&live_ref)) else { continue };
+            if !deleted && plan::satisfies(&live, &plan::drift_view(want)) {
+                continue;
+            }
+            if !live["metadata"]["deletionTimestamp"].is_null() && !deleted {
+                continue;
+            }
+            match self.apply_one(app, want).await {
+                Ok(_) => {
+                    drift += 1;
+                    on_heal(r, drift);
+                }
+                Err(e) => tracing::warn!(object = %r, error = %e, "could not heal drift; will retry on the next event or resync"),
+            }
+        }
+    }
+}

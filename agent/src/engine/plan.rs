@@ -1,0 +1,269 @@
+//! The apply plan, as a pure function of data: in which order objects are applied, which objects
+//! are pruned (and in which order), and which objects are ours to touch at all.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The label every object applied for an app carries.
+pub const APP_LABEL: &str = "app.flotilla.dev/name";
+/// Annotation that overrides the default ordering: lower waves first.
+pub const WAVE_ANNOTATION: &str = "flotilla.dev/sync-wave";
+
+/// Identity of an object in a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjRef {
+    /// `v1`, `apps/v1`.
+    pub api_version: String,
+    pub kind: String,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjRef {
+    pub fn of(obj: &Value) -> Self {
+        Self {
+            api_version: obj["apiVersion"].as_str().unwrap_or("").to_string(),
+            kind: obj["kind"].as_str().unwrap_or("").to_string(),
+            namespace: obj["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+            name: obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        }
+    }
+
+    pub fn group(&self) -> &str {
+        self.api_version.rsplit_once('/').map_or("", |(g, _)| g)
+    }
+
+    /// Same object regardless of API version (apps/v1 vs apps/v1beta2 name the same thing).
+    pub fn same_object(&self, other: &ObjRef) -> bool {
+        self.group() == other.group() && self.kind == other.kind && self.namespace == other.namespace && self.name == other.name
+    }
+}
+
+impl std::fmt::Display for ObjRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// The default rank of a kind: CRDs, Namespaces, cluster-scoped and config kinds, workloads and
+/// Services, then everything else (custom resources among them).
+pub fn kind_rank(group: &str, kind: &str) -> i32 {
+    match (group, kind) {
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => 0,
+        ("", "Namespace") => 1,
+        ("", "ServiceAccount" | "ConfigMap" | "Secret" | "PersistentVolumeClaim" | "PersistentVolume" | "LimitRange" | "ResourceQuota")
+        | ("rbac.authorization.k8s.io", _)
+        | ("storage.k8s.io", _)
+        | ("scheduling.k8s.io", "PriorityClass")
+        | ("policy", "PodSecurityPolicy") => 2,
+        ("apps", _) | ("batch", _) | ("", "Pod" | "Service" | "ReplicationController") => 3,
+        _ => 4,
+    }
+}
+
+/// The wave of an object: its annotation, or 0.
+pub fn wave(obj: &Value) -> i64 {
+    obj["metadata"]["annotations"][WAVE_ANNOTATION]
+        .as_str()
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The order in which to apply `objects` (indices into it): by wave, then kind rank, then kind,
+/// namespace and name, so the plan is deterministic.
+pub fn apply_order(objects: &[Value]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..objects.len()).collect();
+    idx.sort_by_key(|&i| {
+        let o = &objects[i];
+        let r = ObjRef::of(o);
+        (wave(o), kind_rank(r.group(), &r.kind), r.kind.clone(), r.namespace.clone(), r.name.clone())
+    });
+    idx
+}
+
+/// Objects in the previous inventory that are not desired any more, in reverse apply order
+/// (custom resources before their CRDs, workloads before their namespace).
+pub fn prune_set(inventory: &[ObjRef], desired: &[ObjRef]) -> Vec<ObjRef> {
+    let mut doomed: Vec<ObjRef> = inventory
+        .iter()
+        .filter(|old| !desired.iter().any(|d| d.same_object(old)))
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    doomed.sort_by_key(|r| std::cmp::Reverse((kind_rank(r.group(), &r.kind), r.kind.clone(), r.namespace.clone(), r.name.clone())));
+    doomed
+}
+
+/// What to do about pruning, given the bundle and the app's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PruneDecision {
+    /// Delete these.
+    Prune(Vec<ObjRef>),
+    /// Prune is off for the app.
+    Disabled,
+    /// The bundle is empty and the app does not allow that: treated as a mistake, nothing is deleted.
+    EmptyBundleRefused,
+}
+
+pub fn decide_prune(inventory: &[ObjRef], desired: &[ObjRef], prune: bool, allow_empty: bool) -> PruneDecision {
+    if desired.is_empty() && !allow_empty && !inventory.is_empty() {
+        return PruneDecision::EmptyBundleRefused;
+    }
+    if !prune {
+        return PruneDecision::Disabled;
+    }
+    PruneDecision::Prune(prune_set(inventory, desired))
+}
+
+/// Whether a live object is ours to delete: it must carry our app label. An object with the same
+/// name that someone else created (or took over) is left alone.
+pub fn owned_by(live: &Value, app: &str) -> bool {
+    live["metadata"]["labels"][APP_LABEL].as_str() == Some(app)
+}
+
+/// The desired object as the agent applies it: app label added, default namespace filled in for
+/// namespaced kinds.
+pub fn prepare(obj: &Value, app: &str, namespace: Option<&str>) -> Value {
+    let mut o = obj.clone();
+    o["metadata"]["labels"][APP_LABEL] = Value::String(app.to_string());
+    if let Some(ns) = namespace
+        && o["metadata"]["namespace"].as_str().is_none_or(str::is_empty)
+    {
+        o["metadata"]["namespace"] = Value::String(ns.to_string());
+    }
+    o
+}
+
+/// Whether `live` still carries everything `desired` says (extra live fields, defaults and status
+/// are fine). Used to tell drift from the noise of controllers writing status.
+pub fn satisfies(live: &Value, desired: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
+            Some(lv) => satisfies(lv, dv),
+            None => dv.is_null(),
+        }),
+        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| satisfies(lv, dv)),
+        // Kubernetes normalizes numbers (1.0 vs 1) and quantities; compare numbers numerically.
+        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
+        (d, l) => d == l,
+    }
+}
+
+/// The part of a desired object that drift detection compares: spec-like content and our
+/// labels/annotations, not server-managed metadata.
+pub fn drift_view(desired: &Value) -> Value {
+    let mut d = desired.clone();
+    if let Some(meta) = d["metadata"].as_object_mut() {
+        meta.retain(|k, _| k == "labels" || k == "annotations");
+    }
+    if let Some(o) = d.as_object_mut() {
+        o.remove("status");
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(api: &str, kind: &str, ns: &str, name: &str, wave: Option<&str>) -> Value {
+        let mut v = json!({"apiVersion": api, "kind": kind, "metadata": {"name": name}});
+        if !ns.is_empty() {
+            v["metadata"]["namespace"] = json!(ns);
+        }
+        if let Some(w) = wave {
+            v["metadata"]["annotations"] = json!({WAVE_ANNOTATION: w});
+        }
+        v
+    }
+
+    #[test]
+    fn apply_order_table() {
+        let objects = vec![
+            obj("example.com/v1", "Widget", "app", "w", None),
+            obj("apps/v1", "Deployment", "app", "web", None),
+            obj("v1", "Service", "app", "web", None),
+            obj("v1", "ConfigMap", "app", "cfg", None),
+            obj("rbac.authorization.k8s.io/v1", "ClusterRole", "", "reader", None),
+            obj("v1", "Namespace", "", "app", None),
+            obj("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", "widgets.example.com", None),
+            obj("batch/v1", "Job", "app", "migrate", Some("-1")),
+            obj("v1", "ConfigMap", "app", "late", Some("5")),
+        ];
+        let order: Vec<String> = apply_order(&objects).into_iter().map(|i| ObjRef::of(&objects[i]).to_string()).collect();
+        assert_eq!(
+            order,
+            [
+                "Job app/migrate",
+                "CustomResourceDefinition widgets.example.com",
+                "Namespace app",
+                "ClusterRole reader",
+                "ConfigMap app/cfg",
+                "Deployment app/web",
+                "Service app/web",
+                "Widget app/w",
+                "ConfigMap app/late",
+            ]
+        );
+    }
+
+    #[test]
+    fn prune_set_is_what_left_in_reverse_order() {
+        let r = |api: &str, kind: &str, ns: &str, name: &str| ObjRef::of(&obj(api, kind, ns, name, None));
+        let inventory = vec![
+            r("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", "widgets.example.com"),
+            r("example.com/v1", "Widget", "app", "w"),
+            r("v1", "Namespace", "", "app"),
+            r("apps/v1", "Deployment", "app", "web"),
+            r("v1", "ConfigMap", "app", "cfg"),
+        ];
+        let desired = vec![r("apps/v1", "Deployment", "app", "web")];
+        let doomed: Vec<String> = prune_set(&inventory, &desired).into_iter().map(|o| o.to_string()).collect();
+        assert_eq!(doomed, ["Widget app/w", "ConfigMap app/cfg", "Namespace app", "CustomResourceDefinition widgets.example.com"]);
+        // An API version change is the same object, not a prune.
+        let moved = vec![r("apps/v1beta2", "Deployment", "app", "web")];
+        assert!(!prune_set(&[r("apps/v1", "Deployment", "app", "web")], &moved).iter().any(|o| o.kind == "Deployment"));
+    }
+
+    #[test]
+    fn empty_bundles_prune_nothing_unless_allowed() {
+        let inv = vec![ObjRef::of(&obj("v1", "ConfigMap", "a", "x", None))];
+        assert_eq!(decide_prune(&inv, &[], true, false), PruneDecision::EmptyBundleRefused);
+        assert_eq!(decide_prune(&inv, &[], true, true), PruneDecision::Prune(inv.clone()));
+        assert_eq!(decide_prune(&inv, &[], false, true), PruneDecision::Disabled);
+    }
+
+    #[test]
+    fn drift_is_a_change_to_what_we_set_not_to_what_others_add() {
+        let desired = json!({"metadata": {"name": "c", "labels": {"a": "1"}}, "data": {"k": "v"}, "spec": {"replicas": 2}});
+        let view = drift_view(&desired);
+        let live = json!({"metadata": {"name": "c", "uid": "x", "labels": {"a": "1", "extra": "y"}}, "data": {"k": "v"},
+                          "spec": {"replicas": 2.0, "strategy": {}}, "status": {"ready": 1}});
+        assert!(satisfies(&live, &view));
+        let mut edited = live.clone();
+        edited["data"]["k"] = json!("changed");
+        assert!(!satisfies(&edited, &view));
+        let mut unlabelled = live;
+        unlabelled["metadata"]["labels"] = json!({});
+        assert!(!satisfies(&unlabelled, &view));
+    }
+
+    #[test]
+    fn only_labelled_objects_are_ours() {
+        assert!(owned_by(&json!({"metadata": {"labels": {APP_LABEL: "shop"}}}), "shop"));
+        assert!(!owned_by(&json!({"metadata": {"labels": {APP_LABEL: "other"}}}), "shop"));
+        assert!(!owned_by(&json!({"metadata": {}}), "shop"));
+        let p = prepare(&obj("v1", "ConfigMap", "", "c", None), "shop", Some("dflt"));
+        assert_eq!(p["metadata"]["namespace"], "dflt");
+        assert_eq!(p["metadata"]["labels"][APP_LABEL], "shop");
+    }
+}

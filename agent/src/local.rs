@@ -1,0 +1,101 @@
+//! `flotilla-agent apply`: the engine run by hand against one cluster, like
+//! `kubectl apply --server-side --prune --wait`, with progress per object and a summary.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::health::HealthState;
+use crate::engine::inventory::LocalCache;
+use crate::engine::{AppSpec, Engine, Outcome, manifest};
+use crate::{Error, Result};
+
+/// Options of `flotilla-agent apply`.
+pub struct ApplyOptions {
+    pub kubeconfig: PathBuf,
+    pub app: AppSpec,
+    pub dir: PathBuf,
+    pub timeout: Duration,
+    pub data_dir: Option<PathBuf>,
+    /// Keep healing drift after the apply, until cancelled.
+    pub watch: bool,
+    pub resync: Duration,
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
+    let err = |e: String| Error::Kube { context: format!("kubeconfig {}", kubeconfig.display()), detail: e };
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+fn check_app_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 53
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::NeedsOperator(format!(
+            "invalid app name {name:?}: use lowercase letters, digits and '-' (at most 53 characters)"
+        )))
+    }
+}
+
+/// Runs the apply; returns whether the app ended Healthy with no failed object.
+pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool> {
+    check_app_name(&opts.app.name)?;
+    // Read everything first: a broken bundle must not touch the cluster at all.
+    let manifests = manifest::load_dir(&opts.dir)?;
+    let objects: Vec<serde_json::Value> = manifests.into_iter().map(|m| m.object).collect();
+    let cache = opts.data_dir.as_deref().map(LocalCache::open).transpose()?;
+    let engine = Engine::new(client(&opts.kubeconfig).await?, cache);
+    let app = &opts.app;
+    println!("app {}: {} object(s) from {}", app.name, objects.len(), opts.dir.display());
+    let report = engine
+        .reconcile(app, &objects, |r, outcome| match outcome {
+            Outcome::Applied => println!("  applied  {r}"),
+            Outcome::Pruned => println!("  pruned   {r}"),
+            Outcome::Skipped(why) => println!("  skipped  {r}: {why}"),
+            Outcome::Failed(e) => println!("  FAILED   {r}: {e}"),
+        })
+        .await?;
+    if let Some(note) = &report.prune_note {
+        println!("  note: {note}");
+    }
+    let applied: Vec<_> = report
+        .objects
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Applied))
+        .map(|(r, _)| r.clone())
+        .collect();
+    let (health, each) = engine.wait_healthy(&applied, opts.timeout).await;
+    for (r, h) in each.iter().filter(|(_, h)| h.state != HealthState::Healthy) {
+        println!("  {:<8} {r}: {}", h.state.to_string(), h.message);
+    }
+    let sync = if report.failed() == 0 { "Synced" } else { "OutOfSync" };
+    println!(
+        "app {}: {} applied, {} pruned, {} failed; {sync}; health {}{}; bundle {}",
+        app.name,
+        report.count(|o| matches!(o, Outcome::Applied)),
+        report.count(|o| matches!(o, Outcome::Pruned)),
+        report.failed(),
+        health.state,
+        if health.message.is_empty() { String::new() } else { format!(" ({})", health.message) },
+        report.digest
+    );
+    let healthy = health.state == HealthState::Healthy && report.failed() == 0;
+    if opts.watch {
+        println!("watching for drift (Ctrl-C to stop)");
+        engine
+            .keep_in_sync(app, &objects, opts.resync, cancel, |r, n| println!("  healed   {r} (drift #{n})"))
+            .await?;
+    }
+    Ok(healthy)
+}
