@@ -38,7 +38,11 @@ pub enum Error {
 
     /// The cluster does not serve a kind.
     #[error("no resource for {api_version} {kind} in the cluster: {reason}")]
-    NoResource { api_version: String, kind: String, reason: String },
+    NoResource {
+        api_version: String,
+        kind: String,
+        reason: String,
+    },
 
     /// A Kubernetes API call failed; `context` names the object.
     #[error("{context}: {detail}")]
@@ -73,7 +77,10 @@ impl Error {
             kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
             other => other.to_string(),
         };
-        Error::Kube { context: context.to_string(), detail }
+        Error::Kube {
+            context: context.to_string(),
+            detail,
+        }
     }
 
     /// Classifies a failed RPC: transport failures are retryable, refusals are not.

@@ -25,18 +25,24 @@ pub struct ApplyOptions {
 
 /// A kube client from a kubeconfig file.
 pub async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
-    let err = |e: String| Error::Kube { context: format!("kubeconfig {}", kubeconfig.display()), detail: e };
+    let err = |e: String| Error::Kube {
+        context: format!("kubeconfig {}", kubeconfig.display()),
+        detail: e,
+    };
     let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| err(e.to_string()))?;
     kube::Client::try_from(config).map_err(|e| err(e.to_string()))
 }
 
 fn check_app_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 53
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -57,7 +63,12 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     let cache = opts.data_dir.as_deref().map(LocalCache::open).transpose()?;
     let engine = Engine::new(client(&opts.kubeconfig).await?, cache);
     let app = &opts.app;
-    println!("app {}: {} object(s) from {}", app.name, objects.len(), opts.dir.display());
+    println!(
+        "app {}: {} object(s) from {}",
+        app.name,
+        objects.len(),
+        opts.dir.display()
+    );
     let report = engine
         .reconcile(app, &objects, |r, outcome| match outcome {
             Outcome::Applied => println!("  applied  {r}"),
@@ -79,7 +90,11 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     for (r, h) in each.iter().filter(|(_, h)| h.state != HealthState::Healthy) {
         println!("  {:<8} {r}: {}", h.state.to_string(), h.message);
     }
-    let sync = if report.failed() == 0 { "Synced" } else { "OutOfSync" };
+    let sync = if report.failed() == 0 {
+        "Synced"
+    } else {
+        "OutOfSync"
+    };
     println!(
         "app {}: {} applied, {} pruned, {} failed; {sync}; health {}{}; bundle {}",
         app.name,
@@ -87,14 +102,20 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
         report.count(|o| matches!(o, Outcome::Pruned)),
         report.failed(),
         health.state,
-        if health.message.is_empty() { String::new() } else { format!(" ({})", health.message) },
+        if health.message.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", health.message)
+        },
         report.digest
     );
     let healthy = health.state == HealthState::Healthy && report.failed() == 0;
     if opts.watch {
         println!("watching for drift (Ctrl-C to stop)");
         engine
-            .keep_in_sync(app, &objects, opts.resync, cancel, |r, n| println!("  healed   {r} (drift #{n})"))
+            .keep_in_sync(app, &objects, opts.resync, cancel, |r, n| {
+                println!("  healed   {r} (drift #{n})")
+            })
             .await?;
     }
     Ok(healthy)

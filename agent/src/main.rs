@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use flotilla_agent::Error;
 use flotilla_agent::engine::AppSpec;
-use flotilla_agent::local::{ApplyOptions, apply};
 use flotilla_agent::link::HubLink;
+use flotilla_agent::local::{ApplyOptions, apply};
 use flotilla_agent::runner::{RunOptions, run};
 use tokio_util::sync::CancellationToken;
 
@@ -176,7 +176,8 @@ async fn main() -> ExitCode {
 
 async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

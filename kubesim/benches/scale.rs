@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kubesim::{Sim, SimOptions};
 use serde_json::json;
 
@@ -46,11 +46,19 @@ fn config_map(i: usize) -> serde_json::Value {
 
 #[tokio::main]
 async fn main() {
-    let clusters: usize = std::env::var("KUBESIM_BENCH_CLUSTERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let clusters: usize = std::env::var("KUBESIM_BENCH_CLUSTERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let before = rss_mib();
     let names: Vec<String> = (1..=clusters).map(|i| format!("c{i}")).collect();
     let started = Instant::now();
-    let sim = Sim::start(SimOptions { clusters: names, ..SimOptions::default() }).await.unwrap();
+    let sim = Sim::start(SimOptions {
+        clusters: names,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_mib();
     println!(
@@ -67,14 +75,26 @@ async fn main() {
     let mut apply = Vec::new();
     for i in 0..1000 {
         let t = Instant::now();
-        cms.patch(&format!("cm-{i:04}"), &PatchParams::apply("bench").force(), &Patch::Apply(config_map(i))).await.unwrap();
+        cms.patch(
+            &format!("cm-{i:04}"),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(config_map(i)),
+        )
+        .await
+        .unwrap();
         apply.push(t.elapsed());
     }
     report("server-side apply (create), 1 KiB CM", &mut apply);
     let mut reapply = Vec::new();
     for i in 0..1000 {
         let t = Instant::now();
-        cms.patch(&format!("cm-{i:04}"), &PatchParams::apply("bench").force(), &Patch::Apply(config_map(i))).await.unwrap();
+        cms.patch(
+            &format!("cm-{i:04}"),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(config_map(i)),
+        )
+        .await
+        .unwrap();
         reapply.push(t.elapsed());
     }
     report("server-side apply (no-op)", &mut reapply);
@@ -90,18 +110,33 @@ async fn main() {
     let mut list_sel = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        let list = cms.list(&ListParams::default().labels("shard=3")).await.unwrap();
+        let list = cms
+            .list(&ListParams::default().labels("shard=3"))
+            .await
+            .unwrap();
         assert_eq!(list.items.len(), 100);
         list_sel.push(t.elapsed());
     }
     report("list with label selector (100 of 1000)", &mut list_sel);
 
-    let rv = cms.list(&ListParams::default().limit(1)).await.unwrap().metadata.resource_version.unwrap();
+    let rv = cms
+        .list(&ListParams::default().limit(1))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
     let mut stream = Box::pin(cms.watch(&WatchParams::default(), &rv).await.unwrap());
     let mut watch = Vec::new();
     for i in 0..200 {
         let t = Instant::now();
-        cms.patch(&format!("cm-{i:04}"), &PatchParams::default(), &Patch::Merge(json!({"data": {"n": i.to_string()}}))).await.unwrap();
+        cms.patch(
+            &format!("cm-{i:04}"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"n": i.to_string()}})),
+        )
+        .await
+        .unwrap();
         loop {
             match stream.try_next().await.unwrap() {
                 Some(WatchEvent::Modified(_)) => break,

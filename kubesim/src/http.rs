@@ -159,7 +159,9 @@ async fn read_body(req: Request<Incoming>) -> Result<(HeaderMap, Bytes), ApiErro
 
 fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
     if bytes.first() == Some(&0x6b) && bytes.starts_with(b"k8s\x00") {
-        return Err(ApiError::unsupported_media_type("application/vnd.kubernetes.protobuf (kubesim accepts JSON and YAML only)"));
+        return Err(ApiError::unsupported_media_type(
+            "application/vnd.kubernetes.protobuf (kubesim accepts JSON and YAML only)",
+        ));
     }
     if bytes.is_empty() {
         return Ok(Value::Null);

@@ -34,13 +34,22 @@ pub struct Health {
 
 impl Health {
     fn healthy() -> Self {
-        Self { state: HealthState::Healthy, message: String::new() }
+        Self {
+            state: HealthState::Healthy,
+            message: String::new(),
+        }
     }
     fn progressing(m: impl Into<String>) -> Self {
-        Self { state: HealthState::Progressing, message: m.into() }
+        Self {
+            state: HealthState::Progressing,
+            message: m.into(),
+        }
     }
     fn degraded(m: impl Into<String>) -> Self {
-        Self { state: HealthState::Degraded, message: m.into() }
+        Self {
+            state: HealthState::Degraded,
+            message: m.into(),
+        }
     }
 }
 
@@ -49,7 +58,10 @@ fn int(v: &Value) -> i64 {
 }
 
 fn condition<'a>(obj: &'a Value, kind: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == kind)
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
 }
 
 fn observed(obj: &Value) -> bool {
@@ -65,51 +77,76 @@ fn observed(obj: &Value) -> bool {
 /// Health of one live object (`None` = it does not exist).
 pub fn assess(live: Option<&Value>) -> Health {
     let Some(obj) = live else {
-        return Health { state: HealthState::Missing, message: "not found in the cluster".into() };
+        return Health {
+            state: HealthState::Missing,
+            message: "not found in the cluster".into(),
+        };
     };
     if !obj["metadata"]["deletionTimestamp"].is_null() {
         return Health::progressing("being deleted");
     }
     let kind = obj["kind"].as_str().unwrap_or("");
-    let group = obj["apiVersion"].as_str().and_then(|a| a.rsplit_once('/')).map_or("", |(g, _)| g);
+    let group = obj["apiVersion"]
+        .as_str()
+        .and_then(|a| a.rsplit_once('/'))
+        .map_or("", |(g, _)| g);
     let status = &obj["status"];
     match (group, kind) {
         ("apps", "Deployment") => {
             if let Some(p) = condition(obj, "Progressing")
                 && p["reason"] == "ProgressDeadlineExceeded"
             {
-                return Health::degraded(format!("ProgressDeadlineExceeded: {}", p["message"].as_str().unwrap_or("")));
+                return Health::degraded(format!(
+                    "ProgressDeadlineExceeded: {}",
+                    p["message"].as_str().unwrap_or("")
+                ));
             }
             if !observed(obj) {
-                return Health::progressing("waiting for the controller to observe the new generation");
+                return Health::progressing(
+                    "waiting for the controller to observe the new generation",
+                );
             }
             let want = obj["spec"]["replicas"].as_i64().unwrap_or(1);
-            let (updated, available) = (int(&status["updatedReplicas"]), int(&status["availableReplicas"]));
+            let (updated, available) = (
+                int(&status["updatedReplicas"]),
+                int(&status["availableReplicas"]),
+            );
             if updated < want || available < want || int(&status["replicas"]) > want {
-                return Health::progressing(format!("{available} of {want} replicas available, {updated} updated"));
+                return Health::progressing(format!(
+                    "{available} of {want} replicas available, {updated} updated"
+                ));
             }
             Health::healthy()
         }
         ("apps", "StatefulSet") => {
             if !observed(obj) {
-                return Health::progressing("waiting for the controller to observe the new generation");
+                return Health::progressing(
+                    "waiting for the controller to observe the new generation",
+                );
             }
             let want = obj["spec"]["replicas"].as_i64().unwrap_or(1);
             let ready = int(&status["readyReplicas"]);
             if ready < want {
                 return Health::progressing(format!("{ready} of {want} replicas ready"));
             }
-            if status["updateRevision"].is_string() && status["currentRevision"] != status["updateRevision"] {
+            if status["updateRevision"].is_string()
+                && status["currentRevision"] != status["updateRevision"]
+            {
                 return Health::progressing("rolling out a new revision");
             }
             Health::healthy()
         }
         ("apps", "DaemonSet") => {
             if !observed(obj) {
-                return Health::progressing("waiting for the controller to observe the new generation");
+                return Health::progressing(
+                    "waiting for the controller to observe the new generation",
+                );
             }
             let desired = int(&status["desiredNumberScheduled"]);
-            let (available, updated) = (int(&status["numberAvailable"]), int(&status["updatedNumberScheduled"]));
+            let (available, updated) = (
+                int(&status["numberAvailable"]),
+                int(&status["updatedNumberScheduled"]),
+            );
             if available < desired || updated < desired {
                 return Health::progressing(format!("{available} of {desired} pods available"));
             }
@@ -118,13 +155,20 @@ pub fn assess(live: Option<&Value>) -> Health {
         ("apps", "ReplicaSet") => {
             let want = obj["spec"]["replicas"].as_i64().unwrap_or(1);
             if int(&status["availableReplicas"]) < want {
-                return Health::progressing(format!("{} of {want} replicas available", int(&status["availableReplicas"])));
+                return Health::progressing(format!(
+                    "{} of {want} replicas available",
+                    int(&status["availableReplicas"])
+                ));
             }
             Health::healthy()
         }
         ("batch", "Job") => {
             if let Some(f) = condition(obj, "Failed").filter(|c| c["status"] == "True") {
-                return Health::degraded(format!("{}: {}", f["reason"].as_str().unwrap_or("Failed"), f["message"].as_str().unwrap_or("")));
+                return Health::degraded(format!(
+                    "{}: {}",
+                    f["reason"].as_str().unwrap_or("Failed"),
+                    f["message"].as_str().unwrap_or("")
+                ));
             }
             if condition(obj, "Complete").is_some_and(|c| c["status"] == "True") {
                 return Health::healthy();
@@ -137,7 +181,10 @@ pub fn assess(live: Option<&Value>) -> Health {
             _ => Health::progressing("waiting for the claim to be bound"),
         },
         ("", "Service") if obj["spec"]["type"] == "LoadBalancer" => {
-            if status["loadBalancer"]["ingress"].as_array().is_some_and(|i| !i.is_empty()) {
+            if status["loadBalancer"]["ingress"]
+                .as_array()
+                .is_some_and(|i| !i.is_empty())
+            {
                 Health::healthy()
             } else {
                 Health::progressing("waiting for a load balancer address")
@@ -171,8 +218,15 @@ pub fn aggregate(objects: &[(ObjRef, Health)]) -> Health {
         Some((_, h)) if h.state == HealthState::Healthy => Health::healthy(),
         Some((r, h)) => {
             let others = objects.iter().filter(|(_, o)| o.state == h.state).count() - 1;
-            let more = if others > 0 { format!(" (and {others} more)") } else { String::new() };
-            Health { state: h.state, message: format!("{r}: {}{more}", h.message) }
+            let more = if others > 0 {
+                format!(" (and {others} more)")
+            } else {
+                String::new()
+            };
+            Health {
+                state: h.state,
+                message: format!("{r}: {}{more}", h.message),
+            }
         }
     }
 }
@@ -191,21 +245,39 @@ mod tests {
     fn deployment_health_table() {
         let table = [
             (json!({}), HealthState::Progressing),
-            (json!({"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}), HealthState::Progressing),
-            (json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 2}), HealthState::Progressing),
-            (json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}), HealthState::Healthy),
-            (json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "boom"}]}), HealthState::Degraded),
+            (
+                json!({"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
+                HealthState::Progressing,
+            ),
+            (
+                json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 2}),
+                HealthState::Progressing,
+            ),
+            (
+                json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
+                HealthState::Healthy,
+            ),
+            (
+                json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "boom"}]}),
+                HealthState::Degraded,
+            ),
         ];
         for (status, want) in table {
-            assert_eq!(assess(Some(&deploy(status.clone()))).state, want, "{status}");
+            assert_eq!(
+                assess(Some(&deploy(status.clone()))).state,
+                want,
+                "{status}"
+            );
         }
         assert_eq!(assess(None).state, HealthState::Missing);
     }
 
     #[test]
     fn other_kinds() {
-        let job = |cond: &str| json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
-                                       "status": {"conditions": [{"type": cond, "status": "True", "reason": "BackoffLimitExceeded"}]}});
+        let job = |cond: &str| {
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                                       "status": {"conditions": [{"type": cond, "status": "True", "reason": "BackoffLimitExceeded"}]}})
+        };
         assert_eq!(assess(Some(&job("Complete"))).state, HealthState::Healthy);
         assert_eq!(assess(Some(&job("Failed"))).state, HealthState::Degraded);
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "p"}, "status": {"phase": "Pending"}});
@@ -216,13 +288,21 @@ mod tests {
 
     #[test]
     fn the_app_message_names_the_worst_object() {
-        let r = |n: &str| ObjRef { api_version: "apps/v1".into(), kind: "Deployment".into(), namespace: "shop".into(), name: n.into() };
+        let r = |n: &str| ObjRef {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            namespace: "shop".into(),
+            name: n.into(),
+        };
         let h = aggregate(&[
             (r("a"), Health::healthy()),
             (r("b"), Health::degraded("ProgressDeadlineExceeded: crash")),
             (r("c"), Health::progressing("1 of 2")),
         ]);
         assert_eq!(h.state, HealthState::Degraded);
-        assert_eq!(h.message, "Deployment shop/b: ProgressDeadlineExceeded: crash");
+        assert_eq!(
+            h.message,
+            "Deployment shop/b: ProgressDeadlineExceeded: crash"
+        );
     }
 }

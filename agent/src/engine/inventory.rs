@@ -35,44 +35,75 @@ impl LocalCache {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = sled::open(dir.join("engine")).map_err(|e| Error::Cache(e.to_string()))?;
         Ok(Self {
-            inventories: db.open_tree("inventories").map_err(|e| Error::Cache(e.to_string()))?,
-            bundles: db.open_tree("bundles").map_err(|e| Error::Cache(e.to_string()))?,
+            inventories: db
+                .open_tree("inventories")
+                .map_err(|e| Error::Cache(e.to_string()))?,
+            bundles: db
+                .open_tree("bundles")
+                .map_err(|e| Error::Cache(e.to_string()))?,
             db,
         })
     }
 
     pub fn inventory(&self, app: &str) -> Result<Option<Inventory>> {
-        let bytes = self.inventories.get(app).map_err(|e| Error::Cache(e.to_string()))?;
+        let bytes = self
+            .inventories
+            .get(app)
+            .map_err(|e| Error::Cache(e.to_string()))?;
         bytes
-            .map(|b| serde_json::from_slice(&b).map_err(|e| Error::Cache(format!("inventory of {app}: {e}"))))
+            .map(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| Error::Cache(format!("inventory of {app}: {e}")))
+            })
             .transpose()
     }
 
     pub async fn save_inventory(&self, app: &str, inv: &Inventory) -> Result<()> {
         let bytes = serde_json::to_vec(inv).map_err(|e| Error::Cache(e.to_string()))?;
-        self.inventories.insert(app, bytes).map_err(|e| Error::Cache(e.to_string()))?;
-        self.db.flush_async().await.map_err(|e| Error::Cache(e.to_string()))?;
+        self.inventories
+            .insert(app, bytes)
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| Error::Cache(e.to_string()))?;
         Ok(())
     }
 
     /// The last desired bundle of `app`, for reconciling while the hub is unreachable.
     pub fn bundle(&self, app: &str) -> Result<Option<Vec<serde_json::Value>>> {
-        let bytes = self.bundles.get(app).map_err(|e| Error::Cache(e.to_string()))?;
+        let bytes = self
+            .bundles
+            .get(app)
+            .map_err(|e| Error::Cache(e.to_string()))?;
         bytes
-            .map(|b| serde_json::from_slice(&b).map_err(|e| Error::Cache(format!("bundle of {app}: {e}"))))
+            .map(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| Error::Cache(format!("bundle of {app}: {e}")))
+            })
             .transpose()
     }
 
     pub async fn save_bundle(&self, app: &str, objects: &[serde_json::Value]) -> Result<()> {
         let bytes = serde_json::to_vec(objects).map_err(|e| Error::Cache(e.to_string()))?;
-        self.bundles.insert(app, bytes).map_err(|e| Error::Cache(e.to_string()))?;
-        self.db.flush_async().await.map_err(|e| Error::Cache(e.to_string()))?;
+        self.bundles
+            .insert(app, bytes)
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| Error::Cache(e.to_string()))?;
         Ok(())
     }
 
     /// Apps with a cached bundle.
     pub fn apps(&self) -> Vec<String> {
-        self.bundles.iter().keys().filter_map(|k| k.ok()).map(|k| String::from_utf8_lossy(&k).into_owned()).collect()
+        self.bundles
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect()
     }
 }
 
@@ -83,12 +114,17 @@ fn configmap_name(app: &str) -> String {
 /// Reads the in-cluster inventory of `app` (empty when there is none).
 pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
-    let Some(cm) = api.get_opt(&configmap_name(app)).await.map_err(|e| Error::kube("reading the inventory", e))? else {
+    let Some(cm) = api
+        .get_opt(&configmap_name(app))
+        .await
+        .map_err(|e| Error::kube("reading the inventory", e))?
+    else {
         return Ok(None);
     };
     let data = cm.data.unwrap_or_default();
     let objects = match data.get("objects") {
-        Some(text) => serde_json::from_str(text).map_err(|e| Error::Cache(format!("inventory ConfigMap of {app}: {e}")))?,
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| Error::Cache(format!("inventory ConfigMap of {app}: {e}")))?,
         None => Vec::new(),
     };
     Ok(Some(Inventory {
@@ -101,7 +137,8 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
 pub async fn write(client: &kube::Client, app: &str, inv: &Inventory) -> Result<()> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}});
+    let ns =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}});
     namespaces
         .patch(AGENT_NAMESPACE, &pp, &Patch::Apply(&ns))
         .await

@@ -33,7 +33,11 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>> {
     files.sort();
     let mut out = Vec::new();
     for file in files {
-        let rel = file.strip_prefix(dir).unwrap_or(&file).display().to_string();
+        let rel = file
+            .strip_prefix(dir)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         out.extend(parse_documents(&rel, &text)?);
     }
@@ -48,10 +52,20 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> 
         let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
         if meta.file_type().is_symlink() {
             // A bundle is data; links could point anywhere on the agent's machine.
-            return Err(bad(&path.strip_prefix(root).unwrap_or(&path).display().to_string(), "symbolic links are not allowed in a bundle"));
+            return Err(bad(
+                &path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string(),
+                "symbolic links are not allowed in a bundle",
+            ));
         }
         if meta.is_dir() {
-            if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            if !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
                 collect_files(root, &path, out)?;
             }
             continue;
@@ -62,11 +76,17 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> 
             .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
         if is_manifest {
             if meta.len() > MAX_FILE_BYTES {
-                return Err(bad(&path.display().to_string(), format!("larger than {MAX_FILE_BYTES} bytes")));
+                return Err(bad(
+                    &path.display().to_string(),
+                    format!("larger than {MAX_FILE_BYTES} bytes"),
+                ));
             }
             out.push(path);
             if out.len() > MAX_FILES {
-                return Err(bad(&root.display().to_string(), format!("more than {MAX_FILES} manifest files")));
+                return Err(bad(
+                    &root.display().to_string(),
+                    format!("more than {MAX_FILES} manifest files"),
+                ));
             }
         }
     }
@@ -78,29 +98,45 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let source = format!("{name}#{}", i + 1);
-        let value: Value = serde::Deserialize::deserialize(doc).map_err(|e| bad(&source, format!("invalid YAML: {e}")))?;
+        let value: Value = serde::Deserialize::deserialize(doc)
+            .map_err(|e| bad(&source, format!("invalid YAML: {e}")))?;
         match value {
             Value::Null => continue,
             Value::Object(_) => {}
-            _ => return Err(bad(&source, "a document must be a mapping (a Kubernetes object)")),
+            _ => {
+                return Err(bad(
+                    &source,
+                    "a document must be a mapping (a Kubernetes object)",
+                ));
+            }
         }
         // `kind: List` bundles expand to their items.
         if value["kind"] == "List" && value["items"].is_array() {
             for (j, item) in value["items"].as_array().into_iter().flatten().enumerate() {
                 let item_source = format!("{source}/items/{j}");
                 check_object(&item_source, item)?;
-                out.push(Manifest { source: item_source, object: item.clone() });
+                out.push(Manifest {
+                    source: item_source,
+                    object: item.clone(),
+                });
             }
             continue;
         }
         check_object(&source, &value)?;
-        out.push(Manifest { source, object: value });
+        out.push(Manifest {
+            source,
+            object: value,
+        });
     }
     Ok(out)
 }
 
 fn check_object(source: &str, v: &Value) -> Result<()> {
-    for (field, value) in [("apiVersion", &v["apiVersion"]), ("kind", &v["kind"]), ("metadata.name", &v["metadata"]["name"])] {
+    for (field, value) in [
+        ("apiVersion", &v["apiVersion"]),
+        ("kind", &v["kind"]),
+        ("metadata.name", &v["metadata"]["name"]),
+    ] {
         if value.as_str().is_none_or(str::is_empty) {
             return Err(bad(source, format!("missing {field}")));
         }
@@ -115,17 +151,27 @@ mod tests {
     #[test]
     fn multi_document_files_with_errors_that_name_the_document() {
         let ok = parse_documents("a.yaml", "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n").unwrap();
-        assert_eq!(ok.iter().map(|m| m.source.as_str()).collect::<Vec<_>>(), ["a.yaml#1", "a.yaml#3"]);
+        assert_eq!(
+            ok.iter().map(|m| m.source.as_str()).collect::<Vec<_>>(),
+            ["a.yaml#1", "a.yaml#3"]
+        );
         let err = parse_documents("b.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: Secret\nmetadata: {name: s}\n").unwrap_err();
         assert_eq!(err.to_string(), "b.yaml#2: missing apiVersion");
         let err = parse_documents("c.yaml", "a: [unclosed").unwrap_err();
-        assert!(err.to_string().starts_with("c.yaml#1: invalid YAML"), "{err}");
+        assert!(
+            err.to_string().starts_with("c.yaml#1: invalid YAML"),
+            "{err}"
+        );
     }
 
     #[test]
     fn symlinks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n").unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+        )
+        .unwrap();
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("b.yaml")).unwrap();
         let err = load_dir(dir.path()).unwrap_err();
         assert!(err.to_string().contains("symbolic links"), "{err}");

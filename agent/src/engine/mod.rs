@@ -58,7 +58,10 @@ pub struct Report {
 
 impl Report {
     pub fn failed(&self) -> usize {
-        self.objects.iter().filter(|(_, o)| matches!(o, Outcome::Failed(_))).count()
+        self.objects
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+            .count()
     }
     pub fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
         self.objects.iter().filter(|(_, o)| pred(o)).count()
@@ -72,7 +75,12 @@ pub fn digest(objects: &[Value]) -> String {
         ctx.update(o.to_string().as_bytes());
         ctx.update(b"\n");
     }
-    let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("sha256:{hex}")
 }
 
@@ -109,11 +117,17 @@ impl Engine {
         if let Some(found) = self.resources.lock().await.get(&key) {
             return Ok(found.clone());
         }
-        let found = kube::discovery::pinned_kind(&self.client, gvk).await.map_err(|e| Error::NoResource {
-            kind: gvk.kind.clone(),
-            api_version: if gvk.group.is_empty() { gvk.version.clone() } else { format!("{}/{}", gvk.group, gvk.version) },
-            reason: e.to_string(),
-        })?;
+        let found = kube::discovery::pinned_kind(&self.client, gvk)
+            .await
+            .map_err(|e| Error::NoResource {
+                kind: gvk.kind.clone(),
+                api_version: if gvk.group.is_empty() {
+                    gvk.version.clone()
+                } else {
+                    format!("{}/{}", gvk.group, gvk.version)
+                },
+                reason: e.to_string(),
+            })?;
         self.resources.lock().await.insert(key, found.clone());
         Ok(found)
     }
@@ -134,7 +148,8 @@ impl Engine {
             // far more often than not; the ref is corrected on the next pass.
             Err(_) => obj["metadata"]["namespace"].is_string() || obj["kind"] != "Namespace",
         };
-        let mut prepared = plan::prepare(obj, &app.name, namespaced.then_some(app.namespace.as_str()));
+        let mut prepared =
+            plan::prepare(obj, &app.name, namespaced.then_some(app.namespace.as_str()));
         if !namespaced && let Some(m) = prepared["metadata"].as_object_mut() {
             m.remove("namespace");
         }
@@ -147,7 +162,13 @@ impl Engine {
         if let Some(inv) = inventory::read(&self.client, app).await? {
             return Ok(inv);
         }
-        Ok(self.cache.as_ref().map(|c| c.inventory(app)).transpose()?.flatten().unwrap_or_default())
+        Ok(self
+            .cache
+            .as_ref()
+            .map(|c| c.inventory(app))
+            .transpose()?
+            .flatten()
+            .unwrap_or_default())
     }
 
     async fn save_inventory(&self, app: &str, inv: &Inventory) -> Result<()> {
@@ -159,7 +180,12 @@ impl Engine {
 
     /// One reconcile pass: apply every object in order, prune what left, record the inventory.
     /// `progress` is told about each object as it is done.
-    pub async fn reconcile(&self, app: &AppSpec, objects: &[Value], mut progress: impl FnMut(&ObjRef, &Outcome)) -> Result<Report> {
+    pub async fn reconcile(
+        &self,
+        app: &AppSpec,
+        objects: &[Value],
+        mut progress: impl FnMut(&ObjRef, &Outcome),
+    ) -> Result<Report> {
         let digest = digest(objects);
         if let Some(cache) = &self.cache {
             cache.save_bundle(&app.name, objects).await?;
@@ -179,9 +205,19 @@ impl Engine {
                 union.push(r.clone());
             }
         }
-        self.save_inventory(&app.name, &Inventory { digest: old.digest.clone(), objects: union }).await?;
+        self.save_inventory(
+            &app.name,
+            &Inventory {
+                digest: old.digest.clone(),
+                objects: union,
+            },
+        )
+        .await?;
 
-        let mut report = Report { digest: digest.clone(), ..Report::default() };
+        let mut report = Report {
+            digest: digest.clone(),
+            ..Report::default()
+        };
         let values: Vec<Value> = desired.iter().map(|(v, _)| v.clone()).collect();
         let mut final_refs = Vec::with_capacity(desired.len());
         for i in plan::apply_order(&values) {
@@ -198,15 +234,26 @@ impl Engine {
         match plan::decide_prune(&old.objects, &final_refs, app.prune, app.allow_empty) {
             PruneDecision::EmptyBundleRefused => {
                 report.prune_note = Some("the bundle is empty and the app does not allow empty bundles: nothing was pruned".into());
-                let keep = Inventory { digest: old.digest.clone(), objects: old.objects.clone() };
+                let keep = Inventory {
+                    digest: old.digest.clone(),
+                    objects: old.objects.clone(),
+                };
                 self.save_inventory(&app.name, &keep).await?;
                 return Ok(report);
             }
             PruneDecision::Disabled => {
-                report.prune_note = Some("prune is off: objects that left the bundle were kept".into());
+                report.prune_note =
+                    Some("prune is off: objects that left the bundle were kept".into());
                 let mut kept = final_refs.clone();
                 kept.extend(plan::prune_set(&old.objects, &final_refs));
-                self.save_inventory(&app.name, &Inventory { digest, objects: kept }).await?;
+                self.save_inventory(
+                    &app.name,
+                    &Inventory {
+                        digest,
+                        objects: kept,
+                    },
+                )
+                .await?;
                 return Ok(report);
             }
             PruneDecision::Prune(doomed) => {
@@ -219,7 +266,14 @@ impl Engine {
                     progress(&r, &outcome);
                     report.objects.push((r, outcome));
                 }
-                self.save_inventory(&app.name, &Inventory { digest, objects: still_tracked }).await?;
+                self.save_inventory(
+                    &app.name,
+                    &Inventory {
+                        digest,
+                        objects: still_tracked,
+                    },
+                )
+                .await?;
             }
         }
         Ok(report)
@@ -231,7 +285,11 @@ impl Engine {
         let r = ObjRef::of(obj);
         let api = self.api(&ar, &caps, &r.namespace);
         let applied = api
-            .patch(&r.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+            .patch(
+                &r.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(obj),
+            )
             .await
             .map_err(|e| Error::kube(&format!("applying {r}"), e))?;
         if gvk.group == "apiextensions.k8s.io" && gvk.kind == "CustomResourceDefinition" {
@@ -240,11 +298,17 @@ impl Engine {
         Ok(r)
     }
 
-    async fn wait_established(&self, api: &Api<DynamicObject>, r: &ObjRef, first: &DynamicObject) -> Result<()> {
+    async fn wait_established(
+        &self,
+        api: &Api<DynamicObject>,
+        r: &ObjRef,
+        first: &DynamicObject,
+    ) -> Result<()> {
         let established = |o: &DynamicObject| {
-            o.data["status"]["conditions"]
-                .as_array()
-                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Established" && c["status"] == "True"))
+            o.data["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+            })
         };
         if established(first) {
             return Ok(());
@@ -252,12 +316,17 @@ impl Engine {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let o = api.get(&r.name).await.map_err(|e| Error::kube(&format!("waiting for {r}"), e))?;
+            let o = api
+                .get(&r.name)
+                .await
+                .map_err(|e| Error::kube(&format!("waiting for {r}"), e))?;
             if established(&o) {
                 return Ok(());
             }
         }
-        Err(Error::Timeout(format!("{r} was not Established within 30s")))
+        Err(Error::Timeout(format!(
+            "{r} was not Established within 30s"
+        )))
     }
 
     async fn prune_one(&self, app: &AppSpec, r: &ObjRef) -> Outcome {
@@ -275,7 +344,11 @@ impl Engine {
         };
         let live_value = serde_json::to_value(&live).unwrap_or_default();
         if !plan::owned_by(&live_value, &app.name) {
-            return Outcome::Skipped(format!("{r} no longer carries {}={}; left alone", plan::APP_LABEL, app.name));
+            return Outcome::Skipped(format!(
+                "{r} no longer carries {}={}; left alone",
+                plan::APP_LABEL,
+                app.name
+            ));
         }
         match api.delete(&r.name, &DeleteParams::background()).await {
             Ok(_) => Outcome::Pruned,
@@ -290,7 +363,12 @@ impl Engine {
         for r in refs {
             let gvk = gvk_of(&serde_json::json!({"apiVersion": r.api_version, "kind": r.kind}));
             let live = match self.resolve(&gvk).await {
-                Ok((ar, caps)) => self.api(&ar, &caps, &r.namespace).get_opt(&r.name).await.ok().flatten(),
+                Ok((ar, caps)) => self
+                    .api(&ar, &caps, &r.namespace)
+                    .get_opt(&r.name)
+                    .await
+                    .ok()
+                    .flatten(),
                 Err(_) => None,
             };
             let value = live.map(|l| serde_json::to_value(&l).unwrap_or_default());
@@ -300,11 +378,17 @@ impl Engine {
     }
 
     /// Polls health until the app is Healthy or Degraded, or `timeout` passes.
-    pub async fn wait_healthy(&self, refs: &[ObjRef], timeout: Duration) -> (Health, Vec<(ObjRef, Health)>) {
+    pub async fn wait_healthy(
+        &self,
+        refs: &[ObjRef],
+        timeout: Duration,
+    ) -> (Health, Vec<(ObjRef, Health)>) {
         let deadline = Instant::now() + timeout;
         loop {
             let (app, each) = self.health(refs).await;
-            if matches!(app.state, HealthState::Healthy | HealthState::Degraded) || Instant::now() >= deadline {
+            if matches!(app.state, HealthState::Healthy | HealthState::Degraded)
+                || Instant::now() >= deadline
+            {
                 return (app, each);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -351,8 +435,12 @@ impl Engine {
             };
             let Some(event) = event else { return Ok(()) };
             let changed = match event {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => Some((serde_json::to_value(&o).unwrap_or_default(), false)),
-                Ok(watcher::Event::Delete(o)) => Some((serde_json::to_value(&o).unwrap_or_default(), true)),
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    Some((serde_json::to_value(&o).unwrap_or_default(), false))
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    Some((serde_json::to_value(&o).unwrap_or_default(), true))
+                }
                 Ok(_) => None,
                 Err(e) => {
                     tracing::debug!(error = %e, "drift watch error; the watcher retries");
@@ -360,9 +448,13 @@ impl Engine {
                     None
                 }
             };
-            let Some((live, deleted)) = changed else { continue };
+            let Some((live, deleted)) = changed else {
+                continue;
+            };
             let live_ref = ObjRef::of(&live);
-            let Some((r, want)) = desired.iter().find(|(r, _)| r.same_object(&live_ref)) else { continue };
+            let Some((r, want)) = desired.iter().find(|(r, _)| r.same_object(&live_ref)) else {
+                continue;
+            };
             if !deleted && plan::satisfies(&live, &plan::drift_view(want)) {
                 continue;
             }
@@ -374,7 +466,9 @@ impl Engine {
                     drift += 1;
                     on_heal(r, drift);
                 }
-                Err(e) => tracing::warn!(object = %r, error = %e, "could not heal drift; will retry on the next event or resync"),
+                Err(e) => {
+                    tracing::warn!(object = %r, error = %e, "could not heal drift; will retry on the next event or resync")
+                }
             }
         }
     }

@@ -27,7 +27,10 @@ impl ObjRef {
         Self {
             api_version: obj["apiVersion"].as_str().unwrap_or("").to_string(),
             kind: obj["kind"].as_str().unwrap_or("").to_string(),
-            namespace: obj["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+            namespace: obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
             name: obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
         }
     }
@@ -38,7 +41,10 @@ impl ObjRef {
 
     /// Same object regardless of API version (apps/v1 vs apps/v1beta2 name the same thing).
     pub fn same_object(&self, other: &ObjRef) -> bool {
-        self.group() == other.group() && self.kind == other.kind && self.namespace == other.namespace && self.name == other.name
+        self.group() == other.group()
+            && self.kind == other.kind
+            && self.namespace == other.namespace
+            && self.name == other.name
     }
 }
 
@@ -58,7 +64,16 @@ pub fn kind_rank(group: &str, kind: &str) -> i32 {
     match (group, kind) {
         ("apiextensions.k8s.io", "CustomResourceDefinition") => 0,
         ("", "Namespace") => 1,
-        ("", "ServiceAccount" | "ConfigMap" | "Secret" | "PersistentVolumeClaim" | "PersistentVolume" | "LimitRange" | "ResourceQuota")
+        (
+            "",
+            "ServiceAccount"
+            | "ConfigMap"
+            | "Secret"
+            | "PersistentVolumeClaim"
+            | "PersistentVolume"
+            | "LimitRange"
+            | "ResourceQuota",
+        )
         | ("rbac.authorization.k8s.io", _)
         | ("storage.k8s.io", _)
         | ("scheduling.k8s.io", "PriorityClass")
@@ -83,7 +98,13 @@ pub fn apply_order(objects: &[Value]) -> Vec<usize> {
     idx.sort_by_key(|&i| {
         let o = &objects[i];
         let r = ObjRef::of(o);
-        (wave(o), kind_rank(r.group(), &r.kind), r.kind.clone(), r.namespace.clone(), r.name.clone())
+        (
+            wave(o),
+            kind_rank(r.group(), &r.kind),
+            r.kind.clone(),
+            r.namespace.clone(),
+            r.name.clone(),
+        )
     });
     idx
 }
@@ -98,7 +119,14 @@ pub fn prune_set(inventory: &[ObjRef], desired: &[ObjRef]) -> Vec<ObjRef> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    doomed.sort_by_key(|r| std::cmp::Reverse((kind_rank(r.group(), &r.kind), r.kind.clone(), r.namespace.clone(), r.name.clone())));
+    doomed.sort_by_key(|r| {
+        std::cmp::Reverse((
+            kind_rank(r.group(), &r.kind),
+            r.kind.clone(),
+            r.namespace.clone(),
+            r.name.clone(),
+        ))
+    });
     doomed
 }
 
@@ -113,7 +141,12 @@ pub enum PruneDecision {
     EmptyBundleRefused,
 }
 
-pub fn decide_prune(inventory: &[ObjRef], desired: &[ObjRef], prune: bool, allow_empty: bool) -> PruneDecision {
+pub fn decide_prune(
+    inventory: &[ObjRef],
+    desired: &[ObjRef],
+    prune: bool,
+    allow_empty: bool,
+) -> PruneDecision {
     if desired.is_empty() && !allow_empty && !inventory.is_empty() {
         return PruneDecision::EmptyBundleRefused;
     }
@@ -135,7 +168,9 @@ pub fn prepare(obj: &Value, app: &str, namespace: Option<&str>) -> Value {
     let mut o = obj.clone();
     o["metadata"]["labels"][APP_LABEL] = Value::String(app.to_string());
     if let Some(ns) = namespace
-        && o["metadata"]["namespace"].as_str().is_none_or(str::is_empty)
+        && o["metadata"]["namespace"]
+            .as_str()
+            .is_none_or(str::is_empty)
     {
         o["metadata"]["namespace"] = Value::String(ns.to_string());
     }
@@ -150,7 +185,9 @@ pub fn satisfies(live: &Value, desired: &Value) -> bool {
             Some(lv) => satisfies(lv, dv),
             None => dv.is_null(),
         }),
-        (Value::Array(d), Value::Array(l)) => d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| satisfies(lv, dv)),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| satisfies(lv, dv))
+        }
         // Kubernetes normalizes numbers (1.0 vs 1) and quantities; compare numbers numerically.
         (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
         (d, l) => d == l,
@@ -193,13 +230,28 @@ mod tests {
             obj("apps/v1", "Deployment", "app", "web", None),
             obj("v1", "Service", "app", "web", None),
             obj("v1", "ConfigMap", "app", "cfg", None),
-            obj("rbac.authorization.k8s.io/v1", "ClusterRole", "", "reader", None),
+            obj(
+                "rbac.authorization.k8s.io/v1",
+                "ClusterRole",
+                "",
+                "reader",
+                None,
+            ),
             obj("v1", "Namespace", "", "app", None),
-            obj("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", "widgets.example.com", None),
+            obj(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                "",
+                "widgets.example.com",
+                None,
+            ),
             obj("batch/v1", "Job", "app", "migrate", Some("-1")),
             obj("v1", "ConfigMap", "app", "late", Some("5")),
         ];
-        let order: Vec<String> = apply_order(&objects).into_iter().map(|i| ObjRef::of(&objects[i]).to_string()).collect();
+        let order: Vec<String> = apply_order(&objects)
+            .into_iter()
+            .map(|i| ObjRef::of(&objects[i]).to_string())
+            .collect();
         assert_eq!(
             order,
             [
@@ -218,28 +270,59 @@ mod tests {
 
     #[test]
     fn prune_set_is_what_left_in_reverse_order() {
-        let r = |api: &str, kind: &str, ns: &str, name: &str| ObjRef::of(&obj(api, kind, ns, name, None));
+        let r = |api: &str, kind: &str, ns: &str, name: &str| {
+            ObjRef::of(&obj(api, kind, ns, name, None))
+        };
         let inventory = vec![
-            r("apiextensions.k8s.io/v1", "CustomResourceDefinition", "", "widgets.example.com"),
+            r(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                "",
+                "widgets.example.com",
+            ),
             r("example.com/v1", "Widget", "app", "w"),
             r("v1", "Namespace", "", "app"),
             r("apps/v1", "Deployment", "app", "web"),
             r("v1", "ConfigMap", "app", "cfg"),
         ];
         let desired = vec![r("apps/v1", "Deployment", "app", "web")];
-        let doomed: Vec<String> = prune_set(&inventory, &desired).into_iter().map(|o| o.to_string()).collect();
-        assert_eq!(doomed, ["Widget app/w", "ConfigMap app/cfg", "Namespace app", "CustomResourceDefinition widgets.example.com"]);
+        let doomed: Vec<String> = prune_set(&inventory, &desired)
+            .into_iter()
+            .map(|o| o.to_string())
+            .collect();
+        assert_eq!(
+            doomed,
+            [
+                "Widget app/w",
+                "ConfigMap app/cfg",
+                "Namespace app",
+                "CustomResourceDefinition widgets.example.com"
+            ]
+        );
         // An API version change is the same object, not a prune.
         let moved = vec![r("apps/v1beta2", "Deployment", "app", "web")];
-        assert!(!prune_set(&[r("apps/v1", "Deployment", "app", "web")], &moved).iter().any(|o| o.kind == "Deployment"));
+        assert!(
+            !prune_set(&[r("apps/v1", "Deployment", "app", "web")], &moved)
+                .iter()
+                .any(|o| o.kind == "Deployment")
+        );
     }
 
     #[test]
     fn empty_bundles_prune_nothing_unless_allowed() {
         let inv = vec![ObjRef::of(&obj("v1", "ConfigMap", "a", "x", None))];
-        assert_eq!(decide_prune(&inv, &[], true, false), PruneDecision::EmptyBundleRefused);
-        assert_eq!(decide_prune(&inv, &[], true, true), PruneDecision::Prune(inv.clone()));
-        assert_eq!(decide_prune(&inv, &[], false, true), PruneDecision::Disabled);
+        assert_eq!(
+            decide_prune(&inv, &[], true, false),
+            PruneDecision::EmptyBundleRefused
+        );
+        assert_eq!(
+            decide_prune(&inv, &[], true, true),
+            PruneDecision::Prune(inv.clone())
+        );
+        assert_eq!(
+            decide_prune(&inv, &[], false, true),
+            PruneDecision::Disabled
+        );
     }
 
     #[test]
@@ -259,8 +342,14 @@ mod tests {
 
     #[test]
     fn only_labelled_objects_are_ours() {
-        assert!(owned_by(&json!({"metadata": {"labels": {APP_LABEL: "shop"}}}), "shop"));
-        assert!(!owned_by(&json!({"metadata": {"labels": {APP_LABEL: "other"}}}), "shop"));
+        assert!(owned_by(
+            &json!({"metadata": {"labels": {APP_LABEL: "shop"}}}),
+            "shop"
+        ));
+        assert!(!owned_by(
+            &json!({"metadata": {"labels": {APP_LABEL: "other"}}}),
+            "shop"
+        ));
         assert!(!owned_by(&json!({"metadata": {}}), "shop"));
         let p = prepare(&obj("v1", "ConfigMap", "", "c", None), "shop", Some("dflt"));
         assert_eq!(p["metadata"]["namespace"], "dflt");
