@@ -86,7 +86,7 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
         .filter(|(_, o)| matches!(o, Outcome::Applied))
         .map(|(r, _)| r.clone())
         .collect();
-    let (health, each) = engine.wait_healthy(&applied, opts.timeout).await;
+    let (health, each) = engine.wait_healthy(&app.name, &applied, opts.timeout).await;
     for (r, h) in each.iter().filter(|(_, h)| h.state != HealthState::Healthy) {
         println!("  {:<8} {r}: {}", h.state.to_string(), h.message);
     }

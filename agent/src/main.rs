@@ -42,6 +42,13 @@ enum Command {
         /// Labels to register with, k=v,k2=v2.
         #[arg(long, value_delimiter = ',', value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Kubeconfig of the cluster this agent manages; its cached apps are enforced even while
+        /// the hub is unreachable.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Full re-apply interval of cached apps.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        resync: Duration,
     },
     /// Apply the manifests under DIR to a cluster as app NAME, wait for health, print a summary.
     Apply {
@@ -99,51 +106,63 @@ async fn main() -> ExitCode {
         wait_for_signal().await;
         signals.cancel();
     });
-    let (hub, ca, data_dir, cluster_name, token, labels) = match Cli::parse().command {
-        Command::Run {
-            hub,
-            ca,
-            data_dir,
-            cluster_name,
-            token,
-            labels,
-        } => (hub, ca, data_dir, cluster_name, token, labels),
-        Command::Apply {
-            kubeconfig,
-            app,
-            namespace,
-            timeout,
-            no_prune,
-            allow_empty,
-            data_dir,
-            watch,
-            resync,
-            dir,
-        } => {
-            let opts = ApplyOptions {
+    let (hub, ca, data_dir, cluster_name, token, labels, kubeconfig, resync) =
+        match Cli::parse().command {
+            Command::Run {
+                hub,
+                ca,
+                data_dir,
+                cluster_name,
+                token,
+                labels,
                 kubeconfig,
-                app: AppSpec {
-                    name: app,
-                    namespace,
-                    prune: !no_prune,
-                    allow_empty,
-                },
-                dir,
+                resync,
+            } => (
+                hub,
+                ca,
+                data_dir,
+                cluster_name,
+                token,
+                labels,
+                kubeconfig,
+                resync,
+            ),
+            Command::Apply {
+                kubeconfig,
+                app,
+                namespace,
                 timeout,
+                no_prune,
+                allow_empty,
                 data_dir,
                 watch,
                 resync,
-            };
-            return match apply(opts, shutdown).await {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::from(2)
-                }
-            };
-        }
-    };
+                dir,
+            } => {
+                let opts = ApplyOptions {
+                    kubeconfig,
+                    app: AppSpec {
+                        name: app,
+                        namespace,
+                        prune: !no_prune,
+                        allow_empty,
+                    },
+                    dir,
+                    timeout,
+                    data_dir,
+                    watch,
+                    resync,
+                };
+                return match apply(opts, shutdown).await {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::FAILURE,
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
+        };
     let ca_pem = match std::fs::read(&ca) {
         Ok(pem) => pem,
         Err(e) => {
@@ -160,6 +179,8 @@ async fn main() -> ExitCode {
         cluster_name,
         token,
         labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+        kubeconfig,
+        resync,
     };
     match run(opts, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

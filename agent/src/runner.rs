@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -10,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, random_fraction};
 use crate::credentials::{Credentials, IdentityStore, now_unix};
+use crate::engine::inventory::LocalCache;
+use crate::engine::{Engine, run_cached};
 use crate::link::{HubLink, OpenSession, SessionEnd};
 use crate::{Error, Result};
 
@@ -23,12 +26,39 @@ pub struct RunOptions {
     pub cluster_name: Option<String>,
     pub token: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// The cluster this agent manages, when it manages one (kubeconfig path).
+    pub kubeconfig: Option<PathBuf>,
+    /// Full re-apply interval of cached apps.
+    pub resync: Duration,
 }
 
 /// Runs until shutdown (Ok) or until the agent cannot go on without an operator (Err).
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+    // The cluster side never waits for the hub: cached apps keep being enforced while it is away.
+    let engine = match &opts.kubeconfig {
+        Some(path) => {
+            let client = crate::local::client(path).await?;
+            let cache = LocalCache::open(&opts.data_dir)?;
+            Some(Arc::new(Engine::new(client, Some(cache))))
+        }
+        None => None,
+    };
+    let cluster_side = async {
+        match engine {
+            Some(engine) => run_cached(engine, opts.resync, shutdown.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = hub_side(&opts, &shutdown) => result,
+        result = cluster_side => result,
+    }
+}
+
+async fn hub_side(opts: &RunOptions, shutdown: &CancellationToken) -> Result<()> {
+    let shutdown = shutdown.clone();
     let store = IdentityStore::new(&opts.data_dir);
-    let Some(creds) = obtain_credentials(&opts, &store, &shutdown).await? else {
+    let Some(creds) = obtain_credentials(opts, &store, &shutdown).await? else {
         return Ok(());
     };
     let (updates, credentials) = watch::channel(creds);

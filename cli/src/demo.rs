@@ -91,6 +91,8 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             cluster_name: Some(name.clone()),
             token: Some(token),
             labels,
+            kubeconfig: None,
+            resync: Duration::from_secs(300),
         };
         let agent_shutdown = shutdown.clone();
         tasks.spawn(async move {

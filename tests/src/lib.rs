@@ -298,6 +298,25 @@ impl Hub {
             labels,
         )
     }
+
+    /// Starts an agent for `name` that also manages the cluster behind `kubeconfig`.
+    pub fn agent_with_cluster(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        kubeconfig: &Path,
+    ) -> Result<Agent> {
+        let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
+        Agent::start_with(
+            &self.url,
+            &self.pki("ca.pem"),
+            &data_dir,
+            Some(name),
+            token,
+            "",
+            Some(kubeconfig),
+        )
+    }
 }
 
 fn serve(data_dir: &Path, listen: &str, opts: &HubOptions, logs: &Path) -> Result<(Proc, String)> {
@@ -353,6 +372,19 @@ impl Agent {
         token: Option<&str>,
         labels: &str,
     ) -> Result<Self> {
+        Self::start_with(hub_url, ca, data_dir, name, token, labels, None)
+    }
+
+    /// Like [`Agent::start`], optionally managing the cluster behind `kubeconfig`.
+    pub fn start_with(
+        hub_url: &str,
+        ca: &Path,
+        data_dir: &Path,
+        name: Option<&str>,
+        token: Option<&str>,
+        labels: &str,
+        kubeconfig: Option<&Path>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let log = unique_log(data_dir, "agent");
         let mut cmd = Command::new(bin("flotilla-agent"));
@@ -374,6 +406,11 @@ impl Agent {
         if !labels.is_empty() {
             cmd.args(["--labels", labels]);
         }
+        if let Some(kubeconfig) = kubeconfig {
+            cmd.arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(["--resync", "2s"]);
+        }
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             process: Proc {
@@ -385,8 +422,19 @@ impl Agent {
 
     /// Starts the agent again on the same data directory (after it exited or was killed).
     pub fn restart(&mut self, hub_url: &str, ca: &Path, token: Option<&str>) -> Result<()> {
+        self.restart_with(hub_url, ca, token, None)
+    }
+
+    /// Restarts on the same data directory, optionally managing a cluster.
+    pub fn restart_with(
+        &mut self,
+        hub_url: &str,
+        ca: &Path,
+        token: Option<&str>,
+        kubeconfig: Option<&Path>,
+    ) -> Result<()> {
         self.process.kill9();
-        let fresh = Agent::start(hub_url, ca, &self.data_dir, None, token, "")?;
+        let fresh = Agent::start_with(hub_url, ca, &self.data_dir, None, token, "", kubeconfig)?;
         *self = fresh;
         Ok(())
     }
@@ -409,6 +457,72 @@ pub fn stable_view(list: &Value) -> Value {
         }
     }
     list
+}
+
+/// A kubesim cluster served from its own runtime, so blocking test code can use it freely.
+pub struct SimCluster {
+    pub runtime: tokio::runtime::Runtime,
+    pub sim: kubesim::Sim,
+    pub kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SimCluster {
+    pub fn start() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let sim = runtime.block_on(kubesim::Sim::start(kubesim::SimOptions::default()))?;
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        sim.write_kubeconfig("kubesim", &kubeconfig)?;
+        Ok(Self {
+            runtime,
+            sim,
+            kubeconfig,
+            _dir: dir,
+        })
+    }
+
+    /// Names of the ConfigMaps in `namespace`.
+    pub fn configmaps(&self, namespace: &str) -> Result<Vec<String>> {
+        let rt = kubesim::resources::builtins()
+            .into_iter()
+            .find(|r| r.kind == "ConfigMap")
+            .context("ConfigMap is built in")?;
+        let cluster = self.sim.cluster("kubesim").context("cluster")?;
+        let (items, _, _) = cluster.list(&rt, Some(namespace), |_| true, None, None);
+        Ok(items
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Deletes a ConfigMap, as an operator would by hand.
+    pub fn delete_configmap(&self, namespace: &str, name: &str) -> Result<()> {
+        let rt = kubesim::resources::builtins()
+            .into_iter()
+            .find(|r| r.kind == "ConfigMap")
+            .context("ConfigMap is built in")?;
+        let cluster = self.sim.cluster("kubesim").context("cluster")?;
+        cluster
+            .delete(&rt, Some(namespace), name, &serde_json::json!({}), false)
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+}
+
+/// Runs `flotilla-agent apply` (blocking) and returns its output.
+pub fn agent_apply(kubeconfig: &Path, data_dir: &Path, app: &str, bundle: &Path) -> Result<Output> {
+    Ok(Command::new(bin("flotilla-agent"))
+        .args(["apply", "--app", app, "--timeout", "20s"])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg(bundle)
+        .output()?)
 }
 
 /// Direct gRPC access to a hub, for inputs the real binaries would never send.

@@ -9,8 +9,8 @@ use kube::api::{Api, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::FIELD_MANAGER;
 use super::plan::ObjRef;
+use super::{AppSpec, FIELD_MANAGER};
 use crate::{Error, Result};
 
 /// The agent's namespace in each cluster.
@@ -21,6 +21,13 @@ pub const AGENT_NAMESPACE: &str = "flotilla-system";
 pub struct Inventory {
     pub digest: String,
     pub objects: Vec<ObjRef>,
+}
+
+/// A bundle as cached for offline reconciling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedBundle {
+    pub spec: AppSpec,
+    pub objects: Vec<serde_json::Value>,
 }
 
 /// Local durable state of the engine: inventories and the last desired bundle per app.
@@ -70,8 +77,9 @@ impl LocalCache {
         Ok(())
     }
 
-    /// The last desired bundle of `app`, for reconciling while the hub is unreachable.
-    pub fn bundle(&self, app: &str) -> Result<Option<Vec<serde_json::Value>>> {
+    /// The last desired bundle of `app` and how it is to be applied, for reconciling while the hub
+    /// is unreachable.
+    pub fn bundle(&self, app: &str) -> Result<Option<CachedBundle>> {
         let bytes = self
             .bundles
             .get(app)
@@ -84,8 +92,13 @@ impl LocalCache {
             .transpose()
     }
 
-    pub async fn save_bundle(&self, app: &str, objects: &[serde_json::Value]) -> Result<()> {
-        let bytes = serde_json::to_vec(objects).map_err(|e| Error::Cache(e.to_string()))?;
+    pub async fn save_bundle(&self, spec: &AppSpec, objects: &[serde_json::Value]) -> Result<()> {
+        let app = spec.name.as_str();
+        let cached = CachedBundle {
+            spec: spec.clone(),
+            objects: objects.to_vec(),
+        };
+        let bytes = serde_json::to_vec(&cached).map_err(|e| Error::Cache(e.to_string()))?;
         self.bundles
             .insert(app, bytes)
             .map_err(|e| Error::Cache(e.to_string()))?;

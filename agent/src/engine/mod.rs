@@ -28,7 +28,7 @@ use plan::{ObjRef, PruneDecision};
 pub const FIELD_MANAGER: &str = "flotilla-agent";
 
 /// How an app is to be reconciled.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AppSpec {
     pub name: String,
     /// Where namespaced objects without a namespace go.
@@ -82,6 +82,52 @@ pub fn digest(objects: &[Value]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("sha256:{hex}")
+}
+
+/// Reconciles every app in the local cache and keeps it in sync until cancelled: what an agent does
+/// while the hub is unreachable (and, until assignments arrive, what it does at all).
+pub async fn run_cached(
+    engine: std::sync::Arc<Engine>,
+    resync: Duration,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let Some(cache) = engine.cache() else {
+        cancel.cancelled().await;
+        return Ok(());
+    };
+    let mut apps = Vec::new();
+    for name in cache.apps() {
+        if let Some(bundle) = cache.bundle(&name)? {
+            apps.push(bundle);
+        }
+    }
+    tracing::info!(apps = apps.len(), "reconciling cached apps");
+    let tasks = tokio_util::task::TaskTracker::new();
+    for bundle in apps {
+        let engine = std::sync::Arc::clone(&engine);
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let app = bundle.spec.clone();
+            match engine.reconcile(&app, &bundle.objects, |_, _| {}).await {
+                Ok(report) if report.failed() > 0 => tracing::warn!(app = %app.name, failed = report.failed(), "cached app applied with failures"),
+                Ok(_) => tracing::info!(app = %app.name, "cached app applied"),
+                Err(e) => tracing::warn!(app = %app.name, error = %e, "cached app could not be applied; the resync retries"),
+            }
+            let healed = engine
+                .keep_in_sync(&app, &bundle.objects, resync, cancel, |r, n| {
+                    tracing::info!(app = %app.name, object = %r, drift = n, "healed drift");
+                })
+                .await;
+            if let Err(e) = healed {
+                tracing::warn!(app = %app.name, error = %e, "drift watch ended");
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+    // With nothing (left) to enforce, stay up until shutdown: the hub side owns the process.
+    cancel.cancelled().await;
+    Ok(())
 }
 
 /// Applies bundles to one cluster.
@@ -188,7 +234,7 @@ impl Engine {
     ) -> Result<Report> {
         let digest = digest(objects);
         if let Some(cache) = &self.cache {
-            cache.save_bundle(&app.name, objects).await?;
+            cache.save_bundle(app, objects).await?;
         }
         let old = self.inventory(&app.name).await?;
         let mut desired = Vec::with_capacity(objects.len());
@@ -357,39 +403,74 @@ impl Engine {
         }
     }
 
-    /// Health of each object of the app and of the app.
-    pub async fn health(&self, refs: &[ObjRef]) -> (Health, Vec<(ObjRef, Health)>) {
-        let mut each = Vec::with_capacity(refs.len());
-        for r in refs {
-            let gvk = gvk_of(&serde_json::json!({"apiVersion": r.api_version, "kind": r.kind}));
-            let live = match self.resolve(&gvk).await {
-                Ok((ar, caps)) => self
-                    .api(&ar, &caps, &r.namespace)
-                    .get_opt(&r.name)
-                    .await
-                    .ok()
-                    .flatten(),
-                Err(_) => None,
+    /// Health of each object of the app and of the app. One labelled LIST per kind, not one GET
+    /// per object, so judging a thousand objects costs a handful of requests.
+    pub async fn health(&self, app: &str, refs: &[ObjRef]) -> (Health, Vec<(ObjRef, Health)>) {
+        let selector = format!("{}={app}", plan::APP_LABEL);
+        let mut live: HashMap<(String, String, String, String), Value> = HashMap::new();
+        let mut kinds: Vec<(String, String)> = refs
+            .iter()
+            .map(|r| (r.api_version.clone(), r.kind.clone()))
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for (api_version, kind) in kinds {
+            let gvk = gvk_of(&serde_json::json!({"apiVersion": api_version, "kind": kind}));
+            let Ok((ar, _)) = self.resolve(&gvk).await else {
+                continue;
             };
-            let value = live.map(|l| serde_json::to_value(&l).unwrap_or_default());
-            each.push((r.clone(), health::assess(value.as_ref())));
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let Ok(list) = api
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+            else {
+                continue;
+            };
+            for item in list.items {
+                let mut value = serde_json::to_value(&item).unwrap_or_default();
+                value["apiVersion"] = Value::String(api_version.clone());
+                value["kind"] = Value::String(kind.clone());
+                let r = ObjRef::of(&value);
+                live.insert(
+                    (
+                        r.group().to_string(),
+                        r.kind.clone(),
+                        r.namespace.clone(),
+                        r.name.clone(),
+                    ),
+                    value,
+                );
+            }
         }
+        let each: Vec<(ObjRef, Health)> = refs
+            .iter()
+            .map(|r| {
+                let key = (
+                    r.group().to_string(),
+                    r.kind.clone(),
+                    r.namespace.clone(),
+                    r.name.clone(),
+                );
+                (r.clone(), health::assess(live.get(&key)))
+            })
+            .collect();
         (health::aggregate(&each), each)
     }
 
     /// Polls health until the app is Healthy or Degraded, or `timeout` passes.
     pub async fn wait_healthy(
         &self,
+        app: &str,
         refs: &[ObjRef],
         timeout: Duration,
     ) -> (Health, Vec<(ObjRef, Health)>) {
         let deadline = Instant::now() + timeout;
         loop {
-            let (app, each) = self.health(refs).await;
-            if matches!(app.state, HealthState::Healthy | HealthState::Degraded)
+            let (overall, each) = self.health(app, refs).await;
+            if matches!(overall.state, HealthState::Healthy | HealthState::Degraded)
                 || Instant::now() >= deadline
             {
-                return (app, each);
+                return (overall, each);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
