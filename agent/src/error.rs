@@ -32,9 +32,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A manifest in a bundle is unusable; `source` names file and document.
-    #[error("{origin}: {reason}")]
-    Manifest { origin: String, reason: String },
+    /// A bundle is unusable; the message names file and document.
+    #[error("{0}")]
+    Bundle(String),
 
     /// The cluster does not serve a kind.
     #[error("no resource for {api_version} {kind} in the cluster: {reason}")]

@@ -8,8 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::health::HealthState;
 use crate::engine::inventory::LocalCache;
-use crate::engine::{AppSpec, Engine, Outcome, manifest};
+use crate::engine::{AppSpec, Engine, Outcome};
 use crate::{Error, Result};
+use flotilla_bundle::manifest;
 
 /// Options of `flotilla-agent apply`.
 pub struct ApplyOptions {
@@ -58,7 +59,7 @@ fn check_app_name(name: &str) -> Result<()> {
 pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool> {
     check_app_name(&opts.app.name)?;
     // Read everything first: a broken bundle must not touch the cluster at all.
-    let manifests = manifest::load_dir(&opts.dir)?;
+    let manifests = manifest::load_dir(&opts.dir).map_err(|e| Error::Bundle(e.to_string()))?;
     let objects: Vec<serde_json::Value> = manifests.into_iter().map(|m| m.object).collect();
     let cache = opts.data_dir.as_deref().map(LocalCache::open).transpose()?;
     let engine = Engine::new(client(&opts.kubeconfig).await?, cache);

@@ -205,7 +205,10 @@ async fn an_expired_certificate_is_refused_at_the_handshake() -> Result<()> {
     let text = flotilla_proto::describe_status(&err).to_lowercase();
     // The same identity renewed fine before it expired; afterwards the handshake fails (the
     // CertificateExpired alert, or a closed connection when the client was already writing).
-    assert!(text.contains("expired") || text.contains("transport error"), "{text}");
+    assert!(
+        text.contains("expired") || text.contains("transport error"),
+        "{text}"
+    );
     Ok(())
 }
 

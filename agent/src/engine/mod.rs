@@ -4,7 +4,6 @@
 
 pub mod health;
 pub mod inventory;
-pub mod manifest;
 pub mod plan;
 
 use std::collections::{BTreeMap, HashMap};
@@ -68,21 +67,7 @@ impl Report {
     }
 }
 
-/// SHA-256 over the canonical JSON of the bundle's objects, in order: the bundle digest.
-pub fn digest(objects: &[Value]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for o in objects {
-        ctx.update(o.to_string().as_bytes());
-        ctx.update(b"\n");
-    }
-    let hex: String = ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
-}
+pub use flotilla_bundle::digest;
 
 /// Reconciles every app in the local cache and keeps it in sync until cancelled: what an agent does
 /// while the hub is unreachable (and, until assignments arrive, what it does at all).

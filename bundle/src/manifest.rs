@@ -7,6 +7,9 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
+/// Nesting deeper than this is refused (Kubernetes objects are rarely deeper than 20).
+pub const MAX_DEPTH: usize = 64;
+
 /// Limits that keep a hostile or broken bundle from exhausting the agent.
 const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 const MAX_FILES: usize = 5_000;
@@ -17,6 +20,21 @@ pub struct Manifest {
     /// `path/to/file.yaml#2` (document index from 1).
     pub source: String,
     pub object: Value,
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(depth).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn bad(source: &str, reason: impl Into<String>) -> Error {
@@ -38,18 +56,18 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>> {
             .unwrap_or(&file)
             .display()
             .to_string();
-        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        let text = std::fs::read_to_string(&file).map_err(|e| io(&file, e))?;
         out.extend(parse_documents(&rel, &text)?);
     }
     Ok(out)
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let entry = entry.map_err(|e| io(dir, e))?;
         let path = entry.path();
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
         if meta.file_type().is_symlink() {
             // A bundle is data; links could point anywhere on the agent's machine.
             return Err(bad(
@@ -100,6 +118,12 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
         let source = format!("{name}#{}", i + 1);
         let value: Value = serde::Deserialize::deserialize(doc)
             .map_err(|e| bad(&source, format!("invalid YAML: {e}")))?;
+        if depth(&value) > MAX_DEPTH {
+            return Err(bad(
+                &source,
+                format!("nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
         match value {
             Value::Null => continue,
             Value::Object(_) => {}
@@ -162,6 +186,18 @@ mod tests {
             err.to_string().starts_with("c.yaml#1: invalid YAML"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn yaml_bombs_and_deep_nesting_are_refused() {
+        let bomb = "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\ni: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]\n";
+        let err = parse_documents("bomb.yaml", bomb).unwrap_err();
+        assert!(
+            err.to_string().starts_with("bomb.yaml#1: invalid YAML"),
+            "{err}"
+        );
+        let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        assert!(parse_documents("deep.yaml", &deep).is_err());
     }
 
     #[test]

@@ -1,0 +1,259 @@
+//! Per-cluster customization: variables substituted into manifest text (`${cluster.name}`,
+//! `${cluster.labels.<key>}`, `${vars.<name>}`; `$${` for a literal `${`) and merge patches applied
+//! to matching objects, from the customizations whose selector matches the cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::selector::LabelSelector;
+use crate::{Error, Result};
+
+/// What a cluster is, for rendering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterFacts {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which objects a patch applies to; unset fields match anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PatchTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// A JSON merge patch for the objects a target selects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Patch {
+    #[serde(default)]
+    pub target: PatchTarget,
+    pub patch: Value,
+}
+
+/// Variables and patches for the clusters a selector matches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Customization {
+    #[serde(default)]
+    pub selector: LabelSelector,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variables: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<Patch>,
+}
+
+/// Indices of the customizations that apply to a cluster, in order.
+pub fn matching(facts: &ClusterFacts, customizations: &[Customization]) -> Vec<usize> {
+    customizations
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.selector.matches(&facts.labels))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The variables a cluster gets; later customizations override earlier ones.
+pub fn variables(
+    facts: &ClusterFacts,
+    customizations: &[Customization],
+) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    vars.insert("cluster.name".to_string(), facts.name.clone());
+    for (k, v) in &facts.labels {
+        vars.insert(format!("cluster.labels.{k}"), v.clone());
+    }
+    for i in matching(facts, customizations) {
+        for (k, v) in &customizations[i].variables {
+            vars.insert(format!("vars.{k}"), v.clone());
+        }
+    }
+    vars
+}
+
+/// The placeholders `${...}` used in a text.
+pub fn placeholders(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        let escaped = i > 0 && rest.as_bytes()[i - 1] == b'$';
+        let after = &rest[i + 2..];
+        match after.find('}') {
+            Some(j) => {
+                if !escaped {
+                    out.insert(after[..j].trim().to_string());
+                }
+                rest = &after[j + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Substitutes placeholders in `text` (from `source`); an unknown placeholder is an error.
+pub fn substitute(source: &str, text: &str, vars: &BTreeMap<String, String>) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        if i > 0 && rest.as_bytes()[i - 1] == b'$' {
+            // `$${x}` is a literal `${x}`.
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(j) = after.find('}') else {
+            return Err(Error::Manifest {
+                origin: source.to_string(),
+                reason: "unterminated ${ placeholder".into(),
+            });
+        };
+        let name = after[..j].trim();
+        let value = vars.get(name).ok_or_else(|| Error::Manifest {
+            origin: source.to_string(),
+            reason: format!("unknown variable ${{{name}}} (known: cluster.name, cluster.labels.<key>, vars.<name> from customizations)"),
+        })?;
+        out.push_str(value);
+        rest = &after[j + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn targets(t: &PatchTarget, obj: &Value) -> bool {
+    let field = |v: &Value| v.as_str().unwrap_or("").to_string();
+    t.kind.as_ref().is_none_or(|k| *k == field(&obj["kind"]))
+        && t.name
+            .as_ref()
+            .is_none_or(|n| *n == field(&obj["metadata"]["name"]))
+        && t.namespace
+            .as_ref()
+            .is_none_or(|n| *n == field(&obj["metadata"]["namespace"]))
+}
+
+/// Applies the patches of the customizations that match the cluster. A patch that matches no
+/// object is an error: it is almost always a typo that would otherwise silently do nothing.
+pub fn apply_patches(
+    objects: &mut [Value],
+    facts: &ClusterFacts,
+    customizations: &[Customization],
+) -> Result<()> {
+    for i in matching(facts, customizations) {
+        for (j, p) in customizations[i].patches.iter().enumerate() {
+            let mut hit = false;
+            for obj in objects.iter_mut().filter(|o| targets(&p.target, o)) {
+                json_patch::merge(obj, &p.patch);
+                hit = true;
+            }
+            if !hit {
+                return Err(Error::Customize(format!(
+                    "spec.customizations[{i}].patches[{j}]: target {} matches no object in the bundle",
+                    serde_json::to_string(&p.target).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The inputs that decide a cluster's render, given the placeholders the sources use: clusters with
+/// equal keys get identical bundles, so one render serves them all.
+pub fn variant_key(
+    used: &BTreeSet<String>,
+    facts: &ClusterFacts,
+    customizations: &[Customization],
+) -> String {
+    let vars = variables(facts, customizations);
+    let used_values: Vec<(&String, Option<&String>)> =
+        used.iter().map(|p| (p, vars.get(p))).collect();
+    let patching: Vec<usize> = matching(facts, customizations)
+        .into_iter()
+        .filter(|i| !customizations[*i].patches.is_empty())
+        .collect();
+    serde_json::json!({"vars": used_values, "patches": patching}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn facts(name: &str, region: &str) -> ClusterFacts {
+        ClusterFacts {
+            name: name.into(),
+            labels: [("region".to_string(), region.to_string())].into(),
+        }
+    }
+
+    fn customs() -> Vec<Customization> {
+        serde_json::from_value(json!([
+            {"selector": {"matchLabels": {"region": "eu"}}, "variables": {"replicas": "3"},
+             "patches": [{"target": {"kind": "Deployment"}, "patch": {"spec": {"replicas": 3}}}]},
+            {"selector": {}, "variables": {"tier": "web"}}
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn substitution_uses_cluster_facts_and_matching_variables() {
+        let vars = variables(&facts("eu-1", "eu"), &customs());
+        let out = substitute("a.yaml", "name: ${cluster.name}-${cluster.labels.region} r=${vars.replicas} t=${ vars.tier } $${literal}", &vars).unwrap();
+        assert_eq!(out, "name: eu-1-eu r=3 t=web ${literal}");
+        let err = substitute(
+            "a.yaml",
+            "x: ${vars.replicas}",
+            &variables(&facts("us-1", "us"), &customs()),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("a.yaml: unknown variable ${vars.replicas}"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn variant_keys_group_alike_clusters() {
+        let used: BTreeSet<String> = placeholders("region: ${cluster.labels.region}");
+        let c = customs();
+        assert_eq!(
+            variant_key(&used, &facts("eu-1", "eu"), &c),
+            variant_key(&used, &facts("eu-2", "eu"), &c)
+        );
+        assert_ne!(
+            variant_key(&used, &facts("eu-1", "eu"), &c),
+            variant_key(&used, &facts("us-1", "us"), &c)
+        );
+        let by_name = placeholders("n: ${cluster.name}");
+        assert_ne!(
+            variant_key(&by_name, &facts("eu-1", "eu"), &c),
+            variant_key(&by_name, &facts("eu-2", "eu"), &c)
+        );
+    }
+
+    #[test]
+    fn patches_apply_to_matching_objects_and_a_patch_that_hits_nothing_is_an_error() {
+        let mut objects = vec![
+            json!({"kind": "Deployment", "metadata": {"name": "web"}, "spec": {"replicas": 1}}),
+        ];
+        apply_patches(&mut objects, &facts("eu-1", "eu"), &customs()).unwrap();
+        assert_eq!(objects[0]["spec"]["replicas"], 3);
+        let mut none = vec![json!({"kind": "ConfigMap", "metadata": {"name": "c"}})];
+        let err = apply_patches(&mut none, &facts("eu-1", "eu"), &customs()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.customizations[0].patches[0]"),
+            "{err}"
+        );
+    }
+}
