@@ -134,9 +134,11 @@ async fn main() {
             data_dir: hub_dir.clone(),
             listen: "127.0.0.1:0".parse().unwrap(),
             settings: flotilla_hub::Settings::default(),
+            http_listen: None,
+            sources: flotilla_hub::server::SourceOptions::default(),
         },
         shutdown.clone(),
-        move |addr| {
+        move |addr, _| {
             let _ = ready_tx.send(addr);
         },
     ));

@@ -43,9 +43,11 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
                 heartbeat_interval: Duration::from_secs(2),
                 ..Settings::default()
             },
+            http_listen: None,
+            sources: flotilla_hub::server::SourceOptions::default(),
         },
         shutdown.clone(),
-        move |addr| {
+        move |addr, _| {
             let _ = ready_tx.send(addr);
         },
     ));

@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla_proto::v1::admin_client::AdminClient;
 use flotilla_proto::v1::{
-    CreateTokenRequest, DeregisterClusterRequest, GetClusterRequest, LabelClusterRequest,
-    ListClustersRequest,
+    ApplyAppRequest, CreateTokenRequest, DeleteAppRequest, DeregisterClusterRequest, GetAppRequest,
+    GetClusterRequest, LabelClusterRequest, ListAppsRequest, ListClustersRequest,
 };
 use flotilla_proto::{ClientTls, describe_status, endpoint, error_chain};
 use tonic::transport::Channel;
@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Apps: what runs where, from git.
+    App {
+        #[command(subcommand)]
+        command: AppCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +94,21 @@ enum TokenCommand {
         #[arg(long)]
         cluster: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AppCommand {
+    /// Create or update the App documents in a file (multi-document YAML; `-` for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// List apps with their revision and error.
+    List,
+    /// Show one app: revision, per-cluster bundles, history.
+    Get { name: String },
+    /// Delete an app (its clusters stop running it).
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -157,7 +177,76 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => demo::run(clusters, exit_when_synced).await,
         Command::Token { command } => token(&cli.conn, format, command).await,
         Command::Cluster { command } => cluster(&cli.conn, format, command).await,
+        Command::App { command } => app(&cli.conn, format, command).await,
     }
+}
+
+async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::Result<()> {
+    let mut admin = admin_client(conn).await?;
+    match command {
+        AppCommand::Apply { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let mut applied = Vec::new();
+            for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+                let value: serde_json::Value =
+                    serde::Deserialize::deserialize(doc).with_context(|| {
+                        format!("{} document {}: invalid YAML", file.display(), i + 1)
+                    })?;
+                if value.is_null() {
+                    continue;
+                }
+                let app = admin
+                    .apply_app(ApplyAppRequest {
+                        document: value.to_string(),
+                    })
+                    .await
+                    .map_err(|s| {
+                        anyhow::anyhow!(
+                            "{} document {}: {}",
+                            file.display(),
+                            i + 1,
+                            describe_status(&s)
+                        )
+                    })?
+                    .into_inner();
+                applied.push(app);
+            }
+            output::apps_applied(format, &applied);
+        }
+        AppCommand::List => {
+            let apps = admin
+                .list_apps(ListAppsRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .apps;
+            output::apps(format, &apps);
+        }
+        AppCommand::Get { name } => {
+            let app = admin
+                .get_app(GetAppRequest { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::app(format, &app);
+        }
+        AppCommand::Delete { name } => {
+            admin
+                .delete_app(DeleteAppRequest { name: name.clone() })
+                .await
+                .map_err(rpc_error)?;
+            match format {
+                Format::Json => println!("{}", serde_json::json!({"name": name, "deleted": true})),
+                Format::Table => println!("app {name} deleted"),
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn token(conn: &Connection, format: Format, command: TokenCommand) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_proto::v1::{Cluster, CreateTokenResponse};
+use flotilla_proto::v1::{App, Cluster, CreateTokenResponse};
 use serde_json::{Value, json};
 
 use crate::Format;
@@ -147,5 +147,114 @@ pub fn deregistered(format: Format, name: &str, serials: &[String]) {
             "cluster {name} deregistered; revoked {} certificate(s)",
             serials.len()
         ),
+    }
+}
+
+fn short(revision: &str) -> String {
+    if revision.is_empty() {
+        "-".into()
+    } else {
+        revision.chars().take(12).collect()
+    }
+}
+
+fn app_json(app: &App) -> Value {
+    let spec: Value = serde_json::from_str(&app.spec_json).unwrap_or(Value::Null);
+    json!({
+        "name": app.name,
+        "origin": app.origin,
+        "generation": app.generation,
+        "observed_generation": app.observed_generation,
+        "revision": app.revision,
+        "last_error": if app.last_error.is_empty() { Value::Null } else { json!(app.last_error) },
+        "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest})).collect::<Vec<_>>(),
+        "history": app.history.iter().map(|h| json!({
+            "revision": h.revision,
+            "at": rfc3339_secs(h.at_unix),
+            "digests": h.digests.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        })).collect::<Vec<_>>(),
+        "spec": spec["spec"],
+    })
+}
+
+pub fn apps_applied(format: Format, apps: &[App]) {
+    match format {
+        Format::Json => print_json(&Value::Array(apps.iter().map(app_json).collect())),
+        Format::Table => {
+            for app in apps {
+                println!("app/{} applied (generation {})", app.name, app.generation);
+            }
+        }
+    }
+}
+
+pub fn apps(format: Format, apps: &[App]) {
+    match format {
+        Format::Json => print_json(&Value::Array(apps.iter().map(app_json).collect())),
+        Format::Table => table(
+            &["NAME", "REVISION", "CLUSTERS", "ORIGIN", "ERROR"],
+            apps.iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        short(&a.revision),
+                        a.clusters.len().to_string(),
+                        a.origin.clone(),
+                        if a.last_error.is_empty() {
+                            "-".into()
+                        } else {
+                            a.last_error.clone()
+                        },
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+pub fn app(format: Format, app: &App) {
+    match format {
+        Format::Json => print_json(&app_json(app)),
+        Format::Table => {
+            println!("{:<14}{}", "Name:", app.name);
+            println!(
+                "{:<14}{}",
+                "Revision:",
+                if app.revision.is_empty() {
+                    "-"
+                } else {
+                    &app.revision
+                }
+            );
+            println!(
+                "{:<14}{} (observed {})",
+                "Generation:", app.generation, app.observed_generation
+            );
+            if !app.last_error.is_empty() {
+                println!("{:<14}{}", "Error:", app.last_error);
+            }
+            println!();
+            table(
+                &["CLUSTER", "BUNDLE"],
+                app.clusters
+                    .iter()
+                    .map(|c| vec![c.cluster.clone(), c.digest.clone()])
+                    .collect(),
+            );
+            println!();
+            table(
+                &["REVISION", "RENDERED", "CLUSTERS"],
+                app.history
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            short(&h.revision),
+                            rfc3339_secs(h.at_unix).unwrap_or_default(),
+                            h.digests.len().to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
     }
 }

@@ -63,6 +63,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A git source cannot be fetched, resolved or read.
+    #[error("source: {0}")]
+    Source(String),
+
+    /// Rendering an app failed; the message names the file and document.
+    #[error("render: {0}")]
+    Render(String),
+
+    /// No such app.
+    #[error("app {0:?} not found")]
+    AppNotFound(String),
+
     /// An invariant the hub relies on did not hold (e.g. no system randomness).
     #[error("internal: {0}")]
     Internal(String),
@@ -107,7 +119,8 @@ impl From<Error> for Status {
             Error::Token(_) | Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::AlreadyRegistered(_) => Code::AlreadyExists,
-            Error::ClusterNotFound(_) => Code::NotFound,
+            Error::ClusterNotFound(_) | Error::AppNotFound(_) => Code::NotFound,
+            Error::Source(_) | Error::Render(_) => Code::FailedPrecondition,
             Error::DataDir { .. }
             | Error::Pki { .. }
             | Error::Store(_)

@@ -4,15 +4,21 @@
 //! Entry points: [`pki::init`] creates a data directory, [`server::serve`] runs the hub on one.
 #![forbid(unsafe_code)]
 
+pub mod apps;
+pub mod appstore;
 pub mod auth;
 mod error;
 pub mod fsutil;
+pub mod git;
 pub mod pki;
+pub mod render;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod sources;
 pub mod store;
 pub mod validate;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -51,6 +57,9 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// Owner of every task the hub spawns.
     pub tasks: TaskTracker,
+    pub apps: appstore::AppStore,
+    pub source_settings: sources::SourceSettings,
+    pub sync: sources::SyncState,
 }
 
 /// Seconds since the epoch.
@@ -64,6 +73,14 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Random bytes from the system CSPRNG (zeros if it is unavailable, which only weakens jitter).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; N];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b
 }
 
 /// The key a bootstrap token is stored under: SHA-256 of the whole token string.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use flotilla_hub::server::{ServeOptions, serve};
+use flotilla_hub::server::{ServeOptions, SourceOptions, serve};
 use flotilla_hub::{Settings, pki};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,18 @@ enum Command {
         /// Heartbeat interval asked of agents; a stream silent for 3 intervals is dropped.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         heartbeat_interval: Duration,
+        /// HTTP listener for git webhooks (and metrics).
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+        /// How often each git source is fetched (±10% jitter).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        poll_interval: Duration,
+        /// File holding the webhook HMAC secret; without it webhooks are refused.
+        #[arg(long)]
+        webhook_secret_file: Option<PathBuf>,
+        /// Binary for kustomize sources: `kubectl` (runs `kubectl kustomize`) or `kustomize`.
+        #[arg(long, default_value = "kubectl")]
+        kustomize_bin: String,
     },
 }
 
@@ -75,7 +87,28 @@ async fn main() -> anyhow::Result<()> {
             listen,
             cert_ttl,
             heartbeat_interval,
+            http_listen,
+            poll_interval,
+            webhook_secret_file,
+            kustomize_bin,
         } => {
+            let webhook_secret = match &webhook_secret_file {
+                Some(path) => {
+                    let secret = std::fs::read(path).with_context(|| {
+                        format!("reading --webhook-secret-file {}", path.display())
+                    })?;
+                    let trimmed = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+                    anyhow::ensure!(
+                        !trimmed.is_empty(),
+                        "--webhook-secret-file {} is empty",
+                        path.display()
+                    );
+                    Some(trimmed)
+                }
+                None => None,
+            };
+            // reqwest (gix's HTTP transport) uses the process-wide rustls provider: ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             anyhow::ensure!(
                 cert_ttl >= Duration::from_secs(10),
                 "--cert-ttl {} is too short; use at least 10s",
@@ -95,10 +128,19 @@ async fn main() -> anyhow::Result<()> {
                     cert_ttl,
                     heartbeat_interval,
                 },
+                http_listen,
+                sources: SourceOptions {
+                    poll_interval,
+                    kustomize_bin,
+                    webhook_secret,
+                },
             };
-            serve(opts, shutdown, |addr| {
-                // Scripts and tests read the bound port from this line.
+            serve(opts, shutdown, |addr, http| {
+                // Scripts and tests read the bound ports from these lines.
                 println!("flotilla-hub listening on {addr}");
+                if let Some(http) = http {
+                    println!("flotilla-hub http on {http}");
+                }
             })
             .await
             .context("hub failed")

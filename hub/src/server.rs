@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::fsutil::read_file;
 use crate::pki::{Ca, PkiPaths};
 use crate::service::{admin::AdminService, agent::AgentService, registration::RegistrationService};
+use crate::sources::{SourceSettings, SyncState};
 use crate::{Error, Hub, Result, Settings, auth, sessions, store};
 
 /// How long open streams get to finish after shutdown is requested.
@@ -27,13 +28,34 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub settings: Settings,
+    /// Where webhooks are served, if anywhere.
+    pub http_listen: Option<SocketAddr>,
+    pub sources: SourceOptions,
+}
+
+/// Options of the git source machinery.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub poll_interval: Duration,
+    pub kustomize_bin: String,
+    pub webhook_secret: Option<Vec<u8>>,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(60),
+            kustomize_bin: "kubectl".into(),
+            webhook_secret: None,
+        }
+    }
 }
 
 /// Serves until `shutdown` is cancelled. `on_ready` gets the bound address once the port is open.
 pub async fn serve(
     opts: ServeOptions,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<()> {
     let ca = Arc::new(Ca::load(&opts.data_dir)?);
     let paths = PkiPaths::new(&opts.data_dir);
@@ -50,7 +72,17 @@ pub async fn serve(
     let db_path = opts.data_dir.join("db");
     let store = store::Store::open(&db_path)?;
     let revoked = store.revoked_serials()?;
+    let apps = crate::appstore::AppStore::open(store.db())?;
     let hub = Arc::new(Hub {
+        apps,
+        source_settings: SourceSettings {
+            cache_root: opts.data_dir.join("repos"),
+            kustomize_bin: opts.sources.kustomize_bin.clone(),
+            poll_interval: opts.sources.poll_interval,
+            webhook_secret: opts.sources.webhook_secret.clone(),
+            max_concurrent_fetches: 4,
+        },
+        sync: SyncState::new(4),
         auth: auth::Auth::new(Arc::clone(&ca), revoked),
         store,
         ca,
@@ -70,8 +102,22 @@ pub async fn serve(
         path: format!("listen address {}", opts.listen),
         source: e,
     })?;
-    tracing::info!(addr = %local, trust_domain = %hub.ca.trust_domain, "hub serving");
-    on_ready(local);
+    let http = match opts.http_listen {
+        Some(addr) => Some(crate::webhook::bind(addr).await?),
+        None => None,
+    };
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    tracing::info!(addr = %local, http = ?http_addr, trust_domain = %hub.ca.trust_domain, "hub serving");
+    on_ready(local, http_addr);
+    hub.tasks.spawn(crate::sources::run(Arc::clone(&hub)));
+    if let Some(listener) = http {
+        let hub2 = Arc::clone(&hub);
+        hub.tasks.spawn(async move {
+            if let Err(e) = crate::webhook::serve(hub2, listener).await {
+                tracing::error!(error = %e, "http listener failed");
+            }
+        });
+    }
 
     let served = Server::builder()
         .tls_config(tls)?

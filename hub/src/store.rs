@@ -154,6 +154,11 @@ impl Store {
         })
     }
 
+    /// The underlying database, for stores of other concerns that share it.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
         Ok(())

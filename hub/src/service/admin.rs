@@ -6,13 +6,16 @@ use std::time::Duration;
 
 use flotilla_proto::v1::admin_server::Admin;
 use flotilla_proto::v1::{
-    Cluster, CreateTokenRequest, CreateTokenResponse, DeregisterClusterRequest,
-    DeregisterClusterResponse, GetClusterRequest, LabelClusterRequest, ListClustersRequest,
-    ListClustersResponse,
+    App, AppCluster, AppRevision, ApplyAppRequest, Cluster, CreateTokenRequest,
+    CreateTokenResponse, DeleteAppRequest, DeleteAppResponse, DeregisterClusterRequest,
+    DeregisterClusterResponse, GetAppRequest, GetClusterRequest, LabelClusterRequest,
+    ListAppsRequest, ListAppsResponse, ListClustersRequest, ListClustersResponse,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
 
+use crate::apps::AppDocument;
+use crate::appstore::AppRecord;
 use crate::pki::hex;
 use crate::store::{ClusterRecord, TokenRecord};
 use crate::{Error, Hub, Result, now_unix, token_hash, validate};
@@ -89,7 +92,54 @@ impl AdminService {
         }
         let record = self.hub.store.label(&req.name, &set, &req.remove).await?;
         tracing::info!(cluster = %req.name, labels = ?record.labels, "cluster relabeled");
+        self.hub.sync.kick_recompute();
         Ok(self.to_proto(record))
+    }
+
+    fn app_to_proto(record: AppRecord) -> App {
+        App {
+            name: record.doc.metadata.name.clone(),
+            spec_json: serde_json::to_string(&record.doc).unwrap_or_default(),
+            origin: record.origin,
+            generation: record.generation,
+            observed_generation: record.status.observed_generation,
+            revision: record.status.revision.unwrap_or_default(),
+            last_error: record.status.last_error.unwrap_or_default(),
+            clusters: record
+                .status
+                .assignments
+                .into_iter()
+                .map(|(cluster, digest)| AppCluster { cluster, digest })
+                .collect(),
+            history: record
+                .status
+                .history
+                .into_iter()
+                .rev()
+                .map(|h| AppRevision {
+                    revision: h.revision,
+                    at_unix: h.at,
+                    digests: h.digests.into_iter().collect(),
+                })
+                .collect(),
+        }
+    }
+
+    async fn apply_app(&self, req: ApplyAppRequest) -> Result<App> {
+        let doc = AppDocument::parse(&req.document)?;
+        if let Some(existing) = self.hub.apps.get(&doc.metadata.name)?
+            && existing.origin == "fleet"
+        {
+            return Err(Error::PermissionDenied(format!(
+                "app {:?} is defined in the fleet repository; change it there",
+                doc.metadata.name
+            )));
+        }
+        let url = doc.spec.source.repo_url.clone();
+        let record = self.hub.apps.put_document(doc, "api").await?;
+        tracing::info!(app = %record.doc.metadata.name, generation = record.generation, "app applied");
+        self.hub.sync.kick_repo(&url);
+        Ok(Self::app_to_proto(record))
     }
 
     async fn deregister(&self, name: &str) -> Result<DeregisterClusterResponse> {
@@ -153,8 +203,52 @@ impl Admin for AdminService {
         request: Request<DeregisterClusterRequest>,
     ) -> Result<Response<DeregisterClusterResponse>, Status> {
         self.hub.auth.admin(&request)?;
-        Ok(Response::new(
-            self.deregister(&request.get_ref().name).await?,
-        ))
+        let response = self.deregister(&request.get_ref().name).await?;
+        self.hub.sync.kick_recompute();
+        Ok(Response::new(response))
+    }
+
+    async fn apply_app(&self, request: Request<ApplyAppRequest>) -> Result<Response<App>, Status> {
+        self.hub.auth.admin(&request)?;
+        Ok(Response::new(self.apply_app(request.into_inner()).await?))
+    }
+
+    async fn list_apps(
+        &self,
+        request: Request<ListAppsRequest>,
+    ) -> Result<Response<ListAppsResponse>, Status> {
+        self.hub.auth.admin(&request)?;
+        let apps = self
+            .hub
+            .apps
+            .list()?
+            .into_iter()
+            .map(Self::app_to_proto)
+            .collect();
+        Ok(Response::new(ListAppsResponse { apps }))
+    }
+
+    async fn get_app(&self, request: Request<GetAppRequest>) -> Result<Response<App>, Status> {
+        self.hub.auth.admin(&request)?;
+        let name = &request.get_ref().name;
+        let record = self
+            .hub
+            .apps
+            .get(name)?
+            .ok_or_else(|| Error::AppNotFound(name.clone()))?;
+        Ok(Response::new(Self::app_to_proto(record)))
+    }
+
+    async fn delete_app(
+        &self,
+        request: Request<DeleteAppRequest>,
+    ) -> Result<Response<DeleteAppResponse>, Status> {
+        self.hub.auth.admin(&request)?;
+        let name = &request.get_ref().name;
+        if !self.hub.apps.delete(name).await? {
+            return Err(Error::AppNotFound(name.clone()).into());
+        }
+        tracing::info!(app = %name, "app deleted");
+        Ok(Response::new(DeleteAppResponse {}))
     }
 }

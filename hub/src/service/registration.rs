@@ -49,6 +49,7 @@ impl RegistrationService {
             })
             .await?;
         tracing::info!(cluster = name, serial = %cert.serial, labels = ?record.labels, "cluster registered");
+        self.hub.sync.kick_recompute();
         Ok(RegisterResponse {
             cluster_name: record.name,
             certificate_pem: cert.pem,

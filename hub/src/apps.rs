@@ -1,0 +1,270 @@
+//! The App model: what to deploy (a git source), where (a cluster selector), with which per-cluster
+//! customizations and sync policy. Parsed from Kubernetes-style YAML and validated with errors that
+//! name the field.
+
+use std::collections::BTreeMap;
+
+use flotilla_bundle::customize::Customization;
+use flotilla_bundle::selector::LabelSelector;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result, validate};
+
+pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
+
+/// An `App` document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppDocument {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: AppMetadata,
+    pub spec: AppSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppMetadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppSpec {
+    pub source: Source,
+    #[serde(default)]
+    pub targets: Targets,
+    /// Namespace for namespaced objects that name none.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub customizations: Vec<Customization>,
+    #[serde(default)]
+    pub sync_policy: SyncPolicy,
+    /// Reserved for rollout strategies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<serde_json::Value>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceType {
+    #[default]
+    Plain,
+    Kustomize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(rename = "repoURL")]
+    pub repo_url: String,
+    /// Branch, tag or commit.
+    #[serde(rename = "ref", default = "default_ref")]
+    pub reference: String,
+    #[serde(default)]
+    pub path: String,
+    #[serde(default, rename = "type")]
+    pub kind: SourceType,
+}
+
+fn default_ref() -> String {
+    "main".into()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Targets {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncPolicy {
+    #[serde(default = "yes")]
+    pub prune: bool,
+    #[serde(default = "yes")]
+    pub self_heal: bool,
+    #[serde(default)]
+    pub allow_empty: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        Self {
+            prune: true,
+            self_heal: true,
+            allow_empty: false,
+        }
+    }
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::invalid(field, reason)
+}
+
+/// Checks a source path: relative, no `..`, no absolute paths.
+pub fn check_path(path: &str) -> Result<()> {
+    if path.starts_with('/') {
+        return Err(field(
+            "spec.source.path",
+            format!("{path:?} must be relative to the repository root"),
+        ));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(field(
+            "spec.source.path",
+            format!("{path:?} must not contain '..'"),
+        ));
+    }
+    Ok(())
+}
+
+impl AppDocument {
+    /// Parses one App document (YAML or JSON) and validates it.
+    pub fn parse(text: &str) -> Result<Self> {
+        let doc: AppDocument =
+            serde_yaml_ng::from_str(text).map_err(|e| field("app document", e.to_string()))?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// Parses a multi-document stream of Apps; errors name the document.
+    pub fn parse_all(text: &str) -> Result<Vec<Self>> {
+        let mut out = Vec::new();
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc)
+                .map_err(|e| field("app document", format!("document {}: {e}", i + 1)))?;
+            if value.is_null() {
+                continue;
+            }
+            let app: AppDocument = serde_json::from_value(value)
+                .map_err(|e| field("app document", format!("document {}: {e}", i + 1)))?;
+            app.validate()?;
+            out.push(app);
+        }
+        Ok(out)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.api_version != API_VERSION {
+            return Err(field(
+                "apiVersion",
+                format!("{:?} is not {API_VERSION}", self.api_version),
+            ));
+        }
+        if self.kind != "App" {
+            return Err(field("kind", format!("{:?} is not App", self.kind)));
+        }
+        validate::cluster_name(&self.metadata.name).map_err(|_| {
+            field(
+                "metadata.name",
+                format!("{:?} must be a DNS-1123 label", self.metadata.name),
+            )
+        })?;
+        let s = &self.spec.source;
+        if s.repo_url.trim().is_empty() {
+            return Err(field("spec.source.repoURL", "is required"));
+        }
+        let scheme_ok = ["file://", "http://", "https://", "/"]
+            .iter()
+            .any(|p| s.repo_url.starts_with(p));
+        if !scheme_ok {
+            return Err(field(
+                "spec.source.repoURL",
+                format!(
+                    "{:?}: use https://, http://, file:// or an absolute path",
+                    s.repo_url
+                ),
+            ));
+        }
+        if s.reference.trim().is_empty() {
+            return Err(field("spec.source.ref", "must not be empty"));
+        }
+        check_path(&s.path)?;
+        if let Some(sel) = &self.spec.targets.selector {
+            sel.validate("spec.targets.selector")
+                .map_err(|e| field("spec.targets.selector", e.to_string()))?;
+        }
+        for name in &self.spec.targets.clusters {
+            validate::cluster_name(name).map_err(|_| {
+                field(
+                    "spec.targets.clusters",
+                    format!("{name:?} is not a cluster name"),
+                )
+            })?;
+        }
+        for (i, c) in self.spec.customizations.iter().enumerate() {
+            c.selector
+                .validate(&format!("spec.customizations[{i}].selector"))
+                .map_err(|e| field("spec.customizations", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether this app targets a cluster with these labels.
+    pub fn targets(&self, cluster: &str, labels: &BTreeMap<String, String>) -> bool {
+        let t = &self.spec.targets;
+        t.clusters.iter().any(|c| c == cluster)
+            || t.selector.as_ref().is_some_and(|s| s.matches(labels))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: &str = r#"
+apiVersion: flotilla.dev/v1alpha1
+kind: App
+metadata: {name: shop}
+spec:
+  source: {repoURL: "file:///srv/fleet.git", ref: main, path: apps/shop}
+  targets:
+    selector: {matchLabels: {tier: prod}}
+"#;
+
+    #[test]
+    fn parses_with_defaults_and_targets_by_selector_or_name() {
+        let app = AppDocument::parse(APP).unwrap();
+        assert_eq!(app.spec.namespace, "default");
+        assert!(app.spec.sync_policy.prune && !app.spec.sync_policy.allow_empty);
+        let prod = [("tier".to_string(), "prod".to_string())].into();
+        assert!(app.targets("x", &prod));
+        assert!(!app.targets("x", &BTreeMap::new()));
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let table = [
+            (
+                APP.replace("path: apps/shop", "path: ../.."),
+                "spec.source.path",
+            ),
+            (APP.replace("kind: App", "kind: Application"), "kind"),
+            (APP.replace("{name: shop}", "{name: Shop}"), "metadata.name"),
+            (
+                APP.replace("file:///srv/fleet.git", "ftp://x"),
+                "spec.source.repoURL",
+            ),
+            (APP.replace("repoURL", "repoUrl"), "app document"),
+        ];
+        for (text, want) in table {
+            let err = AppDocument::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Durable app state in sled: app documents with their status and revision history, and rendered
+//! bundles stored once per digest, compressed.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apps::AppDocument;
+use crate::{Error, Result};
+
+/// How many revisions an app's history keeps.
+pub const HISTORY_LIMIT: usize = 50;
+
+/// One rendered revision of an app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub revision: String,
+    pub at: i64,
+    /// Cluster → bundle digest.
+    pub digests: BTreeMap<String, String>,
+}
+
+/// What the hub knows about an app's rendering.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// The commit the current assignments were rendered from.
+    pub revision: Option<String>,
+    /// Bumped by every change of the document; the renders of older generations are stale.
+    pub observed_generation: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<i64>,
+    /// Cluster → digest it should run now.
+    pub assignments: BTreeMap<String, String>,
+    pub history: Vec<HistoryEntry>,
+}
+
+/// An app as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub doc: AppDocument,
+    /// `api` (flotilla app apply) or `fleet` (the fleet repository).
+    pub origin: String,
+    pub generation: u64,
+    pub status: AppStatus,
+}
+
+/// Apps and bundles.
+#[derive(Clone)]
+pub struct AppStore {
+    db: sled::Db,
+    apps: sled::Tree,
+    bundles: sled::Tree,
+}
+
+fn corrupt(key: &str, source: serde_json::Error) -> Error {
+    Error::Corrupt {
+        key: key.to_string(),
+        source,
+    }
+}
+
+impl AppStore {
+    pub fn open(db: &sled::Db) -> Result<Self> {
+        Ok(Self {
+            apps: db.open_tree("apps")?,
+            bundles: db.open_tree("bundles")?,
+            db: db.clone(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<AppRecord>> {
+        self.apps
+            .get(name)?
+            .map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(name, e)))
+            .transpose()
+    }
+
+    pub fn list(&self) -> Result<Vec<AppRecord>> {
+        self.apps
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                serde_json::from_slice(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), e))
+            })
+            .collect()
+    }
+
+    /// Creates or updates an app's document; returns the record (status kept, generation bumped on change).
+    pub async fn put_document(&self, doc: AppDocument, origin: &str) -> Result<AppRecord> {
+        let name = doc.metadata.name.clone();
+        let record = match self.get(&name)? {
+            Some(mut existing) => {
+                if existing.doc != doc || existing.origin != origin {
+                    existing.doc = doc;
+                    existing.origin = origin.to_string();
+                    existing.generation += 1;
+                }
+                existing
+            }
+            None => AppRecord {
+                doc,
+                origin: origin.to_string(),
+                generation: 1,
+                status: AppStatus::default(),
+            },
+        };
+        self.put(&record).await?;
+        Ok(record)
+    }
+
+    /// Writes a record and flushes.
+    pub async fn put(&self, record: &AppRecord) -> Result<()> {
+        let bytes =
+            serde_json::to_vec(record).map_err(|e| corrupt(&record.doc.metadata.name, e))?;
+        self.apps
+            .insert(record.doc.metadata.name.as_bytes(), bytes)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Updates the status of an app if it still exists (and is still at `generation`, when given).
+    pub async fn update_status(
+        &self,
+        name: &str,
+        update: impl Fn(&mut AppRecord),
+    ) -> Result<Option<AppRecord>> {
+        let Some(mut record) = self.get(name)? else {
+            return Ok(None);
+        };
+        update(&mut record);
+        self.put(&record).await?;
+        Ok(Some(record))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<bool> {
+        let existed = self.apps.remove(name)?.is_some();
+        self.db.flush_async().await?;
+        Ok(existed)
+    }
+
+    /// Stores a bundle under its digest (once); returns the compressed size.
+    pub fn put_bundle(&self, digest: &str, canonical: &[u8]) -> Result<usize> {
+        if let Some(existing) = self.bundles.get(digest)? {
+            return Ok(existing.len());
+        }
+        let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(canonical)
+            .map_err(|e| Error::Internal(format!("compressing a bundle: {e}")))?;
+        let compressed = enc
+            .finish()
+            .map_err(|e| Error::Internal(format!("compressing a bundle: {e}")))?;
+        let len = compressed.len();
+        self.bundles.insert(digest, compressed)?;
+        Ok(len)
+    }
+
+    /// A stored bundle's canonical bytes.
+    pub fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        let Some(compressed) = self.bundles.get(digest)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        flate2::read::ZlibDecoder::new(&compressed[..])
+            .read_to_end(&mut out)
+            .map_err(|e| Error::Internal(format!("bundle {digest} is corrupt: {e}")))?;
+        Ok(Some(out))
+    }
+
+    /// Number of stored bundles and their total compressed bytes.
+    pub fn bundle_usage(&self) -> (usize, u64) {
+        self.bundles
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .fold((0, 0), |(n, b), (_, v)| (n + 1, b + v.len() as u64))
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,281 @@
+//! Git access through gix: one bare cache repository per source URL, fetched with force-updating
+//! refspecs (so force-pushes are followed), refs resolved to commits, and trees read straight from
+//! the object database (no checkout) with limits and symlink containment.
+//!
+//! Everything here blocks; callers run it on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::ObjectId;
+
+use crate::{Error, Result};
+
+/// Limits on what a source tree may contain.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeLimits {
+    pub max_file_bytes: u64,
+    pub max_files: usize,
+    pub max_depth: usize,
+}
+
+impl Default for TreeLimits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 8 * 1024 * 1024,
+            max_files: 10_000,
+            max_depth: 32,
+        }
+    }
+}
+
+fn git_err(context: impl std::fmt::Display) -> impl FnOnce(String) -> Error {
+    move |e| Error::Source(format!("{context}: {e}"))
+}
+
+/// The cache directory for `url` under `root`.
+pub fn cache_path(root: &Path, url: &str) -> PathBuf {
+    let d = ring::digest::digest(&ring::digest::SHA256, url.as_bytes());
+    let hex: String = d.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    root.join(hex)
+}
+
+/// Brings the cache of `url` up to date with its branches and tags.
+pub fn fetch(root: &Path, url: &str) -> Result<()> {
+    let path = cache_path(root, url);
+    let repo = if path.join("HEAD").exists() {
+        gix::open(&path).map_err(|e| Error::Source(format!("opening the cache of {url}: {e}")))?
+    } else {
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        gix::init_bare(&path)
+            .map_err(|e| Error::Source(format!("creating the cache of {url}: {e}")))?
+    };
+    let remote = repo
+        .remote_at(url)
+        .map_err(|e| Error::Source(format!("{url}: {e}")))?
+        .with_refspecs(
+            [
+                "+refs/heads/*:refs/remotes/origin/*",
+                "+refs/tags/*:refs/tags/*",
+            ],
+            gix::remote::Direction::Fetch,
+        )
+        .map_err(|e| Error::Source(format!("{url}: {e}")))?;
+    let interrupt = AtomicBool::new(false);
+    remote
+        .connect(gix::remote::Direction::Fetch)
+        .map_err(|e| e.to_string())
+        .map_err(git_err(format!("connecting to {url}")))?
+        .prepare_fetch(gix::progress::Discard, Default::default())
+        .map_err(|e| e.to_string())
+        .map_err(git_err(format!("fetching {url}")))?
+        .receive(gix::progress::Discard, &interrupt)
+        .map_err(|e| e.to_string())
+        .map_err(git_err(format!("fetching {url}")))?;
+    Ok(())
+}
+
+/// Resolves a branch, tag or commit id of the cached `url` to a commit id (hex).
+pub fn resolve(root: &Path, url: &str, reference: &str) -> Result<String> {
+    let repo = gix::open(cache_path(root, url))
+        .map_err(|e| Error::Source(format!("{url} is not fetched yet: {e}")))?;
+    for name in [
+        format!("refs/remotes/origin/{reference}"),
+        format!("refs/tags/{reference}"),
+    ] {
+        if let Ok(Some(mut r)) = repo.try_find_reference(name.as_str()) {
+            let commit = r.peel_to_commit().map_err(|e| {
+                Error::Source(format!("{url}: {name} does not point to a commit: {e}"))
+            })?;
+            return Ok(commit.id.to_hex().to_string());
+        }
+    }
+    if reference.len() == 40 && reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let id = ObjectId::from_hex(reference.as_bytes())
+            .map_err(|e| Error::Source(format!("{reference}: {e}")))?;
+        let commit = repo.find_commit(id).map_err(|_| {
+            Error::Source(format!(
+                "{url}: commit {reference} not found (is it on a branch or tag of the remote?)"
+            ))
+        })?;
+        return Ok(commit.id.to_hex().to_string());
+    }
+    Err(Error::Source(format!(
+        "{url}: no branch, tag or commit named {reference:?}"
+    )))
+}
+
+/// The files under `path` at `commit`: (path relative to `path`, contents), sorted by path.
+/// Symlinks are followed only when their target stays under `path`.
+pub fn read_tree(
+    root: &Path,
+    url: &str,
+    commit: &str,
+    path: &str,
+    limits: TreeLimits,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let repo =
+        gix::open(cache_path(root, url)).map_err(|e| Error::Source(format!("{url}: {e}")))?;
+    let id = ObjectId::from_hex(commit.as_bytes())
+        .map_err(|e| Error::Source(format!("{commit}: {e}")))?;
+    let tree = repo
+        .find_commit(id)
+        .and_then(|c| c.tree())
+        .map_err(|e| Error::Source(format!("{url}@{commit}: {e}")))?;
+    let base = path.trim_matches('/');
+    let start = if base.is_empty() {
+        tree
+    } else {
+        let entry = tree
+            .lookup_entry_by_path(base)
+            .map_err(|e| Error::Source(format!("{url}@{commit}: {e}")))?
+            .ok_or_else(|| Error::Source(format!("path {base:?} does not exist at {commit}")))?;
+        if !entry.mode().is_tree() {
+            return Err(Error::Source(format!(
+                "path {base:?} is not a directory at {commit}"
+            )));
+        }
+        repo.find_tree(entry.oid().to_owned())
+            .map_err(|e| Error::Source(e.to_string()))?
+    };
+    let mut files = Vec::new();
+    walk(&repo, &start, String::new(), 0, limits, &mut files)?;
+    // Resolve symlinks against the collected files (targets must stay inside `path`).
+    let mut out = Vec::with_capacity(files.len());
+    for entry in &files {
+        match entry {
+            Walked::File(p, data) => out.push((p.clone(), data.clone())),
+            Walked::Link(p, target) => {
+                let resolved = resolve_link(p, target).ok_or_else(|| {
+                    Error::Source(format!(
+                        "symlink {p} -> {target} points outside the source path {base:?}"
+                    ))
+                })?;
+                let data = files
+                    .iter()
+                    .find_map(|f| match f {
+                        Walked::File(fp, d) if *fp == resolved => Some(d.clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        Error::Source(format!(
+                            "symlink {p} -> {target} does not point to a file in the source path"
+                        ))
+                    })?;
+                out.push((p.clone(), data));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+enum Walked {
+    File(String, Vec<u8>),
+    Link(String, String),
+}
+
+fn walk(
+    repo: &gix::Repository,
+    tree: &gix::Tree<'_>,
+    prefix: String,
+    depth: usize,
+    limits: TreeLimits,
+    out: &mut Vec<Walked>,
+) -> Result<()> {
+    if depth > limits.max_depth {
+        return Err(Error::Source(format!(
+            "{prefix}: directories nested deeper than {}",
+            limits.max_depth
+        )));
+    }
+    for entry in tree.iter() {
+        let entry = entry.map_err(|e| Error::Source(e.to_string()))?;
+        let name = entry.filename().to_string();
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let mode = entry.mode();
+        if mode.is_tree() {
+            let sub = repo
+                .find_tree(entry.oid().to_owned())
+                .map_err(|e| Error::Source(e.to_string()))?;
+            walk(repo, &sub, path, depth + 1, limits, out)?;
+            continue;
+        }
+        if mode.is_commit() {
+            continue; // submodules are not followed
+        }
+        let header = repo
+            .find_header(entry.oid().to_owned())
+            .map_err(|e| Error::Source(e.to_string()))?;
+        if header.size() > limits.max_file_bytes {
+            return Err(Error::Source(format!(
+                "{path} is {} bytes, over the {} byte limit",
+                header.size(),
+                limits.max_file_bytes
+            )));
+        }
+        let blob = repo
+            .find_blob(entry.oid().to_owned())
+            .map_err(|e| Error::Source(e.to_string()))?;
+        if mode.is_link() {
+            out.push(Walked::Link(
+                path,
+                String::from_utf8_lossy(&blob.data).into_owned(),
+            ));
+        } else {
+            out.push(Walked::File(path, blob.data.clone()));
+        }
+        if out.len() > limits.max_files {
+            return Err(Error::Source(format!(
+                "more than {} files under the source path",
+                limits.max_files
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves a symlink target relative to the link's directory; `None` if it leaves the root.
+fn resolve_link(link: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = link.split('/').collect();
+    parts.pop();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            other => parts.push(other),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_targets_must_stay_inside() {
+        assert_eq!(
+            resolve_link("a/b.yaml", "c.yaml").as_deref(),
+            Some("a/c.yaml")
+        );
+        assert_eq!(
+            resolve_link("a/b.yaml", "../c.yaml").as_deref(),
+            Some("c.yaml")
+        );
+        assert_eq!(resolve_link("b.yaml", "../c.yaml"), None);
+        assert_eq!(resolve_link("a/b.yaml", "/etc/passwd"), None);
+    }
+}

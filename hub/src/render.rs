@@ -1,0 +1,161 @@
+//! Rendering: source files → base manifest texts (plain files, or `kustomize build` output) →
+//! per-cluster variants (substitution, patches, normalization). A render either yields a complete,
+//! non-empty bundle or an error naming the file and document; never a partial or empty one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use flotilla_bundle::customize::{self, ClusterFacts, Customization};
+use flotilla_bundle::manifest;
+use serde_json::Value;
+
+use crate::apps::SourceType;
+use crate::{Error, Result};
+
+/// A source rendered up to the per-cluster step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Base {
+    /// (where, text) of each manifest text.
+    pub texts: Vec<(String, String)>,
+    /// Placeholders the texts use.
+    pub used: BTreeSet<String>,
+}
+
+fn is_manifest(path: &str) -> bool {
+    path.ends_with(".yaml") || path.ends_with(".yml") || path.ends_with(".json")
+}
+
+/// Renders source files to base texts. `scratch` is an empty directory for kustomize.
+pub async fn base(
+    kind: SourceType,
+    files: Vec<(String, Vec<u8>)>,
+    kustomize_bin: &str,
+    scratch: &Path,
+) -> Result<Base> {
+    let texts = match kind {
+        SourceType::Plain => files
+            .into_iter()
+            .filter(|(p, _)| is_manifest(p))
+            .map(|(p, data)| {
+                String::from_utf8(data)
+                    .map(|t| (p.clone(), t))
+                    .map_err(|_| Error::Render(format!("{p}: not UTF-8 text")))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        SourceType::Kustomize => vec![(
+            "kustomize build".to_string(),
+            kustomize(files, kustomize_bin, scratch).await?,
+        )],
+    };
+    let used = texts
+        .iter()
+        .flat_map(|(_, t)| customize::placeholders(t))
+        .collect();
+    Ok(Base { texts, used })
+}
+
+async fn kustomize(files: Vec<(String, Vec<u8>)>, bin: &str, scratch: &Path) -> Result<String> {
+    for (path, data) in &files {
+        let target = scratch.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::write(&target, data).map_err(|e| Error::io(&target, e))?;
+    }
+    let mut cmd = tokio::process::Command::new(bin);
+    if Path::new(bin)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("kubectl"))
+    {
+        cmd.arg("kustomize");
+    } else {
+        cmd.arg("build");
+    }
+    cmd.arg(scratch)
+        // No network: remote bases would make a render depend on more than the pinned revision.
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env("http_proxy", "http://127.0.0.1:9")
+        .env("https_proxy", "http://127.0.0.1:9")
+        .env("NO_PROXY", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().map_err(|e| {
+        Error::Render(format!("cannot run {bin:?} for a kustomize source: {e} (install kubectl or kustomize, or set --kustomize-bin)"))
+    })?;
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .map_err(|_| Error::Render("kustomize build took longer than 60s".into()))?
+        .map_err(|e| Error::Render(format!("kustomize build: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Render(format!(
+            "kustomize build failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    String::from_utf8(out.stdout).map_err(|_| Error::Render("kustomize output is not UTF-8".into()))
+}
+
+/// Renders the variant of a cluster: substitute, parse, patch, normalize.
+pub fn variant(
+    base: &Base,
+    facts: &ClusterFacts,
+    customizations: &[Customization],
+    allow_empty: bool,
+) -> Result<Vec<Value>> {
+    let vars: BTreeMap<String, String> = customize::variables(facts, customizations);
+    let mut objects = Vec::new();
+    for (source, text) in &base.texts {
+        let text =
+            customize::substitute(source, text, &vars).map_err(|e| Error::Render(e.to_string()))?;
+        let docs =
+            manifest::parse_documents(source, &text).map_err(|e| Error::Render(e.to_string()))?;
+        objects.extend(docs.into_iter().map(|m| m.object));
+    }
+    customize::apply_patches(&mut objects, facts, customizations)
+        .map_err(|e| Error::Render(e.to_string()))?;
+    if objects.is_empty() && !allow_empty {
+        return Err(Error::Render(
+            "the source renders no objects (set spec.syncPolicy.allowEmpty to allow an empty app)"
+                .into(),
+        ));
+    }
+    Ok(flotilla_bundle::normalize(objects))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_sources_render_per_cluster_and_errors_name_the_file() {
+        let files = vec![
+            ("a.yaml".to_string(), b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {region: ${cluster.labels.region}}\n".to_vec()),
+            ("README.md".to_string(), b"not a manifest".to_vec()),
+        ];
+        let scratch = tempfile::tempdir().unwrap();
+        let base = base(SourceType::Plain, files, "kubectl", scratch.path())
+            .await
+            .unwrap();
+        assert_eq!(base.texts.len(), 1);
+        let eu = ClusterFacts {
+            name: "eu-1".into(),
+            labels: [("region".to_string(), "eu".to_string())].into(),
+        };
+        let out = variant(&base, &eu, &[], false).unwrap();
+        assert_eq!(out[0]["data"]["region"], "eu");
+        let none = ClusterFacts {
+            name: "x".into(),
+            labels: BTreeMap::new(),
+        };
+        let err = variant(&base, &none, &[], false).unwrap_err().to_string();
+        assert!(
+            err.contains("a.yaml: unknown variable ${cluster.labels.region}"),
+            "{err}"
+        );
+    }
+}

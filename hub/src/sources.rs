@@ -1,0 +1,324 @@
+//! Keeps apps rendered: fetches their git sources (polled with jitter, or kicked by a webhook or an
+//! app change), renders each targeted cluster's variant once per distinct variant, stores bundles,
+//! and records assignments and revision history. A failed fetch or render keeps the last good
+//! assignments and surfaces the error on the app.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_bundle::customize::{self, ClusterFacts};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::appstore::{AppRecord, HISTORY_LIMIT, HistoryEntry};
+use crate::git::{self, TreeLimits};
+use crate::render::{self, Base};
+use crate::{Error, Hub, Result, now_unix};
+
+/// Settings of the source machinery.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    /// Where repository caches live.
+    pub cache_root: PathBuf,
+    pub kustomize_bin: String,
+    pub poll_interval: Duration,
+    /// HMAC secret for webhooks; webhooks are refused without one.
+    pub webhook_secret: Option<Vec<u8>>,
+    /// Fetches of different repositories that may run at once.
+    pub max_concurrent_fetches: usize,
+}
+
+/// Runtime state of the source machinery.
+pub struct SyncState {
+    kick: Notify,
+    pending: Mutex<BTreeSet<String>>,
+    recompute: Mutex<bool>,
+    in_flight: Mutex<HashSet<String>>,
+    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    fetch_slots: Semaphore,
+    /// app → (revision, generation, base render): one render per revision serves every cluster.
+    bases: Mutex<HashMap<String, (String, u64, Arc<Base>)>>,
+}
+
+impl SyncState {
+    pub fn new(max_concurrent_fetches: usize) -> Self {
+        Self {
+            kick: Notify::new(),
+            pending: Mutex::new(BTreeSet::new()),
+            recompute: Mutex::new(false),
+            in_flight: Mutex::new(HashSet::new()),
+            repo_locks: Mutex::new(HashMap::new()),
+            fetch_slots: Semaphore::new(max_concurrent_fetches.max(1)),
+            bases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Asks for a fetch and re-render of `url` now.
+    pub fn kick_repo(&self, url: &str) {
+        lock(&self.pending).insert(url.to_string());
+        self.kick.notify_one();
+    }
+
+    /// Asks for every app to be re-rendered without fetching (clusters changed).
+    pub fn kick_recompute(&self) {
+        *lock(&self.recompute) = true;
+        self.kick.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section is a single insert/remove/lookup, so a poisoned lock's data is sound.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// Fetches `url` into its cache: one fetch per repository at a time, a bounded number overall.
+pub async fn fetch_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
+    let repo_lock = Arc::clone(
+        lock(&hub.sync.repo_locks)
+            .entry(url.to_string())
+            .or_default(),
+    );
+    let _one_per_repo = repo_lock.lock().await;
+    let _slot = hub
+        .sync
+        .fetch_slots
+        .acquire()
+        .await
+        .map_err(|_| Error::Internal("fetch slots closed".into()))?;
+    let root = hub.source_settings.cache_root.clone();
+    let url_owned = url.to_string();
+    let started = Instant::now();
+    blocking(move || git::fetch(&root, &url_owned)).await?;
+    tracing::debug!(url, elapsed = ?started.elapsed(), "fetched");
+    Ok(())
+}
+
+fn facts(hub: &Hub) -> Result<Vec<ClusterFacts>> {
+    Ok(hub
+        .store
+        .clusters()?
+        .into_iter()
+        .map(|c| ClusterFacts {
+            name: c.name,
+            labels: c.labels,
+        })
+        .collect())
+}
+
+/// Renders `record` at its source's current revision: (revision, cluster → digest).
+async fn render_app(
+    hub: &Arc<Hub>,
+    record: &AppRecord,
+) -> Result<(String, BTreeMap<String, String>)> {
+    let spec = &record.doc.spec;
+    let name = record.doc.metadata.name.clone();
+    let root = hub.source_settings.cache_root.clone();
+    let (url, reference) = (spec.source.repo_url.clone(), spec.source.reference.clone());
+    let commit = blocking(move || git::resolve(&root, &url, &reference)).await?;
+
+    let cached = lock(&hub.sync.bases)
+        .get(&name)
+        .filter(|(rev, generation, _)| *rev == commit && *generation == record.generation)
+        .map(|(_, _, base)| Arc::clone(base));
+    let base = match cached {
+        Some(base) => base,
+        None => {
+            let root = hub.source_settings.cache_root.clone();
+            let (url, c, path) = (
+                spec.source.repo_url.clone(),
+                commit.clone(),
+                spec.source.path.clone(),
+            );
+            let files =
+                blocking(move || git::read_tree(&root, &url, &c, &path, TreeLimits::default()))
+                    .await?;
+            let scratch = tempfile::tempdir()
+                .map_err(|e| Error::Internal(format!("scratch directory: {e}")))?;
+            let base = Arc::new(
+                render::base(
+                    spec.source.kind,
+                    files,
+                    &hub.source_settings.kustomize_bin,
+                    scratch.path(),
+                )
+                .await?,
+            );
+            lock(&hub.sync.bases).insert(
+                name.clone(),
+                (commit.clone(), record.generation, Arc::clone(&base)),
+            );
+            base
+        }
+    };
+
+    let mut variants: HashMap<String, String> = HashMap::new();
+    let mut assignments = BTreeMap::new();
+    for cluster in facts(hub)? {
+        if !record.doc.targets(&cluster.name, &cluster.labels) {
+            continue;
+        }
+        let key = customize::variant_key(&base.used, &cluster, &spec.customizations);
+        let digest = match variants.get(&key) {
+            Some(d) => d.clone(),
+            None => {
+                let objects = render::variant(
+                    &base,
+                    &cluster,
+                    &spec.customizations,
+                    spec.sync_policy.allow_empty,
+                )
+                .map_err(|e| Error::Render(format!("cluster {}: {e}", cluster.name)))?;
+                let bytes = flotilla_bundle::canonical_bytes(&objects);
+                let digest = flotilla_bundle::digest_bytes(&bytes);
+                hub.apps.put_bundle(&digest, &bytes)?;
+                variants.insert(key, digest.clone());
+                digest
+            }
+        };
+        assignments.insert(cluster.name, digest);
+    }
+    Ok((commit, assignments))
+}
+
+/// Renders one app and records the outcome on it.
+pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
+    let Some(record) = hub.apps.get(name)? else {
+        return Ok(());
+    };
+    let outcome = render_app(hub, &record).await;
+    let generation = record.generation;
+    let now = now_unix();
+    match outcome {
+        Ok((revision, assignments)) => {
+            hub.apps
+                .update_status(name, |r| {
+                    if r.generation != generation {
+                        return; // the document changed meanwhile; its own sync follows
+                    }
+                    let s = &mut r.status;
+                    let changed = s.revision.as_deref() != Some(revision.as_str()) || s.assignments != assignments;
+                    if changed {
+                        s.history.push(HistoryEntry { revision: revision.clone(), at: now, digests: assignments.clone() });
+                        let excess = s.history.len().saturating_sub(HISTORY_LIMIT);
+                        s.history.drain(..excess);
+                        tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
+                    }
+                    s.revision = Some(revision.clone());
+                    s.assignments = assignments.clone();
+                    s.observed_generation = generation;
+                    s.last_error = None;
+                    s.last_error_at = None;
+                })
+                .await?;
+        }
+        Err(err) => {
+            tracing::warn!(app = name, error = %err, "app render failed; keeping the last good bundles");
+            let message = err.to_string();
+            hub.apps
+                .update_status(name, |r| {
+                    r.status.last_error = Some(message.clone());
+                    r.status.last_error_at = Some(now);
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Fetches a repository and re-renders every app that uses it.
+pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
+    let users: Vec<String> = hub
+        .apps
+        .list()?
+        .into_iter()
+        .filter(|r| r.doc.spec.source.repo_url == url)
+        .map(|r| r.doc.metadata.name)
+        .collect();
+    if let Err(err) = fetch_repo(hub, url).await {
+        tracing::warn!(url, error = %err, "fetch failed");
+        let message = err.to_string();
+        for name in &users {
+            hub.apps
+                .update_status(name, |r| {
+                    r.status.last_error = Some(message.clone());
+                    r.status.last_error_at = Some(now_unix());
+                })
+                .await?;
+        }
+        return Ok(());
+    }
+    for name in users {
+        sync_app(hub, &name).await?;
+    }
+    Ok(())
+}
+
+fn jittered(interval: Duration) -> Duration {
+    let r = u32::from_le_bytes(crate::random_bytes::<4>());
+    let fraction = 0.9 + 0.2 * (f64::from(r) / f64::from(u32::MAX));
+    interval.mul_f64(fraction)
+}
+
+/// The poll loop: every repository is fetched about once per poll interval (±10%), at once when
+/// kicked; recomputes run when clusters change. Returns at shutdown.
+pub async fn run(hub: Arc<Hub>) {
+    let mut next_due: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = hub.sync.kick.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let urls: BTreeSet<String> = match hub.apps.list() {
+            Ok(apps) => apps
+                .into_iter()
+                .map(|r| r.doc.spec.source.repo_url)
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "listing apps");
+                continue;
+            }
+        };
+        let kicked = std::mem::take(&mut *lock(&hub.sync.pending));
+        let now = Instant::now();
+        for url in urls {
+            let due = next_due.get(&url).is_none_or(|t| now >= *t);
+            if !(due || kicked.contains(&url)) || !lock(&hub.sync.in_flight).insert(url.clone()) {
+                continue;
+            }
+            next_due.insert(
+                url.clone(),
+                now + jittered(hub.source_settings.poll_interval),
+            );
+            let hub2 = Arc::clone(&hub);
+            hub.tasks.spawn(async move {
+                if let Err(e) = sync_repo(&hub2, &url).await {
+                    tracing::error!(url, error = %e, "sync failed");
+                }
+                lock(&hub2.sync.in_flight).remove(&url);
+            });
+        }
+        if std::mem::take(&mut *lock(&hub.sync.recompute)) {
+            let hub2 = Arc::clone(&hub);
+            hub.tasks.spawn(async move {
+                let names = hub2.apps.list().map(|a| {
+                    a.into_iter()
+                        .map(|r| r.doc.metadata.name)
+                        .collect::<Vec<_>>()
+                });
+                for name in names.unwrap_or_default() {
+                    if let Err(e) = sync_app(&hub2, &name).await {
+                        tracing::error!(app = name, error = %e, "recompute failed");
+                    }
+                }
+            });
+        }
+    }
+}

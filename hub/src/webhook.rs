@@ -1,0 +1,175 @@
+//! The hub's HTTP listener: git push webhooks (GitHub, Gitea, GitLab), HMAC-verified. A webhook only
+//! triggers a fetch of the repositories it names; the revision always comes from git itself.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+use crate::{Error, Hub, Result};
+
+/// Webhook bodies larger than this are refused (413).
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Normalizes a repository URL for matching: no trailing slash, no `.git`, lowercase host part.
+pub fn normalize_url(url: &str) -> String {
+    let trimmed = url.trim().trim_end_matches('/');
+    let trimmed = trimmed.strip_suffix(".git").unwrap_or(trimmed);
+    trimmed.to_lowercase()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// Checks a webhook's authentication against `secret`: GitHub's `X-Hub-Signature-256`, Gitea's
+/// `X-Gitea-Signature` (HMAC-SHA256 of the body), or GitLab's `X-Gitlab-Token` (the secret itself).
+pub fn verify(headers: &HeaderMap, body: &[u8], secret: &[u8]) -> bool {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(sig) = header("x-hub-signature-256").and_then(|s| s.strip_prefix("sha256=")) {
+        return hex_decode(sig).is_some_and(|tag| ring::hmac::verify(&key, body, &tag).is_ok());
+    }
+    if let Some(sig) = header("x-gitea-signature") {
+        return hex_decode(sig).is_some_and(|tag| ring::hmac::verify(&key, body, &tag).is_ok());
+    }
+    if let Some(token) = header("x-gitlab-token") {
+        // Constant-time comparison through HMAC of both values.
+        let a = ring::hmac::sign(&key, token.as_bytes());
+        return ring::hmac::verify(&key, secret, a.as_ref()).is_ok();
+    }
+    false
+}
+
+/// Repository URLs a push payload names.
+pub fn payload_urls(payload: &Value) -> Vec<String> {
+    let repo = &payload["repository"];
+    [
+        "clone_url",
+        "git_url",
+        "ssh_url",
+        "html_url",
+        "url",
+        "git_http_url",
+        "git_ssh_url",
+        "homepage",
+    ]
+    .iter()
+    .filter_map(|k| repo[*k].as_str())
+    .map(normalize_url)
+    .collect()
+}
+
+async fn git_webhook(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, axum::Json<Value>) {
+    let reply = |code: StatusCode, v: Value| (code, axum::Json(v));
+    let Some(secret) = &hub.source_settings.webhook_secret else {
+        return reply(
+            StatusCode::FORBIDDEN,
+            json!({"error": "webhooks are disabled: the hub has no --webhook-secret-file"}),
+        );
+    };
+    if !verify(&headers, &body, secret) {
+        tracing::warn!("webhook with a missing or bad signature refused");
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or invalid webhook signature"}),
+        );
+    }
+    let payload: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("body is not JSON: {e}")}),
+            );
+        }
+    };
+    let named = payload_urls(&payload);
+    let known: Vec<String> = hub
+        .apps
+        .list()
+        .map(|apps| {
+            apps.into_iter()
+                .map(|a| a.doc.spec.source.repo_url)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut triggered: Vec<String> = known
+        .into_iter()
+        .filter(|u| named.contains(&normalize_url(u)))
+        .collect();
+    triggered.sort();
+    triggered.dedup();
+    for url in &triggered {
+        hub.sync.kick_repo(url);
+    }
+    tracing::info!(repos = ?triggered, "webhook accepted");
+    reply(StatusCode::ACCEPTED, json!({"triggered": triggered}))
+}
+
+/// Serves the HTTP endpoints on `listener` until shutdown.
+pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener) -> Result<()> {
+    let shutdown = hub.shutdown.clone();
+    let app = Router::new()
+        .route("/webhooks/git", post(git_webhook))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(hub);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| Error::Internal(format!("http listener: {e}")))
+}
+
+/// Binds the HTTP listener.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Io {
+            path: format!("http listen address {addr}"),
+            source: e,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_and_urls() {
+        let secret = b"s3cret";
+        let body = br#"{"repository":{"clone_url":"https://git.example.com/Fleet.git"}}"#;
+        let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret), body);
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-hub-signature-256",
+            format!("sha256={hex}").parse().unwrap(),
+        );
+        assert!(verify(&h, body, secret));
+        assert!(!verify(&h, b"tampered", secret));
+        let mut gitlab = HeaderMap::new();
+        gitlab.insert("x-gitlab-token", "s3cret".parse().unwrap());
+        assert!(verify(&gitlab, body, secret));
+        gitlab.insert("x-gitlab-token", "wrong".parse().unwrap());
+        assert!(!verify(&gitlab, body, secret));
+        assert!(!verify(&HeaderMap::new(), body, secret));
+        let payload: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(payload_urls(&payload), ["https://git.example.com/fleet"]);
+        assert_eq!(normalize_url("file:///srv/Fleet.git/"), "file:///srv/fleet");
+    }
+}
