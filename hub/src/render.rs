@@ -27,10 +27,12 @@ fn is_manifest(path: &str) -> bool {
     path.ends_with(".yaml") || path.ends_with(".yml") || path.ends_with(".json")
 }
 
-/// Renders source files to base texts. `scratch` is an empty directory for kustomize.
+/// Renders source files to base texts. For kustomize, `files` is the whole repository and `path`
+/// the directory to build; `scratch` is an empty directory to materialize it in.
 pub async fn base(
     kind: SourceType,
     files: Vec<(String, Vec<u8>)>,
+    path: &str,
     kustomize_bin: &str,
     scratch: &Path,
 ) -> Result<Base> {
@@ -46,7 +48,7 @@ pub async fn base(
             .collect::<Result<Vec<_>>>()?,
         SourceType::Kustomize => vec![(
             "kustomize build".to_string(),
-            kustomize(files, kustomize_bin, scratch).await?,
+            kustomize(files, path, kustomize_bin, scratch).await?,
         )],
     };
     let used = texts
@@ -56,9 +58,14 @@ pub async fn base(
     Ok(Base { texts, used })
 }
 
-async fn kustomize(files: Vec<(String, Vec<u8>)>, bin: &str, scratch: &Path) -> Result<String> {
-    for (path, data) in &files {
-        let target = scratch.join(path);
+async fn kustomize(
+    files: Vec<(String, Vec<u8>)>,
+    path: &str,
+    bin: &str,
+    scratch: &Path,
+) -> Result<String> {
+    for (file, data) in &files {
+        let target = scratch.join(file);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -73,7 +80,7 @@ async fn kustomize(files: Vec<(String, Vec<u8>)>, bin: &str, scratch: &Path) -> 
     } else {
         cmd.arg("build");
     }
-    cmd.arg(scratch)
+    cmd.arg(scratch.join(path.trim_matches('/')))
         // No network: remote bases would make a render depend on more than the pinned revision.
         .env("HTTP_PROXY", "http://127.0.0.1:9")
         .env("HTTPS_PROXY", "http://127.0.0.1:9")
@@ -138,7 +145,7 @@ mod tests {
             ("README.md".to_string(), b"not a manifest".to_vec()),
         ];
         let scratch = tempfile::tempdir().unwrap();
-        let base = base(SourceType::Plain, files, "kubectl", scratch.path())
+        let base = base(SourceType::Plain, files, "", "kubectl", scratch.path())
             .await
             .unwrap();
         assert_eq!(base.texts.len(), 1);

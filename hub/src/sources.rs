@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use flotilla_bundle::customize::{self, ClusterFacts};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::apps::SourceType;
 use crate::appstore::{AppRecord, HISTORY_LIMIT, HistoryEntry};
 use crate::git::{self, TreeLimits};
 use crate::render::{self, Base};
@@ -29,6 +30,9 @@ pub struct SourceSettings {
     pub max_concurrent_fetches: usize,
 }
 
+/// (revision, app generation, base render) of an app.
+type CachedBase = (String, u64, Arc<Base>);
+
 /// Runtime state of the source machinery.
 pub struct SyncState {
     kick: Notify,
@@ -38,7 +42,7 @@ pub struct SyncState {
     repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     fetch_slots: Semaphore,
     /// app → (revision, generation, base render): one render per revision serves every cluster.
-    bases: Mutex<HashMap<String, (String, u64, Arc<Base>)>>,
+    bases: Mutex<HashMap<String, CachedBase>>,
 }
 
 impl SyncState {
@@ -131,20 +135,24 @@ async fn render_app(
         Some(base) => base,
         None => {
             let root = hub.source_settings.cache_root.clone();
-            let (url, c, path) = (
-                spec.source.repo_url.clone(),
-                commit.clone(),
-                spec.source.path.clone(),
-            );
-            let files =
-                blocking(move || git::read_tree(&root, &url, &c, &path, TreeLimits::default()))
-                    .await?;
+            // Kustomize overlays may refer to bases elsewhere in the repository: they get the whole
+            // tree (still read with limits and symlink containment); plain sources only their path.
+            let read_path = match spec.source.kind {
+                SourceType::Plain => spec.source.path.clone(),
+                SourceType::Kustomize => String::new(),
+            };
+            let (url, c) = (spec.source.repo_url.clone(), commit.clone());
+            let files = blocking(move || {
+                git::read_tree(&root, &url, &c, &read_path, TreeLimits::default())
+            })
+            .await?;
             let scratch = tempfile::tempdir()
                 .map_err(|e| Error::Internal(format!("scratch directory: {e}")))?;
             let base = Arc::new(
                 render::base(
                     spec.source.kind,
                     files,
+                    &spec.source.path,
                     &hub.source_settings.kustomize_bin,
                     scratch.path(),
                 )

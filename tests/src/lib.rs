@@ -111,6 +111,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Takes ownership of a child started elsewhere (killed on drop); its output goes nowhere.
+    pub fn adopt(child: Child) -> Self {
+        Self {
+            child,
+            log: PathBuf::new(),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -157,6 +165,10 @@ impl Drop for Proc {
 pub struct HubOptions {
     pub cert_ttl: String,
     pub heartbeat_interval: String,
+    pub poll_interval: String,
+    /// Serve the HTTP listener (webhooks) on 127.0.0.1:0.
+    pub http: bool,
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for HubOptions {
@@ -164,6 +176,9 @@ impl Default for HubOptions {
         Self {
             cert_ttl: "30d".into(),
             heartbeat_interval: "1s".into(),
+            poll_interval: "1s".into(),
+            http: false,
+            webhook_secret: None,
         }
     }
 }
@@ -174,6 +189,8 @@ pub struct Hub {
     pub opts: HubOptions,
     pub url: String,
     pub addr: String,
+    /// The HTTP listener's address, when enabled.
+    pub http_addr: Option<String>,
     pub process: Proc,
 }
 
@@ -190,10 +207,12 @@ impl Hub {
             "hub init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let (process, addr) = serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
+        let (process, addr, http_addr) =
+            serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
         Ok(Self {
             url: format!("https://{addr}"),
             addr,
+            http_addr,
             dir,
             opts,
             process,
@@ -218,7 +237,7 @@ impl Hub {
         self.process.kill9();
         let addr = self.addr.clone();
         // The port was just released; retry briefly in case the kernel has not let go of it yet.
-        let (process, _) = wait_for(Duration::from_secs(10), "hub restart", || {
+        let (process, _, _) = wait_for(Duration::from_secs(10), "hub restart", || {
             match serve(&self.data_dir(), &addr, &self.opts, self.dir.path()) {
                 Ok(p) => Ok(Some(p)),
                 Err(e) => Err(e),
@@ -266,6 +285,39 @@ impl Hub {
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| anyhow!("no token in {v}"))
+    }
+
+    /// `flotilla app get NAME -o json`.
+    pub fn app(&self, name: &str) -> Result<Value> {
+        self.cli_json(&["app", "get", name])
+    }
+
+    /// `flotilla app apply -f` of a document; fails with the CLI's error.
+    pub fn apply_app(&self, document: &str) -> Result<()> {
+        let path = unique_log(self.dir.path(), "app").with_extension("yaml");
+        std::fs::write(&path, document)?;
+        let out = self.cli(&["app", "apply", "-f", &path.display().to_string()])?;
+        ensure!(
+            out.status.success(),
+            "app apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Waits until app `name` was rendered from `revision`; returns the app.
+    pub fn wait_revision(&self, name: &str, revision: &str, timeout: Duration) -> Result<Value> {
+        wait_for(timeout, &format!("app {name} at {revision}"), || {
+            let app = self.app(name)?;
+            if app["revision"] == revision {
+                return Ok(Some(app));
+            }
+            Err(anyhow!(
+                "app is at {} (error: {})",
+                app["revision"],
+                app["last_error"]
+            ))
+        })
     }
 
     /// The JSON object of one cluster from `cluster list -o json`, if listed.
@@ -319,10 +371,24 @@ impl Hub {
     }
 }
 
-fn serve(data_dir: &Path, listen: &str, opts: &HubOptions, logs: &Path) -> Result<(Proc, String)> {
+fn serve(
+    data_dir: &Path,
+    listen: &str,
+    opts: &HubOptions,
+    logs: &Path,
+) -> Result<(Proc, String, Option<String>)> {
     let log = unique_log(logs, "hub");
-    let mut child = Command::new(bin("flotilla-hub"))
-        .arg("serve")
+    let mut cmd = Command::new(bin("flotilla-hub"));
+    cmd.args(["serve", "--poll-interval", &opts.poll_interval]);
+    if opts.http {
+        cmd.args(["--http-listen", "127.0.0.1:0"]);
+    }
+    if let Some(secret) = &opts.webhook_secret {
+        let path = logs.join("webhook-secret");
+        std::fs::write(&path, secret)?;
+        cmd.arg("--webhook-secret-file").arg(path);
+    }
+    let mut child = cmd
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--listen", listen, "--cert-ttl", &opts.cert_ttl])
@@ -337,13 +403,22 @@ fn serve(data_dir: &Path, listen: &str, opts: &HubOptions, logs: &Path) -> Resul
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(addr) = line.strip_prefix("flotilla-hub listening on ") {
-                let _ = tx.send(addr.trim().to_string());
+                let _ = tx.send((false, addr.trim().to_string()));
+            }
+            if let Some(addr) = line.strip_prefix("flotilla-hub http on ") {
+                let _ = tx.send((true, addr.trim().to_string()));
             }
         }
     });
     let mut process = Proc { child, log };
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(addr) => Ok((process, addr)),
+    let first = rx.recv_timeout(Duration::from_secs(20));
+    let http = if opts.http {
+        rx.recv_timeout(Duration::from_secs(5)).ok().map(|(_, a)| a)
+    } else {
+        None
+    };
+    match first {
+        Ok((_, addr)) => Ok((process, addr, http)),
         Err(_) => {
             process.kill9();
             bail!("hub did not start listening: {}", process.log_text())
@@ -567,13 +642,26 @@ pub mod grpc {
 
     /// Registers `name` directly; returns its identity.
     pub async fn register(hub: &Hub, token: &str, name: &str) -> Result<Identity> {
+        register_with_labels(hub, token, name, &[]).await
+    }
+
+    /// Registers `name` with labels directly; returns its identity.
+    pub async fn register_with_labels(
+        hub: &Hub,
+        token: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Identity> {
         let (key, csr) = key_and_csr(name)?;
         let mut client = RegistrationClient::new(channel(hub, None)?);
         let response = client
             .register(RegisterRequest {
                 token: token.into(),
                 cluster_name: name.into(),
-                labels: Default::default(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 csr_pem: csr,
             })
             .await?
@@ -592,4 +680,98 @@ pub mod grpc {
             text.as_bytes()[split..].to_vec(),
         ))
     }
+}
+
+/// A git repository on disk, driven with the git CLI (an independent implementation from gix).
+pub struct GitRepo {
+    pub path: PathBuf,
+}
+
+impl GitRepo {
+    pub fn init(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let repo = Self {
+            path: path.to_path_buf(),
+        };
+        repo.git(&["init", "-q", "-b", "main"])?;
+        Ok(repo)
+    }
+
+    /// Runs git in the repository; returns trimmed stdout.
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.email=test@flotilla.dev",
+                "-c",
+                "user.name=test",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(&self.path)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> Result<()> {
+        let p = self.path.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(p, content)?;
+        Ok(())
+    }
+
+    /// Stages everything and commits; returns the commit id.
+    pub fn commit(&self, message: &str) -> Result<String> {
+        self.git(&["add", "-A"])?;
+        self.git(&["commit", "-q", "--allow-empty", "-m", message])?;
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+}
+
+/// A raw HTTP/1.1 POST on loopback; returns the status code and body.
+pub fn http_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    // The server may answer (413) before reading everything; a failed write is not an error here.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }

@@ -1,0 +1,346 @@
+//! Apps from git, through the real hub binary: polling and webhooks, refs and force-pushes, smart
+//! HTTP, kustomize, per-cluster customization, and bad sources that keep the last good bundle.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use flotilla_e2e::grpc::register_with_labels;
+use flotilla_e2e::{GitRepo, Hub, HubOptions, Proc, http_post};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Breaks a repository in one specific way.
+type Breaker = Box<dyn Fn(&GitRepo) -> Result<()>>;
+
+fn app_doc(name: &str, url: &str, reference: &str, path: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  source: {{repoURL: \"{url}\", ref: \"{reference}\", path: \"{path}\"{extra}}}\n  targets: {{selector: {{matchExpressions: [{{key: region, operator: Exists}}]}}}}\n"
+    )
+}
+
+const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {region: \"${cluster.labels.region}\", v: \"1\"}\n";
+
+async fn fleet(hub: &Hub) -> Result<()> {
+    let token = hub.token(&["--uses", "3"])?;
+    for (name, region) in [("eu-1", "eu"), ("eu-2", "eu"), ("us-1", "us")] {
+        register_with_labels(hub, &token, name, &[("region", region)]).await?;
+    }
+    Ok(())
+}
+
+fn digests(app: &Value) -> Vec<(String, String)> {
+    app["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c["cluster"].as_str().unwrap_or("").to_string(),
+                c["digest"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commits_arrive_within_the_poll_interval_with_per_cluster_variants() -> Result<()> {
+    let hub = Hub::start(HubOptions::default())?;
+    fleet(&hub).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write("apps/web/cm.yaml", CM)?;
+    let first = repo.commit("first")?;
+    hub.apply_app(&app_doc("web", &repo.url(), "main", "apps/web", ""))?;
+    let app = hub.wait_revision("web", &first, T)?;
+    let d = digests(&app);
+    assert_eq!(d.len(), 3);
+    assert_eq!(d[0].1, d[1].1, "alike clusters share one bundle: {d:?}");
+    assert_ne!(
+        d[0].1, d[2].1,
+        "a different region renders differently: {d:?}"
+    );
+
+    repo.write("apps/web/cm.yaml", &CM.replace("v: \"1\"", "v: \"2\""))?;
+    let second = repo.commit("second")?;
+    let started = std::time::Instant::now();
+    let app = hub.wait_revision("web", &second, Duration::from_secs(5))?;
+    println!(
+        "commit picked up after {:?} (poll interval 1s)",
+        started.elapsed()
+    );
+    assert_eq!(app["history"].as_array().map(Vec::len), Some(2));
+    assert_eq!(app["history"][1]["revision"], first.as_str());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result<()> {
+    let secret = "webhook-secret";
+    let mut hub = Hub::start(HubOptions {
+        poll_interval: "1h".into(),
+        http: true,
+        webhook_secret: Some(secret.into()),
+        ..HubOptions::default()
+    })?;
+    fleet(&hub).await?;
+    let http = hub.http_addr.clone().context("http listener")?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("fleet.git"))?;
+    repo.write("web/cm.yaml", CM)?;
+    let first = repo.commit("first")?;
+    hub.apply_app(&app_doc("web", &repo.url(), "main", "web", ""))?;
+    hub.wait_revision("web", &first, T)?;
+    repo.write("web/cm.yaml", &CM.replace("v: \"1\"", "v: \"2\""))?;
+    let second = repo.commit("second")?;
+
+    let payload =
+        serde_json::json!({"ref": "refs/heads/main", "repository": {"clone_url": repo.url()}})
+            .to_string();
+    let sign = |body: &[u8]| {
+        let tag = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()),
+            body,
+        );
+        format!(
+            "sha256={}",
+            tag.as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    };
+    let (code, _) = http_post(
+        &http,
+        "/webhooks/git",
+        &[("X-Hub-Signature-256", "sha256=00".into())],
+        payload.as_bytes(),
+    )?;
+    assert_eq!(code, 401);
+    let (code, _) = http_post(&http, "/webhooks/git", &[], payload.as_bytes())?;
+    assert_eq!(code, 401, "unsigned");
+    let huge = vec![b'x'; 2 * 1024 * 1024];
+    let (code, _) = http_post(
+        &http,
+        "/webhooks/git",
+        &[("X-Hub-Signature-256", sign(&huge))],
+        &huge,
+    )?;
+    assert_eq!(code, 413);
+    let garbage = b"{not json";
+    let (code, _) = http_post(
+        &http,
+        "/webhooks/git",
+        &[("X-Hub-Signature-256", sign(garbage))],
+        garbage,
+    )?;
+    assert_eq!(code, 400);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        hub.app("web")?["revision"],
+        first.as_str(),
+        "refused webhooks changed nothing"
+    );
+
+    let (code, body) = http_post(
+        &http,
+        "/webhooks/git",
+        &[("X-Hub-Signature-256", sign(payload.as_bytes()))],
+        payload.as_bytes(),
+    )?;
+    assert_eq!(code, 202, "{body}");
+    hub.wait_revision("web", &second, Duration::from_secs(3))?;
+    assert!(hub.process.running());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn branches_tags_pinned_commits_and_force_pushes() -> Result<()> {
+    let hub = Hub::start(HubOptions::default())?;
+    fleet(&hub).await?;
+    let dir = tempfile::tempdir()?;
+    let work = GitRepo::init(&dir.path().join("work"))?;
+    let origin = dir.path().join("origin.git");
+    Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(&origin)
+        .status()?;
+    work.git(&["remote", "add", "origin", &origin.display().to_string()])?;
+    work.write("cm.yaml", CM)?;
+    let a = work.commit("a")?;
+    work.git(&["tag", "v1"])?;
+    work.git(&["push", "-q", "origin", "main", "--tags"])?;
+    let url = format!("file://{}", origin.display());
+    hub.apply_app(&app_doc("by-branch", &url, "main", "", ""))?;
+    hub.apply_app(&app_doc("by-tag", &url, "v1", "", ""))?;
+    hub.apply_app(&app_doc("by-commit", &url, &a, "", ""))?;
+    for name in ["by-branch", "by-tag", "by-commit"] {
+        hub.wait_revision(name, &a, T)?;
+    }
+    work.write("cm.yaml", &CM.replace("v: \"1\"", "v: \"2\""))?;
+    let b = work.commit("b")?;
+    work.git(&["push", "-q", "origin", "main"])?;
+    hub.wait_revision("by-branch", &b, T)?;
+    // History rewritten: the branch is force-pushed to a commit that does not descend from b.
+    work.git(&["reset", "-q", "--hard", &a])?;
+    work.write("cm.yaml", &CM.replace("v: \"1\"", "v: \"3\""))?;
+    let c = work.commit("c")?;
+    work.git(&["push", "-q", "--force", "origin", "main"])?;
+    hub.wait_revision("by-branch", &c, T)?;
+    assert_eq!(hub.app("by-tag")?["revision"], a.as_str());
+    assert_eq!(hub.app("by-commit")?["revision"], a.as_str());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_served_over_smart_http() -> Result<()> {
+    let hub = Hub::start(HubOptions::default())?;
+    fleet(&hub).await?;
+    let dir = tempfile::tempdir()?;
+    let work = GitRepo::init(&dir.path().join("work"))?;
+    work.write("apps/web/cm.yaml", CM)?;
+    let first = work.commit("first")?;
+    let served = dir.path().join("served");
+    std::fs::create_dir_all(&served)?;
+    Command::new("git")
+        .args(["clone", "-q", "--bare"])
+        .arg(&work.path)
+        .arg(served.join("fleet.git"))
+        .status()?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites/git_http.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(&served)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let server = Proc::adopt(child);
+    let url = format!("http://127.0.0.1:{}/fleet.git", line.trim());
+    hub.apply_app(&app_doc("web", &url, "main", "apps/web", ""))?;
+    hub.wait_revision("web", &first, T)?;
+    drop(server);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kustomize_renders_exactly_what_kubectl_kustomize_renders() -> Result<()> {
+    let hub = Hub::start(HubOptions::default())?;
+    fleet(&hub).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write(
+        "base/kustomization.yaml",
+        "resources: [deploy.yaml, cm.yaml]\ncommonLabels: {app: web}\n",
+    )?;
+    repo.write("base/deploy.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: \"nginx:1.27\"}]}\n")?;
+    repo.write(
+        "base/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {mode: base}\n",
+    )?;
+    repo.write("overlays/prod/kustomization.yaml", "resources: [../../base]\nnamePrefix: prod-\npatches:\n  - patch: |-\n      apiVersion: apps/v1\n      kind: Deployment\n      metadata: {name: web}\n      spec: {replicas: 3}\n")?;
+    let rev = repo.commit("kustomize")?;
+    hub.apply_app(&app_doc(
+        "kz",
+        &repo.url(),
+        "main",
+        "overlays/prod",
+        ", type: kustomize",
+    ))?;
+    let app = hub.wait_revision("kz", &rev, T)?;
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo.path.join("overlays/prod"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = flotilla_bundle::manifest::parse_documents(
+        "kubectl",
+        &String::from_utf8_lossy(&out.stdout),
+    )?;
+    let objects: Vec<Value> = docs.into_iter().map(|m| m.object).collect();
+    let expected = flotilla_bundle::digest(&objects);
+    for (cluster, digest) in digests(&app) {
+        assert_eq!(digest, expected, "{cluster}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_sources_give_clear_errors_and_keep_the_last_good_bundle() -> Result<()> {
+    let hub = Hub::start(HubOptions::default())?;
+    fleet(&hub).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write("app/cm.yaml", CM)?;
+    let good = repo.commit("good")?;
+    hub.apply_app(&app_doc("web", &repo.url(), "main", "app", ""))?;
+    let good_digests = digests(&hub.wait_revision("web", &good, T)?);
+
+    // A path that leaves the repository is refused when the app is applied.
+    let path = dir.path().join("escape.yaml");
+    std::fs::write(&path, app_doc("web", &repo.url(), "main", "../..", ""))?;
+    let out = hub.cli(&["app", "apply", "-f", &path.display().to_string()])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("spec.source.path"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bomb = "a: &a [\"l\",\"l\",\"l\",\"l\",\"l\",\"l\",\"l\",\"l\",\"l\"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\n";
+    let cases: Vec<(&str, Breaker)> = vec![
+        (
+            "symlink",
+            Box::new(|r: &GitRepo| {
+                std::os::unix::fs::symlink("../../../etc/passwd", r.path.join("app/leak.yaml"))?;
+                Ok(())
+            }),
+        ),
+        (
+            "bytes, over the",
+            Box::new(|r: &GitRepo| {
+                let big = "#".repeat(64 * 1024 * 1024);
+                r.write("app/huge.yaml", &big)
+            }),
+        ),
+        (
+            "bomb.yaml#1: invalid YAML",
+            Box::new(move |r: &GitRepo| r.write("app/bomb.yaml", bomb)),
+        ),
+        (
+            "broken.yaml#1: invalid YAML",
+            Box::new(|r: &GitRepo| r.write("app/broken.yaml", "kind: [oops")),
+        ),
+    ];
+    let mut last_good = good.clone();
+    for (needle, breaker) in cases {
+        breaker(&repo)?;
+        let rev = repo.commit(needle)?;
+        flotilla_e2e::wait_for(T, &format!("error about {needle}"), || {
+            let app = hub.app("web")?;
+            let err = app["last_error"].as_str().unwrap_or("").to_string();
+            Ok(err.contains(needle).then_some(()))
+        })?;
+        let app = hub.app("web")?;
+        assert_eq!(
+            digests(&app),
+            good_digests,
+            "the last good bundle stays assigned after {needle} ({rev})"
+        );
+        assert_eq!(app["revision"], last_good.as_str());
+        // Repair for the next case.
+        repo.git(&["reset", "-q", "--hard", &good])?;
+        repo.git(&["clean", "-qfd"])?;
+        let repaired = repo.commit(&format!("repair after {needle}"))?;
+        hub.wait_revision("web", &repaired, T)?;
+        last_good = repaired;
+    }
+    Ok(())
+}
