@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod credentials;
 pub mod engine;
 mod error;
+pub mod fleet;
 pub mod link;
 pub mod local;
 pub mod runner;

@@ -6,8 +6,8 @@ use std::time::Duration;
 use flotilla_proto::v1::agent_client::AgentClient;
 use flotilla_proto::v1::registration_client::RegistrationClient;
 use flotilla_proto::v1::{
-    AgentMessage, Heartbeat, Hello, HubMessage, RegisterRequest, RenewRequest, agent_message,
-    hub_message,
+    AgentMessage, AppDigest, AppStatus, Assignment, FetchBundleRequest, Heartbeat, Hello,
+    HubMessage, RegisterRequest, RenewRequest, agent_message, hub_message,
 };
 use flotilla_proto::{ClientTls, endpoint, error_chain};
 use tokio::sync::{mpsc, watch};
@@ -92,12 +92,13 @@ impl HubLink {
 
     /// Opens a session: sends hello and waits for the hub's welcome. The session is not driven yet,
     /// so a caller can open a new session before dropping the old one (make before break).
-    pub async fn open(&self, creds: &Credentials) -> Result<OpenSession> {
+    pub async fn open(&self, creds: &Credentials, running: Vec<AppDigest>) -> Result<OpenSession> {
         let mut client = AgentClient::new(self.channel(Some(creds)).await?);
         let (out, out_rx) = mpsc::channel(8);
         let hello = AgentMessage {
             kind: Some(agent_message::Kind::Hello(Hello {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                running,
             })),
         };
         // Cannot fail: the buffer is empty and the receiver is alive.
@@ -141,8 +142,16 @@ impl HubLink {
         session: &mut OpenSession,
         credentials_changed: &mut watch::Receiver<Credentials>,
         shutdown: &CancellationToken,
+        fleet: &FleetLink,
     ) -> Result<SessionEnd> {
         let period = session.heartbeat;
+        let mut board = fleet.board.subscribe();
+        // A new session starts with every current status: the hub may have restarted.
+        for status in fleet.board.all() {
+            if session.out.send(status_message(status)).await.is_err() {
+                return Err(Error::Unreachable("agent stream closed".into()));
+            }
+        }
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -160,7 +169,21 @@ impl HubLink {
                         return Err(Error::Unreachable("agent stream closed".into()));
                     }
                 }
+                changed = board.changed() => {
+                    if changed.is_err() {
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    for status in fleet.board.take_changed() {
+                        if session.out.send(status_message(status)).await.is_err() {
+                            return Err(Error::Unreachable("agent stream closed".into()));
+                        }
+                    }
+                }
                 message = session.inbound.message() => match message {
+                    Ok(Some(HubMessage { kind: Some(hub_message::Kind::Assignments(a)) })) => {
+                        tracing::info!(apps = a.apps.len(), "assignments received");
+                        fleet.assignments.send_replace(Some(a.apps));
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return Err(Error::Unreachable("the hub closed the agent stream".into())),
                     Err(status) => return Err(Error::from_status("agent stream", &status)),
@@ -168,6 +191,46 @@ impl HubLink {
             }
         }
     }
+
+    /// Fetches a bundle by digest (chunked) and verifies it.
+    pub async fn fetch_bundle(&self, creds: &Credentials, digest: &str) -> Result<Vec<u8>> {
+        let mut client = AgentClient::new(self.channel(Some(creds)).await?);
+        let mut stream = client
+            .fetch_bundle(FetchBundleRequest {
+                digest: digest.to_string(),
+            })
+            .await
+            .map_err(|s| Error::from_status("fetching a bundle", &s))?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| Error::from_status("fetching a bundle", &s))?
+        {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let actual = flotilla_bundle::digest_bytes(&bytes);
+        if actual != digest {
+            return Err(Error::Bundle(format!(
+                "bundle {digest} arrived with digest {actual}; discarded"
+            )));
+        }
+        Ok(bytes)
+    }
+}
+
+fn status_message(status: AppStatus) -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::Status(status)),
+    }
+}
+
+/// What a session shares with the cluster side: assignments in, statuses out.
+#[derive(Clone)]
+pub struct FleetLink {
+    pub assignments: watch::Sender<Option<Vec<Assignment>>>,
+    pub board: std::sync::Arc<crate::fleet::StatusBoard>,
 }
 
 /// A session the hub has welcomed.

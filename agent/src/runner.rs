@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, random_fraction};
 use crate::credentials::{Credentials, IdentityStore, now_unix};
+use crate::engine::Engine;
 use crate::engine::inventory::LocalCache;
-use crate::engine::{Engine, run_cached};
-use crate::link::{HubLink, OpenSession, SessionEnd};
+use crate::fleet::{Fleet, StatusBoard};
+use crate::link::{FleetLink, HubLink, OpenSession, SessionEnd};
 use crate::{Error, Result};
+use flotilla_proto::v1::AppDigest;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -34,28 +36,50 @@ pub struct RunOptions {
 
 /// Runs until shutdown (Ok) or until the agent cannot go on without an operator (Err).
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+    let board = Arc::new(StatusBoard::default());
+    let (assignments, assignments_rx) = watch::channel(None);
+    let link = FleetLink {
+        assignments,
+        board: Arc::clone(&board),
+    };
     // The cluster side never waits for the hub: cached apps keep being enforced while it is away.
-    let engine = match &opts.kubeconfig {
+    let fleet = match &opts.kubeconfig {
         Some(path) => {
             let client = crate::local::client(path).await?;
             let cache = LocalCache::open(&opts.data_dir)?;
-            Some(Arc::new(Engine::new(client, Some(cache))))
+            let engine = Arc::new(Engine::new(client, Some(cache)));
+            Some(Fleet::new(
+                engine,
+                opts.link.clone(),
+                opts.data_dir.clone(),
+                board,
+                opts.resync,
+            ))
         }
         None => None,
     };
+    let running = fleet
+        .as_ref()
+        .map(|f| f.running_digests())
+        .unwrap_or_default();
     let cluster_side = async {
-        match engine {
-            Some(engine) => run_cached(engine, opts.resync, shutdown.clone()).await,
+        match fleet {
+            Some(fleet) => fleet.run(assignments_rx, shutdown.clone()).await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
-        result = hub_side(&opts, &shutdown) => result,
+        result = hub_side(&opts, &shutdown, &link, running) => result,
         result = cluster_side => result,
     }
 }
 
-async fn hub_side(opts: &RunOptions, shutdown: &CancellationToken) -> Result<()> {
+async fn hub_side(
+    opts: &RunOptions,
+    shutdown: &CancellationToken,
+    fleet: &FleetLink,
+    running: Vec<AppDigest>,
+) -> Result<()> {
     let shutdown = shutdown.clone();
     let store = IdentityStore::new(&opts.data_dir);
     let Some(creds) = obtain_credentials(opts, &store, &shutdown).await? else {
@@ -64,7 +88,7 @@ async fn hub_side(opts: &RunOptions, shutdown: &CancellationToken) -> Result<()>
     let (updates, credentials) = watch::channel(creds);
     tokio::select! {
         result = renew_forever(&opts.link, &store, updates, &shutdown) => result,
-        result = hold_sessions(&opts.link, credentials, &shutdown) => result,
+        result = hold_sessions(&opts.link, credentials, &shutdown, fleet, running) => result,
     }
 }
 
@@ -181,16 +205,21 @@ async fn hold_sessions(
     link: &HubLink,
     mut credentials: watch::Receiver<Credentials>,
     shutdown: &CancellationToken,
+    fleet: &FleetLink,
+    running: Vec<AppDigest>,
 ) -> Result<()> {
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     let mut previous: Option<OpenSession> = None;
     loop {
         let creds = credentials.borrow_and_update().clone();
-        let result = match link.open(&creds).await {
+        let result = match link.open(&creds, running.clone()).await {
             Ok(mut session) => {
                 drop(previous.take());
                 backoff.reset();
-                match link.drive(&mut session, &mut credentials, shutdown).await {
+                match link
+                    .drive(&mut session, &mut credentials, shutdown, fleet)
+                    .await
+                {
                     Ok(SessionEnd::CredentialsChanged) => {
                         tracing::info!("reconnecting with the renewed certificate");
                         previous = Some(session);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_proto::v1::FleetStatusRequest;
 use flotilla_proto::v1::admin_client::AdminClient;
 use flotilla_proto::v1::{
     ApplyAppRequest, CreateTokenRequest, DeleteAppRequest, DeregisterClusterRequest, GetAppRequest,
@@ -73,6 +74,8 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// The fleet x app matrix: what each cluster runs and how it stands.
+    Status,
     /// Apps: what runs where, from git.
     App {
         #[command(subcommand)]
@@ -178,6 +181,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { command } => token(&cli.conn, format, command).await,
         Command::Cluster { command } => cluster(&cli.conn, format, command).await,
         Command::App { command } => app(&cli.conn, format, command).await,
+        Command::Status => {
+            let mut admin = admin_client(&cli.conn).await?;
+            let rows = admin
+                .fleet_status(FleetStatusRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .rows;
+            output::status(format, &rows);
+            Ok(())
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_proto::v1::{App, Cluster, CreateTokenResponse};
+use flotilla_proto::v1::{App, Cluster, CreateTokenResponse, FleetStatusRow};
 use serde_json::{Value, json};
 
 use crate::Format;
@@ -255,6 +255,82 @@ pub fn app(format: Format, app: &App) {
                     })
                     .collect(),
             );
+        }
+    }
+}
+
+fn status_json(r: &FleetStatusRow) -> Value {
+    json!({
+        "cluster": r.cluster,
+        "app": r.app,
+        "connected": r.connected,
+        "revision": r.revision,
+        "digest": r.digest,
+        "desired_revision": r.desired_revision,
+        "desired_digest": r.desired_digest,
+        "sync": r.sync,
+        "health": r.health,
+        "message": r.message,
+        "drift_count": r.drift_count,
+        "reported_at": rfc3339_ms(r.reported_at_unix_ms),
+    })
+}
+
+fn paint(text: &str) -> String {
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return text.to_string();
+    }
+    let code = match text {
+        "Healthy" | "Synced" => "32",
+        "Progressing" => "33",
+        "Degraded" | "Missing" | "OutOfSync" => "31",
+        _ => "90",
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+pub fn status(format: Format, rows: &[FleetStatusRow]) {
+    match format {
+        Format::Json => print_json(&Value::Array(rows.iter().map(status_json).collect())),
+        Format::Table => {
+            // Padding is computed on the plain text; colors are added after.
+            let mut widths = [7usize, 3, 8, 4, 6];
+            for r in rows {
+                let cells = [&r.cluster, &r.app, &short(&r.revision), &r.sync, &r.health];
+                for (w, c) in widths.iter_mut().zip(cells) {
+                    *w = (*w).max(c.len());
+                }
+            }
+            println!(
+                "{:<w0$}   {:<w1$}   {:<w2$}   {:<w3$}   {:<w4$}   MESSAGE",
+                "CLUSTER",
+                "APP",
+                "REVISION",
+                "SYNC",
+                "HEALTH",
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2],
+                w3 = widths[3],
+                w4 = widths[4]
+            );
+            for r in rows {
+                let pad = |s: &str, w: usize| {
+                    format!("{}{}", paint(s), " ".repeat(w.saturating_sub(s.len())))
+                };
+                println!(
+                    "{:<w0$}   {:<w1$}   {:<w2$}   {}   {}   {}",
+                    r.cluster,
+                    r.app,
+                    short(&r.revision),
+                    pad(&r.sync, widths[3]),
+                    pad(&r.health, widths[4]),
+                    r.message,
+                    w0 = widths[0],
+                    w1 = widths[1],
+                    w2 = widths[2]
+                );
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod git;
 pub mod pki;
 pub mod render;
+pub mod reports;
 pub mod server;
 pub mod service;
 pub mod sessions;
@@ -60,6 +61,10 @@ pub struct Hub {
     pub apps: appstore::AppStore,
     pub source_settings: sources::SourceSettings,
     pub sync: sources::SyncState,
+    /// Bumped whenever any app's assignments may have changed; agent sessions watch it.
+    pub assignments_changed: tokio::sync::watch::Sender<u64>,
+    /// What each cluster last reported per app.
+    pub reports: reports::Reports,
 }
 
 /// Seconds since the epoch.

@@ -73,7 +73,10 @@ pub async fn serve(
     let store = store::Store::open(&db_path)?;
     let revoked = store.revoked_serials()?;
     let apps = crate::appstore::AppStore::open(store.db())?;
+    let reports = crate::reports::Reports::open(store.db())?;
     let hub = Arc::new(Hub {
+        assignments_changed: tokio::sync::watch::channel(0).0,
+        reports,
         apps,
         source_settings: SourceSettings {
             cache_root: opts.data_dir.join("repos"),

@@ -225,6 +225,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     s.last_error_at = None;
                 })
                 .await?;
+            hub.assignments_changed.send_modify(|v| *v += 1);
         }
         Err(err) => {
             tracing::warn!(app = name, error = %err, "app render failed; keeping the last good bundles");

@@ -369,6 +369,32 @@ impl Hub {
             Some(kubeconfig),
         )
     }
+
+    /// Like [`Hub::agent_with_cluster`], registering with labels.
+    pub fn agent_with_cluster_labels(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        kubeconfig: &Path,
+        labels: &str,
+    ) -> Result<Agent> {
+        let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
+        Agent::start_with(
+            &self.url,
+            &self.pki("ca.pem"),
+            &data_dir,
+            Some(name),
+            token,
+            labels,
+            Some(kubeconfig),
+        )
+    }
+
+    /// `flotilla status -o json`.
+    pub fn status(&self) -> Result<Vec<Value>> {
+        let v = self.cli_json(&["status"])?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
 }
 
 fn serve(
@@ -536,28 +562,83 @@ pub fn stable_view(list: &Value) -> Value {
 
 /// A kubesim cluster served from its own runtime, so blocking test code can use it freely.
 pub struct SimCluster {
-    pub runtime: tokio::runtime::Runtime,
     pub sim: kubesim::Sim,
     pub kubeconfig: PathBuf,
     _dir: tempfile::TempDir,
+    /// Dropping this ends the simulator's runtime thread.
+    _stop: std::sync::mpsc::Sender<()>,
 }
 
 impl SimCluster {
     pub fn start() -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
-        let sim = runtime.block_on(kubesim::Sim::start(kubesim::SimOptions::default()))?;
+        Self::start_many(&["kubesim"])
+    }
+
+    /// One simulator serving the named clusters; `kubeconfig` is the first one's.
+    pub fn start_many(names: &[&str]) -> Result<Self> {
+        let opts = kubesim::SimOptions {
+            clusters: names.iter().map(|n| n.to_string()).collect(),
+            ..kubesim::SimOptions::default()
+        };
+        // Its own runtime on its own thread, so sync and async tests alike can use it.
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started_tx.send(Err(anyhow!("runtime: {e}")));
+                    return;
+                }
+            };
+            let sim = runtime
+                .block_on(kubesim::Sim::start(opts))
+                .map_err(|e| anyhow!("{e}"));
+            let _ = started_tx.send(sim);
+            // Serve until the owner goes away.
+            let _ = stop_rx.recv();
+            drop(runtime);
+        });
+        let sim = started_rx
+            .recv()
+            .map_err(|_| anyhow!("kubesim thread died"))??;
         let dir = tempfile::tempdir()?;
-        let kubeconfig = dir.path().join("kubeconfig");
-        sim.write_kubeconfig("kubesim", &kubeconfig)?;
+        for name in names {
+            sim.write_kubeconfig(name, &dir.path().join(format!("{name}.kubeconfig")))?;
+        }
+        let kubeconfig = dir.path().join(format!(
+            "{}.kubeconfig",
+            names.first().context("a cluster")?
+        ));
         Ok(Self {
-            runtime,
             sim,
             kubeconfig,
             _dir: dir,
+            _stop: stop,
         })
+    }
+
+    /// The kubeconfig of cluster `name`.
+    pub fn kubeconfig_of(&self, name: &str) -> PathBuf {
+        self._dir.path().join(format!("{name}.kubeconfig"))
+    }
+
+    /// Names of the ConfigMaps in `namespace` of cluster `cluster`.
+    pub fn configmaps_in(&self, cluster: &str, namespace: &str) -> Result<Vec<String>> {
+        let rt = kubesim::resources::builtins()
+            .into_iter()
+            .find(|r| r.kind == "ConfigMap")
+            .context("ConfigMap is built in")?;
+        let c = self.sim.cluster(cluster).context("cluster")?;
+        let (items, _, _) = c.list(&rt, Some(namespace), |_| true, None, None);
+        Ok(items
+            .iter()
+            .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
+            .collect())
     }
 
     /// Names of the ConfigMaps in `namespace`.

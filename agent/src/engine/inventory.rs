@@ -28,6 +28,11 @@ pub struct Inventory {
 pub struct CachedBundle {
     pub spec: AppSpec,
     pub objects: Vec<serde_json::Value>,
+    /// The hub's digest of the bundle (empty for bundles applied by hand).
+    #[serde(default)]
+    pub digest: String,
+    #[serde(default)]
+    pub revision: String,
 }
 
 /// Local durable state of the engine: inventories and the last desired bundle per app.
@@ -92,15 +97,38 @@ impl LocalCache {
             .transpose()
     }
 
-    pub async fn save_bundle(&self, spec: &AppSpec, objects: &[serde_json::Value]) -> Result<()> {
+    pub async fn save_bundle(
+        &self,
+        spec: &AppSpec,
+        objects: &[serde_json::Value],
+        digest: &str,
+        revision: &str,
+    ) -> Result<()> {
         let app = spec.name.as_str();
         let cached = CachedBundle {
             spec: spec.clone(),
             objects: objects.to_vec(),
+            digest: digest.to_string(),
+            revision: revision.to_string(),
         };
         let bytes = serde_json::to_vec(&cached).map_err(|e| Error::Cache(e.to_string()))?;
         self.bundles
             .insert(app, bytes)
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Forgets an app (it left the assignments and was pruned).
+    pub async fn forget(&self, app: &str) -> Result<()> {
+        self.bundles
+            .remove(app)
+            .map_err(|e| Error::Cache(e.to_string()))?;
+        self.inventories
+            .remove(app)
             .map_err(|e| Error::Cache(e.to_string()))?;
         self.db
             .flush_async()

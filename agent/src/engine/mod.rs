@@ -69,52 +69,6 @@ impl Report {
 
 pub use flotilla_bundle::digest;
 
-/// Reconciles every app in the local cache and keeps it in sync until cancelled: what an agent does
-/// while the hub is unreachable (and, until assignments arrive, what it does at all).
-pub async fn run_cached(
-    engine: std::sync::Arc<Engine>,
-    resync: Duration,
-    cancel: CancellationToken,
-) -> Result<()> {
-    let Some(cache) = engine.cache() else {
-        cancel.cancelled().await;
-        return Ok(());
-    };
-    let mut apps = Vec::new();
-    for name in cache.apps() {
-        if let Some(bundle) = cache.bundle(&name)? {
-            apps.push(bundle);
-        }
-    }
-    tracing::info!(apps = apps.len(), "reconciling cached apps");
-    let tasks = tokio_util::task::TaskTracker::new();
-    for bundle in apps {
-        let engine = std::sync::Arc::clone(&engine);
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
-            let app = bundle.spec.clone();
-            match engine.reconcile(&app, &bundle.objects, |_, _| {}).await {
-                Ok(report) if report.failed() > 0 => tracing::warn!(app = %app.name, failed = report.failed(), "cached app applied with failures"),
-                Ok(_) => tracing::info!(app = %app.name, "cached app applied"),
-                Err(e) => tracing::warn!(app = %app.name, error = %e, "cached app could not be applied; the resync retries"),
-            }
-            let healed = engine
-                .keep_in_sync(&app, &bundle.objects, resync, cancel, |r, n| {
-                    tracing::info!(app = %app.name, object = %r, drift = n, "healed drift");
-                })
-                .await;
-            if let Err(e) = healed {
-                tracing::warn!(app = %app.name, error = %e, "drift watch ended");
-            }
-        });
-    }
-    tasks.close();
-    tasks.wait().await;
-    // With nothing (left) to enforce, stay up until shutdown: the hub side owns the process.
-    cancel.cancelled().await;
-    Ok(())
-}
-
 /// Applies bundles to one cluster.
 pub struct Engine {
     client: kube::Client,
@@ -219,7 +173,7 @@ impl Engine {
     ) -> Result<Report> {
         let digest = digest(objects);
         if let Some(cache) = &self.cache {
-            cache.save_bundle(app, objects).await?;
+            cache.save_bundle(app, objects, &digest, "").await?;
         }
         let old = self.inventory(&app.name).await?;
         let mut desired = Vec::with_capacity(objects.len());

@@ -8,8 +8,9 @@ use flotilla_proto::v1::admin_server::Admin;
 use flotilla_proto::v1::{
     App, AppCluster, AppRevision, ApplyAppRequest, Cluster, CreateTokenRequest,
     CreateTokenResponse, DeleteAppRequest, DeleteAppResponse, DeregisterClusterRequest,
-    DeregisterClusterResponse, GetAppRequest, GetClusterRequest, LabelClusterRequest,
-    ListAppsRequest, ListAppsResponse, ListClustersRequest, ListClustersResponse,
+    DeregisterClusterResponse, FleetStatusRequest, FleetStatusResponse, GetAppRequest,
+    GetClusterRequest, LabelClusterRequest, ListAppsRequest, ListAppsResponse, ListClustersRequest,
+    ListClustersResponse,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
@@ -147,6 +148,7 @@ impl AdminService {
         // Revoke in memory before dropping streams, so the agent's reconnect is already refused.
         self.hub.auth.revoke(serials.iter().cloned());
         let dropped = self.hub.sessions.drop_cluster(name);
+        self.hub.reports.forget_cluster(name);
         tracing::info!(cluster = %name, revoked = ?serials, streams_dropped = dropped, "cluster deregistered");
         Ok(DeregisterClusterResponse {
             revoked_serials: serials,
@@ -208,6 +210,28 @@ impl Admin for AdminService {
         Ok(Response::new(response))
     }
 
+    async fn fleet_status(
+        &self,
+        request: Request<FleetStatusRequest>,
+    ) -> Result<Response<FleetStatusResponse>, Status> {
+        self.hub.auth.admin(&request)?;
+        let apps = self.hub.apps.list()?;
+        let mut rows = Vec::new();
+        for cluster in self.hub.store.clusters()? {
+            let (connected, _) = self.hub.sessions.status(&cluster.name);
+            for desired in crate::reports::assignments_for(&cluster.name, &apps) {
+                let report = self.hub.reports.get(&cluster.name, &desired.app);
+                rows.push(crate::reports::row(
+                    &cluster.name,
+                    connected,
+                    &desired,
+                    report.as_ref(),
+                ));
+            }
+        }
+        Ok(Response::new(FleetStatusResponse { rows }))
+    }
+
     async fn apply_app(&self, request: Request<ApplyAppRequest>) -> Result<Response<App>, Status> {
         self.hub.auth.admin(&request)?;
         Ok(Response::new(self.apply_app(request.into_inner()).await?))
@@ -249,6 +273,7 @@ impl Admin for AdminService {
             return Err(Error::AppNotFound(name.clone()).into());
         }
         tracing::info!(app = %name, "app deleted");
+        self.hub.assignments_changed.send_modify(|v| *v += 1);
         Ok(Response::new(DeleteAppResponse {}))
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use flotilla_proto::v1::agent_server::Agent;
 use flotilla_proto::v1::{
-    AgentMessage, HeartbeatAck, HubMessage, Welcome, agent_message, hub_message,
+    AgentMessage, Assignment, Assignments, BundleChunk, FetchBundleRequest, HeartbeatAck,
+    HubMessage, Welcome, agent_message, hub_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +20,24 @@ use crate::{Error, Hub, now_ms, now_unix};
 
 /// Outbound messages buffered per agent; a slow agent back-pressures only its own session task.
 const OUTBOUND_BUFFER: usize = 16;
+/// Bundle chunk size: well under gRPC's default 4 MiB message limit.
+const CHUNK: usize = 256 * 1024;
+
+fn assignments_of(hub: &Hub, cluster: &str) -> Vec<Assignment> {
+    match hub.apps.list() {
+        Ok(apps) => crate::reports::assignments_for(cluster, &apps),
+        Err(e) => {
+            tracing::error!(cluster, error = %e, "reading assignments");
+            Vec::new()
+        }
+    }
+}
+
+fn assignments_message(apps: Vec<Assignment>) -> HubMessage {
+    HubMessage {
+        kind: Some(hub_message::Kind::Assignments(Assignments { apps })),
+    }
+}
 
 /// Serves agent streams.
 pub struct AgentService {
@@ -34,6 +53,48 @@ impl AgentService {
 #[tonic::async_trait]
 impl Agent for AgentService {
     type SessionStream = ReceiverStream<Result<HubMessage, Status>>;
+    type FetchBundleStream = ReceiverStream<Result<BundleChunk, Status>>;
+
+    async fn fetch_bundle(
+        &self,
+        request: Request<FetchBundleRequest>,
+    ) -> Result<Response<Self::FetchBundleStream>, Status> {
+        let (name, _peer) = self.hub.auth.cluster(&request)?;
+        let digest = request.into_inner().digest;
+        // A cluster may fetch only what it is assigned: the bundles of other clusters can carry
+        // their own customizations (and secrets' shapes) and are none of its business.
+        let assigned = self
+            .hub
+            .apps
+            .list()?
+            .iter()
+            .any(|a| a.status.assignments.get(&name) == Some(&digest));
+        if !assigned {
+            return Err(Error::PermissionDenied(format!(
+                "bundle {digest} is not assigned to cluster {name:?}"
+            ))
+            .into());
+        }
+        let bytes = self.hub.apps.bundle(&digest)?.ok_or_else(|| {
+            Error::Internal(format!(
+                "assigned bundle {digest} is missing from the store"
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        let total = bytes.len() as u64;
+        self.hub.tasks.spawn(async move {
+            for chunk in bytes.chunks(CHUNK) {
+                let msg = BundleChunk {
+                    data: chunk.to_vec(),
+                    total_size: total,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn session(
         &self,
@@ -81,6 +142,15 @@ async fn run_session(
     let until_expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
+    let mut changes = hub.assignments_changed.subscribe();
+    let mut sent = assignments_of(&hub, &name);
+    if tx
+        .send(Ok(assignments_message(sent.clone())))
+        .await
+        .is_err()
+    {
+        return;
+    }
 
     let end: Option<Status> = loop {
         tokio::select! {
@@ -97,11 +167,27 @@ async fn run_session(
                     "the certificate this stream was opened with has expired; reconnect with the renewed one"));
             }
             _ = tx.closed() => break None,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break Some(Status::unavailable("hub is shutting down"));
+                }
+                let now = assignments_of(&hub, &name);
+                if now != sent {
+                    sent = now;
+                    if tx.send(Ok(assignments_message(sent.clone()))).await.is_err() {
+                        break None;
+                    }
+                }
+            }
             next = tokio::time::timeout(silence_limit, inbound.message()) => match next {
                 Err(_) => break Some(Status::deadline_exceeded(format!(
                     "no message from the agent for {}s", silence_limit.as_secs()))),
                 Ok(Ok(Some(message))) => {
                     hub.sessions.touch(&name, now_ms());
+                    if let Some(agent_message::Kind::Status(status)) = &message.kind {
+                        // Recorded under the session's identity; the report names only the app.
+                        hub.reports.record(&name, status.clone());
+                    }
                     if let Some(reply) = handle(message)
                         && tx.send(Ok(reply)).await.is_err()
                     {
@@ -131,7 +217,7 @@ async fn run_session(
 
 fn handle(message: AgentMessage) -> Option<HubMessage> {
     match message.kind? {
-        agent_message::Kind::Hello(_) => None,
+        agent_message::Kind::Hello(_) | agent_message::Kind::Status(_) => None,
         agent_message::Kind::Heartbeat(hb) => Some(HubMessage {
             kind: Some(hub_message::Kind::HeartbeatAck(HeartbeatAck {
                 seq: hb.seq,

@@ -1,0 +1,396 @@
+//! The cluster side of a connected agent: turns the hub's assignments into running apps (fetching
+//! bundles by digest, verifying and caching them), removes apps that left the assignments (pruning
+//! what they had), and publishes each app's status for the session to report.
+//!
+//! Apps run from the local cache from the start, so a cluster keeps being enforced while the hub is
+//! unreachable; assignments that arrive later replace them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_proto::v1::{AppDigest, AppStatus, Assignment};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::credentials::IdentityStore;
+use crate::engine::health::HealthState;
+use crate::engine::inventory::CachedBundle;
+use crate::engine::{AppSpec, Engine, Outcome};
+use crate::link::HubLink;
+use crate::{Error, Result};
+
+/// Statuses of the apps on this cluster, for the session to send.
+pub struct StatusBoard {
+    map: Mutex<BTreeMap<String, AppStatus>>,
+    changed: Mutex<BTreeMap<String, AppStatus>>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        Self {
+            map: Mutex::new(BTreeMap::new()),
+            changed: Mutex::new(BTreeMap::new()),
+            version: watch::channel(0).0,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Single map operations under the lock: a poisoned lock still guards sound data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl StatusBoard {
+    /// Publishes a status when it differs from the last one (ignoring its timestamp).
+    pub fn set(&self, mut status: AppStatus) {
+        let mut map = lock(&self.map);
+        let same = map.get(&status.app).is_some_and(|old| {
+            let mut o = old.clone();
+            o.at_unix_ms = 0;
+            let mut n = status.clone();
+            n.at_unix_ms = 0;
+            o == n
+        });
+        if same {
+            return;
+        }
+        status.at_unix_ms = now_ms();
+        if status.removed {
+            map.remove(&status.app);
+        } else {
+            map.insert(status.app.clone(), status.clone());
+        }
+        lock(&self.changed).insert(status.app.clone(), status);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn all(&self) -> Vec<AppStatus> {
+        lock(&self.changed).clear();
+        lock(&self.map).values().cloned().collect()
+    }
+
+    pub fn take_changed(&self) -> Vec<AppStatus> {
+        std::mem::take(&mut *lock(&self.changed))
+            .into_values()
+            .collect()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+struct Running {
+    digest: String,
+    cancel: CancellationToken,
+}
+
+/// The apps this agent runs.
+pub struct Fleet {
+    engine: Arc<Engine>,
+    link: HubLink,
+    identity: IdentityStore,
+    board: Arc<StatusBoard>,
+    resync: Duration,
+    running: Mutex<HashMap<String, Running>>,
+    tasks: TaskTracker,
+}
+
+impl Fleet {
+    pub fn new(
+        engine: Arc<Engine>,
+        link: HubLink,
+        data_dir: PathBuf,
+        board: Arc<StatusBoard>,
+        resync: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            link,
+            identity: IdentityStore::new(&data_dir),
+            board,
+            resync,
+            running: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// What this agent runs now (from its cache), for the session's hello.
+    pub fn running_digests(&self) -> Vec<AppDigest> {
+        let Some(cache) = self.engine.cache() else {
+            return Vec::new();
+        };
+        cache
+            .apps()
+            .into_iter()
+            .filter_map(|app| cache.bundle(&app).ok().flatten())
+            .map(|b| AppDigest {
+                app: b.spec.name.clone(),
+                digest: b.digest.clone(),
+            })
+            .collect()
+    }
+
+    /// Runs until cancelled: cached apps at once, then whatever the assignments say.
+    pub async fn run(
+        self: Arc<Self>,
+        mut assignments: watch::Receiver<Option<Vec<Assignment>>>,
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        if let Some(cache) = self.engine.cache() {
+            for app in cache.apps() {
+                if let Some(bundle) = cache.bundle(&app)? {
+                    self.start(bundle, &cancel);
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = assignments.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let desired = assignments.borrow_and_update().clone();
+                    if let Some(desired) = desired
+                        && let Err(e) = self.apply_assignments(desired, &cancel).await
+                    {
+                        tracing::warn!(error = %e, "applying assignments; the next assignment or resync retries");
+                    }
+                }
+            }
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+        Ok(())
+    }
+
+    async fn apply_assignments(
+        self: &Arc<Self>,
+        desired: Vec<Assignment>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let wanted: BTreeMap<String, Assignment> =
+            desired.into_iter().map(|a| (a.app.clone(), a)).collect();
+        for (app, a) in &wanted {
+            let current = lock(&self.running).get(app).map(|r| r.digest.clone());
+            if current.as_deref() == Some(a.digest.as_str()) {
+                continue;
+            }
+            let bundle = match self.bundle_for(a).await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.board.set(AppStatus {
+                        app: app.clone(),
+                        revision: a.revision.clone(),
+                        digest: current.unwrap_or_default(),
+                        sync: "OutOfSync".into(),
+                        health: "Unknown".into(),
+                        message: e.to_string(),
+                        ..AppStatus::default()
+                    });
+                    continue;
+                }
+            };
+            tracing::info!(app, digest = %a.digest, revision = %a.revision, "running new bundle");
+            self.start(bundle, cancel);
+        }
+        let leaving: Vec<String> = lock(&self.running)
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for app in leaving {
+            self.remove(&app).await;
+        }
+        Ok(())
+    }
+
+    /// The bundle for an assignment: from the cache when the digest matches, else fetched.
+    async fn bundle_for(&self, a: &Assignment) -> Result<CachedBundle> {
+        let spec = AppSpec {
+            name: a.app.clone(),
+            namespace: a.namespace.clone(),
+            prune: a.prune,
+            allow_empty: a.allow_empty,
+        };
+        if let Some(cache) = self.engine.cache()
+            && let Some(cached) = cache.bundle(&a.app)?
+            && cached.digest == a.digest
+        {
+            return Ok(CachedBundle { spec, ..cached });
+        }
+        let creds = self
+            .identity
+            .load()?
+            .ok_or_else(|| Error::NeedsOperator("no identity to fetch bundles with".into()))?;
+        let bytes = self.link.fetch_bundle(&creds, &a.digest).await?;
+        let objects: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Bundle(format!("bundle {}: {e}", a.digest)))?;
+        Ok(CachedBundle {
+            spec,
+            objects,
+            digest: a.digest.clone(),
+            revision: a.revision.clone(),
+        })
+    }
+
+    fn start(self: &Arc<Self>, bundle: CachedBundle, parent: &CancellationToken) {
+        let cancel = parent.child_token();
+        let previous = lock(&self.running).insert(
+            bundle.spec.name.clone(),
+            Running {
+                digest: bundle.digest.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.cancel.cancel();
+        }
+        let fleet = Arc::clone(self);
+        self.tasks
+            .spawn(async move { fleet.run_app(bundle, cancel).await });
+    }
+
+    async fn remove(&self, app: &str) {
+        if let Some(running) = lock(&self.running).remove(app) {
+            running.cancel.cancel();
+        }
+        let spec = AppSpec {
+            name: app.to_string(),
+            namespace: "default".into(),
+            prune: true,
+            allow_empty: true,
+        };
+        match self.engine.reconcile(&spec, &[], |_, _| {}).await {
+            Ok(report) => {
+                tracing::info!(
+                    app,
+                    pruned = report.count(|o| matches!(o, Outcome::Pruned)),
+                    "app removed"
+                );
+                if let Some(cache) = self.engine.cache() {
+                    let _ = cache.forget(app).await;
+                }
+                self.board.set(AppStatus {
+                    app: app.to_string(),
+                    removed: true,
+                    ..AppStatus::default()
+                });
+            }
+            Err(e) => {
+                tracing::warn!(app, error = %e, "removing app; will retry on the next assignment")
+            }
+        }
+    }
+
+    async fn run_app(&self, bundle: CachedBundle, cancel: CancellationToken) {
+        let app = bundle.spec.clone();
+        let status = |sync: &str, health: &str, message: String, drift: u64| AppStatus {
+            app: app.name.clone(),
+            revision: bundle.revision.clone(),
+            digest: bundle.digest.clone(),
+            sync: sync.into(),
+            health: health.into(),
+            message,
+            drift_count: drift,
+            ..AppStatus::default()
+        };
+        let report = match self
+            .engine
+            .reconcile(&app, &bundle.objects, |_, _| {})
+            .await
+        {
+            Ok(r) => {
+                if let Some(cache) = self.engine.cache()
+                    && let Err(e) = cache
+                        .save_bundle(&app, &bundle.objects, &bundle.digest, &bundle.revision)
+                        .await
+                {
+                    tracing::warn!(app = %app.name, error = %e, "caching the bundle");
+                }
+                r
+            }
+            Err(e) => {
+                self.board
+                    .set(status("OutOfSync", "Unknown", e.to_string(), 0));
+                return;
+            }
+        };
+        let failed: Vec<String> = report
+            .objects
+            .iter()
+            .filter_map(|(r, o)| match o {
+                Outcome::Failed(e) => Some(format!("{r}: {e}")),
+                _ => None,
+            })
+            .collect();
+        let sync = if failed.is_empty() {
+            "Synced"
+        } else {
+            "OutOfSync"
+        };
+        let refs: Vec<_> = report
+            .objects
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Applied))
+            .map(|(r, _)| r.clone())
+            .collect();
+        let drift = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let publish = |drift: u64, health: crate::engine::health::Health| {
+            let message = if failed.is_empty() {
+                health.message.clone()
+            } else {
+                failed.join("; ")
+            };
+            self.board
+                .set(status(sync, &health.state.to_string(), message, drift));
+        };
+        let (h, _) = self.engine.health(&app.name, &refs).await;
+        publish(0, h);
+        let drift2 = Arc::clone(&drift);
+        let keep = self.engine.keep_in_sync(
+            &app,
+            &bundle.objects,
+            self.resync,
+            cancel.clone(),
+            move |r, n| {
+                tracing::info!(object = %r, drift = n, "healed drift");
+                drift2.store(n, std::sync::atomic::Ordering::Relaxed);
+            },
+        );
+        tokio::pin!(keep);
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                result = &mut keep => {
+                    if let Err(e) = result {
+                        tracing::warn!(app = %app.name, error = %e, "drift watch ended");
+                    }
+                    cancel.cancelled().await;
+                    return;
+                }
+                _ = ticker.tick() => {
+                    let (h, _) = self.engine.health(&app.name, &refs).await;
+                    let settled = h.state != HealthState::Progressing;
+                    publish(drift.load(std::sync::atomic::Ordering::Relaxed), h);
+                    if settled {
+                        ticker.reset_after(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+}
