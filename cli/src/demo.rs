@@ -1,33 +1,152 @@
-//! `flotilla demo`: a whole fleet on this machine — a hub in a temporary directory and a few agents
-//! that register with bootstrap tokens and connect over mTLS — shown as a live table.
+//! `flotilla demo`: a whole fleet on this machine. A hub in a temporary directory, a kubesim fleet
+//! (clusters with different regions), one agent per cluster, and a local git repository holding a
+//! multi-tier app with a per-region customization. It shows a live table while the fleet converges,
+//! then commits a change and shows it roll across.
 //!
-//! Everything runs in this process through the same library entry points the binaries use, and talks
-//! over real TLS on loopback, so the demo exercises the real paths.
+//! Everything runs in this process through the library entry points the binaries use, over real
+//! mTLS and the real Kubernetes HTTP API, so the demo exercises the real paths.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_agent::link::HubLink;
 use flotilla_agent::runner::{RunOptions, run as run_agent};
-use flotilla_hub::server::{ServeOptions, serve};
+use flotilla_hub::server::{ServeOptions, SourceOptions, serve};
 use flotilla_hub::{Settings, pki};
 use flotilla_proto::v1::admin_client::AdminClient;
-use flotilla_proto::v1::{CreateTokenRequest, ListClustersRequest};
+use flotilla_proto::v1::{ApplyAppRequest, CreateTokenRequest, FleetStatusRequest, FleetStatusRow};
 use flotilla_proto::{ClientTls, endpoint};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
 
 use crate::{Format, output};
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
 
-/// Runs the demo; returns when the fleet is connected (with `exit_when_synced`) or on Ctrl-C.
+/// The example app: a web front end, an API, a worker, redis and postgres.
+const APP_FILES: &[(&str, &str)] = &[
+    (
+        "shop/namespace.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    ),
+    (
+        "shop/config.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop-config, namespace: shop}\ndata:\n  REGION: \"${cluster.labels.region}\"\n  CLUSTER: \"${cluster.name}\"\n  CURRENCY: \"${vars.currency}\"\n",
+    ),
+    (
+        "shop/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n        - name: web\n          image: ghcr.io/example/shop-web:1.0.0\n          envFrom: [{configMapRef: {name: shop-config}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n",
+    ),
+    (
+        "shop/api.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: shop}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: api}}\n  template:\n    metadata: {labels: {app: api}}\n    spec:\n      containers: [{name: api, image: \"ghcr.io/example/shop-api:1.0.0\"}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec:\n  selector: {app: api}\n  ports: [{port: 8080}]\n",
+    ),
+    (
+        "shop/worker.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: worker, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: worker}}\n  template:\n    metadata: {labels: {app: worker}}\n    spec:\n      containers: [{name: worker, image: \"ghcr.io/example/shop-worker:1.0.0\"}]\n",
+    ),
+    (
+        "shop/redis.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: redis, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: redis}}\n  template:\n    metadata: {labels: {app: redis}}\n    spec:\n      containers: [{name: redis, image: \"redis:7\"}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: redis, namespace: shop}\nspec:\n  selector: {app: redis}\n  ports: [{port: 6379}]\n",
+    ),
+    (
+        "shop/postgres.yaml",
+        "apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: postgres, namespace: shop}\nspec:\n  serviceName: postgres\n  replicas: 1\n  selector: {matchLabels: {app: postgres}}\n  template:\n    metadata: {labels: {app: postgres}}\n    spec:\n      containers: [{name: postgres, image: \"postgres:16\"}]\n  volumeClaimTemplates:\n    - metadata: {name: data}\n      spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: postgres, namespace: shop}\nspec:\n  selector: {app: postgres}\n  ports: [{port: 5432}]\n",
+    ),
+];
+
+const APP_SPEC: &str = r#"apiVersion: flotilla.dev/v1alpha1
+kind: App
+metadata: {name: shop}
+spec:
+  source: {repoURL: "REPO", ref: main, path: shop}
+  namespace: shop
+  targets:
+    selector: {matchExpressions: [{key: region, operator: Exists}]}
+  customizations:
+    - selector: {}
+      variables: {currency: USD}
+    - selector: {matchLabels: {region: eu}}
+      variables: {currency: EUR}
+      patches:
+        - target: {kind: Deployment, name: web}
+          patch: {spec: {replicas: 3}}
+"#;
+
+fn git(repo: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.email=demo@flotilla.dev",
+            "-c",
+            "user.name=flotilla demo",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(repo)
+        .output()
+        .context("the demo needs the git command to create its example repository")?;
+    if !out.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+async fn wait_converged(
+    admin: &mut AdminClient<Channel>,
+    revision: &str,
+    clusters: usize,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows: Vec<FleetStatusRow> = admin
+            .fleet_status(FleetStatusRequest {})
+            .await
+            .map_err(crate::rpc_error)?
+            .into_inner()
+            .rows;
+        let done = rows
+            .iter()
+            .filter(|r| r.revision == revision && r.sync == "Synced" && r.health == "Healthy")
+            .count();
+        let summary: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{}{}{}{}", r.cluster, r.revision, r.sync, r.health))
+            .collect();
+        let summary = summary.join("|");
+        if summary != last {
+            println!(
+                "\n[{:>5.1}s] {done}/{clusters} clusters run {} and are Healthy",
+                started.elapsed().as_secs_f64(),
+                &revision[..12.min(revision.len())]
+            );
+            output::status(Format::Table, &rows);
+            last = summary;
+        }
+        if done == clusters {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the fleet did not converge within 120s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Runs the demo; returns when the fleet has converged twice (with `exit_when_synced`) or on Ctrl-C.
 pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> {
     if clusters == 0 || clusters > 200 {
         bail!("--clusters must be between 1 and 200, not {clusters}");
     }
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().context("creating the demo directory")?;
     let data_dir = dir.path().join("hub");
     pki::init(&data_dir, "demo.flotilla.local", &[])?;
@@ -44,7 +163,10 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
                 ..Settings::default()
             },
             http_listen: None,
-            sources: flotilla_hub::server::SourceOptions::default(),
+            sources: SourceOptions {
+                poll_interval: Duration::from_secs(1),
+                ..SourceOptions::default()
+            },
         },
         shutdown.clone(),
         move |addr, _| {
@@ -65,8 +187,23 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
     let mut admin = AdminClient::new(endpoint(&url, &admin_tls)?.connect_lazy());
     println!("hub listening on {url} (data in {})", data_dir.display());
 
-    for i in 0..clusters {
-        let name = format!("{}-{}", REGIONS[i % REGIONS.len()], i / REGIONS.len() + 1);
+    let names: Vec<String> = (0..clusters)
+        .map(|i| format!("{}-{}", REGIONS[i % REGIONS.len()], i / REGIONS.len() + 1))
+        .collect();
+    let sim = kubesim::Sim::start(kubesim::SimOptions {
+        clusters: names.clone(),
+        settings: kubesim::ClusterSettings {
+            ready_delay: Duration::from_millis(800),
+            ..kubesim::ClusterSettings::default()
+        },
+        ..kubesim::SimOptions::default()
+    })
+    .await?;
+    println!("kubesim serving {clusters} cluster(s) on {}", sim.addr());
+
+    for (i, name) in names.iter().enumerate() {
+        let kubeconfig = dir.path().join(format!("{name}.kubeconfig"));
+        sim.write_kubeconfig(name, &kubeconfig)?;
         let token = admin
             .create_token(CreateTokenRequest {
                 ttl_seconds: 600,
@@ -93,10 +230,11 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             cluster_name: Some(name.clone()),
             token: Some(token),
             labels,
-            kubeconfig: None,
+            kubeconfig: Some(kubeconfig),
             resync: Duration::from_secs(300),
         };
         let agent_shutdown = shutdown.clone();
+        let name = name.clone();
         tasks.spawn(async move {
             if let Err(err) = run_agent(opts, agent_shutdown).await {
                 eprintln!("agent {name}: {err}");
@@ -104,34 +242,47 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
         });
     }
 
-    // Live table until every cluster is connected.
-    let started = Instant::now();
-    let mut last = String::new();
-    let deadline = started + Duration::from_secs(60);
-    loop {
-        let list = admin
-            .list_clusters(ListClustersRequest {})
-            .await
-            .map_err(crate::rpc_error)?
-            .into_inner()
-            .clusters;
-        let connected = list.iter().filter(|c| c.connected).count();
-        let summary = format!("{connected}/{clusters} connected");
-        if summary != last {
-            println!("\n[{:>5.1}s] {summary}", started.elapsed().as_secs_f64());
-            output::clusters(Format::Table, &list);
-            last = summary;
+    let repo = dir.path().join("fleet-repo");
+    std::fs::create_dir_all(&repo)?;
+    git(&repo, &["init", "-q", "-b", "main"])?;
+    for (path, text) in APP_FILES {
+        let target = repo.join(path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
         }
-        if connected == clusters {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {connected} of {clusters} clusters connected within 60s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(target, text)?;
     }
+    git(&repo, &["add", "-A"])?;
+    git(&repo, &["commit", "-q", "-m", "shop 1.0.0"])?;
+    let first = git(&repo, &["rev-parse", "HEAD"])?;
+    let repo_url = format!("file://{}", repo.display());
+    admin
+        .apply_app(ApplyAppRequest {
+            document: APP_SPEC.replace("REPO", &repo_url),
+        })
+        .await
+        .map_err(crate::rpc_error)?;
+    println!("app shop applied from {repo_url} at {}", &first[..12]);
+
+    let started = Instant::now();
+    wait_converged(&mut admin, &first, clusters, started).await?;
     println!(
-        "\nall {clusters} clusters registered and connected over mTLS in {:.1}s",
+        "\nfleet converged on {} in {:.1}s",
+        &first[..12],
+        started.elapsed().as_secs_f64()
+    );
+
+    // A change in git rolls across the fleet.
+    let web = repo.join("shop/web.yaml");
+    let text = std::fs::read_to_string(&web)?.replace("shop-web:1.0.0", "shop-web:1.1.0");
+    std::fs::write(&web, text)?;
+    git(&repo, &["commit", "-q", "-am", "web 1.1.0"])?;
+    let second = git(&repo, &["rev-parse", "HEAD"])?;
+    println!("\ncommitted web 1.1.0 as {}", &second[..12]);
+    let started = Instant::now();
+    wait_converged(&mut admin, &second, clusters, started).await?;
+    println!(
+        "\nthe change reached all {clusters} clusters in {:.1}s",
         started.elapsed().as_secs_f64()
     );
 
@@ -141,8 +292,12 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
         println!("  export FLOTILLA_CA={}", paths.ca().display());
         println!("  export FLOTILLA_CERT={}", paths.admin().display());
         println!("  export FLOTILLA_KEY={}", paths.admin_key().display());
-        println!("  flotilla cluster list");
-        println!("\nCtrl-C stops the demo and removes its directory.");
+        println!("  flotilla status");
+        println!(
+            "\nthe fleet repository is {} (commit to it and watch `flotilla status`)",
+            repo.display()
+        );
+        println!("Ctrl-C stops the demo and removes its directory.");
         tokio::signal::ctrl_c().await?;
     }
     shutdown.cancel();
@@ -153,6 +308,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
     {
         eprintln!("demo tasks did not stop within 10s");
     }
+    sim.shutdown().await;
     hub.await??;
     Ok(())
 }
