@@ -105,6 +105,7 @@ pub struct Fleet {
     resync: Duration,
     running: Mutex<HashMap<String, Running>>,
     tasks: TaskTracker,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Fleet {
@@ -114,6 +115,7 @@ impl Fleet {
         data_dir: PathBuf,
         board: Arc<StatusBoard>,
         resync: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             engine,
@@ -123,6 +125,7 @@ impl Fleet {
             resync,
             running: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
+            metrics,
         })
     }
 
@@ -267,6 +270,9 @@ impl Fleet {
         if let Some(running) = lock(&self.running).remove(app) {
             running.cancel.cancel();
         }
+        self.metrics
+            .apps
+            .set(i64::try_from(lock(&self.running).len()).unwrap_or(i64::MAX));
         let spec = AppSpec {
             name: app.to_string(),
             namespace: "default".into(),

@@ -12,6 +12,7 @@ mod error;
 pub mod fleet;
 pub mod link;
 pub mod local;
+pub mod metrics;
 pub mod runner;
 
 pub use error::{Error, Result};

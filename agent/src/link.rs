@@ -146,6 +146,8 @@ impl HubLink {
     ) -> Result<SessionEnd> {
         let period = session.heartbeat;
         let mut board = fleet.board.subscribe();
+        fleet.metrics.hub_connected.set(1);
+        let _disconnected = Disconnected(&fleet.metrics);
         // A new session starts with every current status: the hub may have restarted.
         for status in fleet.board.all() {
             if session.out.send(status_message(status)).await.is_err() {
@@ -220,6 +222,15 @@ impl HubLink {
     }
 }
 
+/// Clears the connected gauge when a driven session ends, however it ends.
+struct Disconnected<'a>(&'a crate::metrics::Metrics);
+
+impl Drop for Disconnected<'_> {
+    fn drop(&mut self) {
+        self.0.hub_connected.set(0);
+    }
+}
+
 fn status_message(status: AppStatus) -> AgentMessage {
     AgentMessage {
         kind: Some(agent_message::Kind::Status(status)),
@@ -231,6 +242,7 @@ fn status_message(status: AppStatus) -> AgentMessage {
 pub struct FleetLink {
     pub assignments: watch::Sender<Option<Vec<Assignment>>>,
     pub board: std::sync::Arc<crate::fleet::StatusBoard>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// A session the hub has welcomed.

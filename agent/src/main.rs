@@ -1,11 +1,12 @@
 //! `flotilla-agent`: the per-cluster agent binary.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use flotilla_agent::Error;
 use flotilla_agent::engine::AppSpec;
 use flotilla_agent::link::HubLink;
@@ -22,66 +23,75 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Register (first start) and stay connected to the hub.
-    Run {
-        /// Hub address, https://HOST:PORT.
-        #[arg(long, env = "FLOTILLA_HUB")]
-        hub: String,
-        /// The hub CA certificate (PEM).
-        #[arg(long, env = "FLOTILLA_CA")]
-        ca: PathBuf,
-        /// Where the agent keeps its key and certificate.
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Name to register as (DNS-1123 label); only needed for the first start.
-        #[arg(long)]
-        cluster_name: Option<String>,
-        /// Bootstrap token from `flotilla token create`; only needed to register.
-        #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// Labels to register with, k=v,k2=v2.
-        #[arg(long, value_delimiter = ',', value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        /// Kubeconfig of the cluster this agent manages; its cached apps are enforced even while
-        /// the hub is unreachable.
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// Full re-apply interval of cached apps.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        resync: Duration,
-    },
+    /// Register (first start), stay connected to the hub, and run the cluster's assigned apps.
+    Run(RunArgs),
     /// Apply the manifests under DIR to a cluster as app NAME, wait for health, print a summary.
-    Apply {
-        /// Kubeconfig of the target cluster.
-        #[arg(long, env = "KUBECONFIG")]
-        kubeconfig: PathBuf,
-        /// App name: labels every object and names its inventory.
-        #[arg(long)]
-        app: String,
-        /// Namespace for namespaced objects that name none.
-        #[arg(long, default_value = "default")]
-        namespace: String,
-        /// How long to wait for the app to become healthy.
-        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-        /// Keep objects that left the bundle instead of deleting them.
-        #[arg(long)]
-        no_prune: bool,
-        /// Allow an empty bundle to prune everything the app had.
-        #[arg(long)]
-        allow_empty: bool,
-        /// Local cache of inventories and bundles.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// After applying, keep healing drift until interrupted.
-        #[arg(long)]
-        watch: bool,
-        /// Full re-apply interval while watching.
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        resync: Duration,
-        /// Directory of manifests (.yaml, .yml, .json; multi-document).
-        dir: PathBuf,
-    },
+    Apply(ApplyArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Hub address, https://HOST:PORT.
+    #[arg(long, env = "FLOTILLA_HUB")]
+    hub: String,
+    /// The hub CA certificate (PEM).
+    #[arg(long, env = "FLOTILLA_CA")]
+    ca: PathBuf,
+    /// Where the agent keeps its key, certificate and cache.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Name to register as (DNS-1123 label); only needed for the first start.
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// Bootstrap token from `flotilla token create`; only needed to register.
+    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Labels to register with, k=v,k2=v2.
+    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Kubeconfig of the cluster this agent manages; its cached apps are enforced even while
+    /// the hub is unreachable.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Full re-apply interval of running apps.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    resync: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// Kubeconfig of the target cluster.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// App name: labels every object and names its inventory.
+    #[arg(long)]
+    app: String,
+    /// Namespace for namespaced objects that name none.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// How long to wait for the app to become healthy.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Keep objects that left the bundle instead of deleting them.
+    #[arg(long)]
+    no_prune: bool,
+    /// Allow an empty bundle to prune everything the app had.
+    #[arg(long)]
+    allow_empty: bool,
+    /// Local cache of inventories and bundles.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// After applying, keep healing drift until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Full re-apply interval while watching.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    resync: Duration,
+    /// Directory of manifests (.yaml, .yml, .json; multi-document).
+    dir: PathBuf,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -106,81 +116,55 @@ async fn main() -> ExitCode {
         wait_for_signal().await;
         signals.cancel();
     });
-    let (hub, ca, data_dir, cluster_name, token, labels, kubeconfig, resync) =
-        match Cli::parse().command {
-            Command::Run {
-                hub,
-                ca,
-                data_dir,
-                cluster_name,
-                token,
-                labels,
-                kubeconfig,
-                resync,
-            } => (
-                hub,
-                ca,
-                data_dir,
-                cluster_name,
-                token,
-                labels,
-                kubeconfig,
-                resync,
-            ),
-            Command::Apply {
-                kubeconfig,
-                app,
-                namespace,
-                timeout,
-                no_prune,
-                allow_empty,
-                data_dir,
-                watch,
-                resync,
-                dir,
-            } => {
-                let opts = ApplyOptions {
-                    kubeconfig,
-                    app: AppSpec {
-                        name: app,
-                        namespace,
-                        prune: !no_prune,
-                        allow_empty,
-                    },
-                    dir,
-                    timeout,
-                    data_dir,
-                    watch,
-                    resync,
-                };
-                return match apply(opts, shutdown).await {
-                    Ok(true) => ExitCode::SUCCESS,
-                    Ok(false) => ExitCode::FAILURE,
-                    Err(err) => {
-                        eprintln!("error: {err}");
-                        ExitCode::from(2)
-                    }
-                };
+    match Cli::parse().command {
+        Command::Run(args) => run_agent(args, shutdown).await,
+        Command::Apply(args) => {
+            let opts = ApplyOptions {
+                kubeconfig: args.kubeconfig,
+                app: AppSpec {
+                    name: args.app,
+                    namespace: args.namespace,
+                    prune: !args.no_prune,
+                    allow_empty: args.allow_empty,
+                },
+                dir: args.dir,
+                timeout: args.timeout,
+                data_dir: args.data_dir,
+                watch: args.watch,
+                resync: args.resync,
+            };
+            match apply(opts, shutdown).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
             }
-        };
-    let ca_pem = match std::fs::read(&ca) {
+        }
+    }
+}
+
+async fn run_agent(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
+    let ca_pem = match std::fs::read(&args.ca) {
         Ok(pem) => pem,
         Err(e) => {
-            eprintln!("error: reading --ca {}: {e}", ca.display());
+            eprintln!("error: reading --ca {}: {e}", args.ca.display());
             return ExitCode::from(2);
         }
     };
     let opts = RunOptions {
         link: HubLink {
-            hub_url: hub,
+            hub_url: args.hub,
             ca_pem,
         },
-        data_dir,
-        cluster_name,
-        token,
-        labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
-        kubeconfig,
-        resync,
+        data_dir: args.data_dir,
+        cluster_name: args.cluster_name,
+        token: args.token,
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        kubeconfig: args.kubeconfig,
+        resync: args.resync,
+        metrics_listen: args.metrics_listen,
     };
     match run(opts, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

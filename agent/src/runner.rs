@@ -32,15 +32,34 @@ pub struct RunOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Full re-apply interval of cached apps.
     pub resync: Duration,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs until shutdown (Ok) or until the agent cannot go on without an operator (Err).
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     let board = Arc::new(StatusBoard::default());
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    if let Some(addr) = opts.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Io {
+                path: format!("--metrics-listen {addr}"),
+                source: e,
+            })?;
+        let (metrics, cancel) = (Arc::clone(&metrics), shutdown.clone());
+        // Owned by the shutdown token: it ends with the agent.
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(metrics, listener, cancel).await {
+                tracing::warn!(error = %e, "metrics listener failed");
+            }
+        });
+    }
     let (assignments, assignments_rx) = watch::channel(None);
     let link = FleetLink {
         assignments,
         board: Arc::clone(&board),
+        metrics: Arc::clone(&metrics),
     };
     // The cluster side never waits for the hub: cached apps keep being enforced while it is away.
     let fleet = match &opts.kubeconfig {
@@ -54,6 +73,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
                 opts.data_dir.clone(),
                 board,
                 opts.resync,
+                Arc::clone(&metrics),
             ))
         }
         None => None,

@@ -232,6 +232,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             labels,
             kubeconfig: Some(kubeconfig),
             resync: Duration::from_secs(300),
+            metrics_listen: None,
         };
         let agent_shutdown = shutdown.clone();
         let name = name.clone();

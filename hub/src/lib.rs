@@ -10,6 +10,7 @@ pub mod auth;
 mod error;
 pub mod fsutil;
 pub mod git;
+pub mod metrics;
 pub mod pki;
 pub mod render;
 pub mod reports;
@@ -65,6 +66,7 @@ pub struct Hub {
     pub assignments_changed: tokio::sync::watch::Sender<u64>,
     /// What each cluster last reported per app.
     pub reports: reports::Reports,
+    pub metrics: metrics::Metrics,
 }
 
 /// Seconds since the epoch.

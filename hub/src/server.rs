@@ -76,6 +76,7 @@ pub async fn serve(
     let reports = crate::reports::Reports::open(store.db())?;
     let hub = Arc::new(Hub {
         assignments_changed: tokio::sync::watch::channel(0).0,
+        metrics: crate::metrics::Metrics::default(),
         reports,
         apps,
         source_settings: SourceSettings {

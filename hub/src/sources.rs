@@ -218,6 +218,11 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                         s.history.drain(..excess);
                         tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
                     }
+                    for (cluster, digest) in &assignments {
+                        if s.assignments.get(cluster) != Some(digest) {
+                            hub.metrics.assigned(cluster, digest);
+                        }
+                    }
                     s.revision = Some(revision.clone());
                     s.assignments = assignments.clone();
                     s.observed_generation = generation;
@@ -225,10 +230,22 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     s.last_error_at = None;
                 })
                 .await?;
+            hub.metrics
+                .renders
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: "ok".into(),
+                })
+                .inc();
             hub.assignments_changed.send_modify(|v| *v += 1);
         }
         Err(err) => {
             tracing::warn!(app = name, error = %err, "app render failed; keeping the last good bundles");
+            hub.metrics
+                .renders
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: "error".into(),
+                })
+                .inc();
             let message = err.to_string();
             hub.apps
                 .update_status(name, |r| {

@@ -122,11 +122,27 @@ async fn git_webhook(
     reply(StatusCode::ACCEPTED, json!({"triggered": triggered}))
 }
 
+async fn metrics(
+    State(hub): State<Arc<Hub>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    hub.metrics
+        .connected_agents
+        .set(i64::try_from(hub.sessions.connected_count()).unwrap_or(i64::MAX));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        hub.metrics.encode(),
+    )
+}
+
 /// Serves the HTTP endpoints on `listener` until shutdown.
 pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener) -> Result<()> {
     let shutdown = hub.shutdown.clone();
     let app = Router::new()
         .route("/webhooks/git", post(git_webhook))
+        .route("/metrics", axum::routing::get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(hub);
     axum::serve(listener, app)

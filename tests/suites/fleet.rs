@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use flotilla_e2e::grpc::{agent_identity, channel};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, http_get, wait_for};
 use flotilla_proto::v1::FetchBundleRequest;
 use flotilla_proto::v1::agent_client::AgentClient;
 use serde_json::Value;
@@ -35,7 +35,10 @@ fn wait_all(hub: &Hub, rows: usize, revision: &str) -> Result<Vec<Value>> {
 async fn commits_reach_every_cluster_labels_move_apps_and_deletes_prune() -> Result<()> {
     let names = ["eu-1", "eu-2", "us-1"];
     let clusters = SimCluster::start_many(&names)?;
-    let hub = Hub::start(HubOptions::default())?;
+    let hub = Hub::start(HubOptions {
+        http: true,
+        ..HubOptions::default()
+    })?;
     let token = hub.token(&["--uses", "3"])?;
     let mut agents = Vec::new();
     for (name, region) in [("eu-1", "eu"), ("eu-2", "eu"), ("us-1", "us")] {
@@ -80,6 +83,22 @@ async fn commits_reach_every_cluster_labels_move_apps_and_deletes_prune() -> Res
     let started = std::time::Instant::now();
     wait_all(&hub, 3, &second)?;
     println!("commit -> 3 clusters Healthy in {:?}", started.elapsed());
+
+    // The hub's metrics tell the same story.
+    let (code, metrics) = http_get(hub.http_addr.as_deref().context("http")?, "/metrics")?;
+    assert_eq!(code, 200);
+    for needle in [
+        "flotilla_hub_connected_agents 3",
+        "flotilla_hub_renders_total{result=\"ok\"}",
+        "flotilla_hub_assignment_propagation_seconds_count",
+        "flotilla_hub_bundle_bytes_served_total",
+        "flotilla_hub_sync_reports_total{sync=\"Synced\",health=\"Healthy\"}",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
 
     // Cluster A's certificate cannot fetch cluster B's bundle.
     let app = hub.app("web")?;

@@ -82,6 +82,7 @@ impl Agent for AgentService {
         })?;
         let (tx, rx) = mpsc::channel(4);
         let total = bytes.len() as u64;
+        self.hub.metrics.bundle_bytes_served.inc_by(total);
         self.hub.tasks.spawn(async move {
             for chunk in bytes.chunks(CHUNK) {
                 let msg = BundleChunk {
@@ -186,6 +187,7 @@ async fn run_session(
                     hub.sessions.touch(&name, now_ms());
                     if let Some(agent_message::Kind::Status(status)) = &message.kind {
                         // Recorded under the session's identity; the report names only the app.
+                        hub.metrics.reported(&name, &status.digest, &status.sync, &status.health);
                         hub.reports.record(&name, status.clone());
                     }
                     if let Some(reply) = handle(message)

@@ -1,0 +1,115 @@
+//! Prometheus metrics of the hub, served at `/metrics` on the HTTP listener.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    pub sync: String,
+    pub health: String,
+}
+
+/// The hub's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub connected_agents: Gauge,
+    pub renders: Family<ResultLabel, Counter>,
+    pub bundle_bytes_served: Counter,
+    pub sync_reports: Family<SyncLabels, Counter>,
+    /// Render of a new bundle → the cluster reports it applied.
+    pub propagation: Histogram,
+    rendered_at: Mutex<HashMap<(String, String), Instant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("flotilla_hub");
+        let connected_agents = Gauge::default();
+        let renders = Family::<ResultLabel, Counter>::default();
+        let bundle_bytes_served = Counter::default();
+        let sync_reports = Family::<SyncLabels, Counter>::default();
+        let propagation = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        registry.register(
+            "connected_agents",
+            "Agent sessions open now",
+            connected_agents.clone(),
+        );
+        registry.register("renders", "App renders by result", renders.clone());
+        registry.register(
+            "bundle_bytes_served",
+            "Bundle bytes sent to agents",
+            bundle_bytes_served.clone(),
+        );
+        registry.register(
+            "sync_reports",
+            "Status reports from agents by sync and health",
+            sync_reports.clone(),
+        );
+        registry.register(
+            "assignment_propagation_seconds",
+            "From rendering a new bundle for a cluster to the cluster reporting it applied",
+            propagation.clone(),
+        );
+        Self {
+            registry,
+            connected_agents,
+            renders,
+            bundle_bytes_served,
+            sync_reports,
+            propagation,
+            rendered_at: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Instant>> {
+        // Single map operations: a poisoned lock still holds sound data.
+        self.rendered_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new digest was assigned to a cluster.
+    pub fn assigned(&self, cluster: &str, digest: &str) {
+        self.lock()
+            .entry((cluster.to_string(), digest.to_string()))
+            .or_insert_with(Instant::now);
+    }
+
+    /// A cluster reported running a digest.
+    pub fn reported(&self, cluster: &str, digest: &str, sync: &str, health: &str) {
+        self.sync_reports
+            .get_or_create(&SyncLabels {
+                sync: sync.into(),
+                health: health.into(),
+            })
+            .inc();
+        if sync == "Synced"
+            && let Some(at) = self
+                .lock()
+                .remove(&(cluster.to_string(), digest.to_string()))
+        {
+            self.propagation.observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
