@@ -115,7 +115,7 @@ impl AppStore {
             serde_json::to_vec(record).map_err(|e| corrupt(&record.doc.metadata.name, e))?;
         self.apps
             .insert(record.doc.metadata.name.as_bytes(), bytes)?;
-        self.db.flush_async().await?;
+        crate::store::flush(&self.db).await?;
         Ok(())
     }
 
@@ -135,7 +135,7 @@ impl AppStore {
 
     pub async fn delete(&self, name: &str) -> Result<bool> {
         let existed = self.apps.remove(name)?.is_some();
-        self.db.flush_async().await?;
+        crate::store::flush(&self.db).await?;
         Ok(existed)
     }
 
@@ -176,7 +176,7 @@ impl AppStore {
     }
 
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        crate::store::flush(&self.db).await?;
         Ok(())
     }
 }

@@ -54,6 +54,14 @@ enum Command {
         /// Binary for kustomize sources: `kubectl` (runs `kubectl kustomize`) or `kustomize`.
         #[arg(long, default_value = "kubectl")]
         kustomize_bin: String,
+        /// A git repository holding App documents: the fleet's own definition (GitOps-managed).
+        #[arg(long)]
+        fleet_repo: Option<String>,
+        #[arg(long, default_value = "main")]
+        fleet_ref: String,
+        /// Directory in the fleet repository with the App documents.
+        #[arg(long, default_value = "")]
+        fleet_path: String,
     },
 }
 
@@ -91,7 +99,16 @@ async fn main() -> anyhow::Result<()> {
             poll_interval,
             webhook_secret_file,
             kustomize_bin,
+            fleet_repo,
+            fleet_ref,
+            fleet_path,
         } => {
+            flotilla_hub::apps::check_path(&fleet_path).context("--fleet-path")?;
+            let fleet = fleet_repo.map(|url| flotilla_hub::sources::FleetRepo {
+                url,
+                reference: fleet_ref,
+                path: fleet_path,
+            });
             let webhook_secret = match &webhook_secret_file {
                 Some(path) => {
                     let secret = std::fs::read(path).with_context(|| {
@@ -133,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
                     poll_interval,
                     kustomize_bin,
                     webhook_secret,
+                    fleet,
                 },
             };
             serve(opts, shutdown, |addr, http| {

@@ -39,6 +39,7 @@ pub struct SourceOptions {
     pub poll_interval: Duration,
     pub kustomize_bin: String,
     pub webhook_secret: Option<Vec<u8>>,
+    pub fleet: Option<crate::sources::FleetRepo>,
 }
 
 impl Default for SourceOptions {
@@ -47,6 +48,7 @@ impl Default for SourceOptions {
             poll_interval: Duration::from_secs(60),
             kustomize_bin: "kubectl".into(),
             webhook_secret: None,
+            fleet: None,
         }
     }
 }
@@ -85,6 +87,7 @@ pub async fn serve(
             poll_interval: opts.sources.poll_interval,
             webhook_secret: opts.sources.webhook_secret.clone(),
             max_concurrent_fetches: 4,
+            fleet: opts.sources.fleet.clone(),
         },
         sync: SyncState::new(4),
         auth: auth::Auth::new(Arc::clone(&ca), revoked),

@@ -28,6 +28,16 @@ pub struct SourceSettings {
     pub webhook_secret: Option<Vec<u8>>,
     /// Fetches of different repositories that may run at once.
     pub max_concurrent_fetches: usize,
+    /// A repository path holding App documents: the fleet's own definition, GitOps-managed.
+    pub fleet: Option<FleetRepo>,
+}
+
+/// Where the fleet's App documents live.
+#[derive(Debug, Clone)]
+pub struct FleetRepo {
+    pub url: String,
+    pub reference: String,
+    pub path: String,
 }
 
 /// (revision, app generation, base render) of an app.
@@ -258,6 +268,65 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Reads the App documents of the fleet repository at its current revision and makes the stored
+/// fleet apps match: added, changed, removed by commits. A broken commit changes nothing.
+async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
+    let root = hub.source_settings.cache_root.clone();
+    let (url, reference, path) = (
+        fleet.url.clone(),
+        fleet.reference.clone(),
+        fleet.path.clone(),
+    );
+    let files = blocking(move || {
+        let commit = git::resolve(&root, &url, &reference)?;
+        git::read_tree(&root, &url, &commit, &path, TreeLimits::default())
+    })
+    .await?;
+    let mut docs = Vec::new();
+    for (file, data) in files {
+        if !(file.ends_with(".yaml") || file.ends_with(".yml")) {
+            continue;
+        }
+        let text = String::from_utf8(data)
+            .map_err(|_| Error::Render(format!("fleet {file}: not UTF-8")))?;
+        let parsed = crate::apps::AppDocument::parse_all(&text)
+            .map_err(|e| Error::Render(format!("fleet {file}: {e}")))?;
+        docs.extend(parsed);
+    }
+    let existing = hub.apps.list()?;
+    let mut wanted = BTreeSet::new();
+    for doc in docs {
+        let name = doc.metadata.name.clone();
+        if existing
+            .iter()
+            .any(|a| a.doc.metadata.name == name && a.origin != "fleet")
+        {
+            tracing::warn!(app = %name, "the fleet repository defines an app that was applied by hand; keeping the hand-applied one");
+            continue;
+        }
+        let url = doc.spec.source.repo_url.clone();
+        let before = existing
+            .iter()
+            .find(|a| a.doc.metadata.name == name)
+            .map(|a| a.generation);
+        let record = hub.apps.put_document(doc, "fleet").await?;
+        if before != Some(record.generation) {
+            tracing::info!(app = %name, "fleet app added or changed");
+            hub.sync.kick_repo(&url);
+        }
+        wanted.insert(name);
+    }
+    for gone in existing
+        .iter()
+        .filter(|a| a.origin == "fleet" && !wanted.contains(&a.doc.metadata.name))
+    {
+        tracing::info!(app = %gone.doc.metadata.name, "fleet app removed");
+        hub.apps.delete(&gone.doc.metadata.name).await?;
+        hub.assignments_changed.send_modify(|v| *v += 1);
+    }
+    Ok(())
+}
+
 /// Fetches a repository and re-renders every app that uses it.
 pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
     let users: Vec<String> = hub
@@ -267,6 +336,7 @@ pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
         .filter(|r| r.doc.spec.source.repo_url == url)
         .map(|r| r.doc.metadata.name)
         .collect();
+    let fleet = hub.source_settings.fleet.clone().filter(|f| f.url == url);
     if let Err(err) = fetch_repo(hub, url).await {
         tracing::warn!(url, error = %err, "fetch failed");
         let message = err.to_string();
@@ -279,6 +349,11 @@ pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
                 .await?;
         }
         return Ok(());
+    }
+    if let Some(fleet) = &fleet
+        && let Err(err) = sync_fleet(hub, fleet).await
+    {
+        tracing::warn!(url, error = %err, "fleet repository not applied; the fleet apps stay as they were");
     }
     for name in users {
         sync_app(hub, &name).await?;

@@ -160,8 +160,7 @@ impl Store {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        flush(&self.db).await
     }
 
     /// Stores a new token under `hash`.
@@ -362,6 +361,20 @@ impl Store {
     pub async fn close(&self) -> Result<()> {
         self.flush().await
     }
+}
+
+/// Makes every write so far durable before returning.
+///
+/// Not `flush_async`: it runs the flush on sled's own small thread pool, and concurrent flushes there
+/// can occupy every pool thread waiting for log buffers that only that same pool writes — a deadlock
+/// seen with 200 agents registering at once. A blocking flush on tokio's blocking pool leaves sled's
+/// pool free to write.
+pub async fn flush(db: &sled::Db) -> Result<()> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|e| Error::Internal(format!("flush task failed: {e}")))??;
+    Ok(())
 }
 
 fn revoke_in(

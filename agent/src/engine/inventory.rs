@@ -75,10 +75,7 @@ impl LocalCache {
         self.inventories
             .insert(app, bytes)
             .map_err(|e| Error::Cache(e.to_string()))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| Error::Cache(e.to_string()))?;
+        flush(&self.db).await?;
         Ok(())
     }
 
@@ -115,10 +112,7 @@ impl LocalCache {
         self.bundles
             .insert(app, bytes)
             .map_err(|e| Error::Cache(e.to_string()))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| Error::Cache(e.to_string()))?;
+        flush(&self.db).await?;
         Ok(())
     }
 
@@ -130,10 +124,7 @@ impl LocalCache {
         self.inventories
             .remove(app)
             .map_err(|e| Error::Cache(e.to_string()))?;
-        self.db
-            .flush_async()
-            .await
-            .map_err(|e| Error::Cache(e.to_string()))?;
+        flush(&self.db).await?;
         Ok(())
     }
 
@@ -146,6 +137,17 @@ impl LocalCache {
             .map(|k| String::from_utf8_lossy(&k).into_owned())
             .collect()
     }
+}
+
+/// Makes the cache's writes durable. A blocking flush on tokio's blocking pool, not `flush_async`,
+/// which can exhaust sled's own pool under concurrent flushes (see the hub's store).
+async fn flush(db: &sled::Db) -> Result<()> {
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|e| Error::Cache(format!("flush task failed: {e}")))?
+        .map_err(|e| Error::Cache(e.to_string()))?;
+    Ok(())
 }
 
 fn configmap_name(app: &str) -> String {

@@ -269,6 +269,14 @@ impl Admin for AdminService {
     ) -> Result<Response<DeleteAppResponse>, Status> {
         self.hub.auth.admin(&request)?;
         let name = &request.get_ref().name;
+        if let Some(existing) = self.hub.apps.get(name)?
+            && existing.origin == "fleet"
+        {
+            return Err(Error::PermissionDenied(format!(
+                "app {name:?} is defined in the fleet repository; remove it there"
+            ))
+            .into());
+        }
         if !self.hub.apps.delete(name).await? {
             return Err(Error::AppNotFound(name.clone()).into());
         }
