@@ -98,12 +98,12 @@ async fn main() {
     for i in 0..1000 {
         let f = facts(i);
         let key = customize::variant_key(&base.used, &f, &[]);
-        if !variants.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = variants.entry(key) {
             let objects = render::variant(&base, &f, &[], false).unwrap();
             let bytes = flotilla_bundle::canonical_bytes(&objects);
             let digest = flotilla_bundle::digest_bytes(&bytes);
             store.put_bundle(&digest, &bytes).unwrap();
-            variants.insert(key, digest);
+            slot.insert(digest);
             renders += 1;
         }
     }
