@@ -381,6 +381,7 @@ pub async fn run(hub: Arc<Hub>) {
             Ok(apps) => apps
                 .into_iter()
                 .map(|r| r.doc.spec.source.repo_url)
+                .chain(hub.source_settings.fleet.iter().map(|f| f.url.clone()))
                 .collect(),
             Err(e) => {
                 tracing::error!(error = %e, "listing apps");

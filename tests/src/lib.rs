@@ -169,6 +169,8 @@ pub struct HubOptions {
     /// Serve the HTTP listener (webhooks) on 127.0.0.1:0.
     pub http: bool,
     pub webhook_secret: Option<String>,
+    /// More `flotilla-hub serve` arguments.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for HubOptions {
@@ -179,6 +181,7 @@ impl Default for HubOptions {
             poll_interval: "1s".into(),
             http: false,
             webhook_secret: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -409,6 +412,7 @@ fn serve(
     if opts.http {
         cmd.args(["--http-listen", "127.0.0.1:0"]);
     }
+    cmd.args(&opts.extra_args);
     if let Some(secret) = &opts.webhook_secret {
         let path = logs.join("webhook-secret");
         std::fs::write(&path, secret)?;

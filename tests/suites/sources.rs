@@ -344,3 +344,81 @@ async fn bad_sources_give_clear_errors_and_keep_the_last_good_bundle() -> Result
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_repository_adds_changes_and_removes_apps_by_commit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let apps = GitRepo::init(&dir.path().join("apps"))?;
+    apps.write("web/cm.yaml", CM)?;
+    let app_rev = apps.commit("web")?;
+    let fleet = GitRepo::init(&dir.path().join("fleet"))?;
+    fleet.write(
+        "apps/web.yaml",
+        &app_doc("web", &apps.url(), "main", "web", ""),
+    )?;
+    fleet.write("README.md", "the fleet")?;
+    fleet.commit("add web")?;
+    let hub = Hub::start(HubOptions {
+        extra_args: vec![
+            "--fleet-repo".into(),
+            fleet.url(),
+            "--fleet-path".into(),
+            "apps".into(),
+        ],
+        ..HubOptions::default()
+    })?;
+    fleet_of(&hub).await?;
+    let app = hub.wait_revision("web", &app_rev, T)?;
+    assert_eq!(app["spec"]["source"]["path"], "web");
+
+    // Changed by a commit.
+    fleet.write(
+        "apps/web.yaml",
+        &app_doc("web", &apps.url(), "main", "web", ", type: plain"),
+    )?;
+    fleet.write(
+        "apps/more.yaml",
+        &app_doc("more", &apps.url(), "main", "web", ""),
+    )?;
+    fleet.commit("add more")?;
+    hub.wait_revision("more", &app_rev, T)?;
+    // Operators cannot change or delete fleet apps by hand.
+    let out = hub.cli(&["app", "delete", "more"])?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fleet repository"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A broken fleet commit changes nothing.
+    fleet.write(
+        "apps/broken.yaml",
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {name: Bad_Name}\n",
+    )?;
+    fleet.commit("broken")?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        hub.cli_json(&["app", "list"])?.as_array().map(Vec::len),
+        Some(2)
+    );
+
+    // Removed by a commit.
+    std::fs::remove_file(fleet.path.join("apps/broken.yaml"))?;
+    std::fs::remove_file(fleet.path.join("apps/more.yaml"))?;
+    fleet.commit("remove more")?;
+    flotilla_e2e::wait_for(T, "app more removed", || {
+        let list = hub.cli_json(&["app", "list"])?;
+        let names: Vec<String> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["name"].as_str().map(str::to_string))
+            .collect();
+        Ok((names == ["web"]).then_some(()))
+    })?;
+    Ok(())
+}
+
+async fn fleet_of(hub: &Hub) -> Result<()> {
+    fleet(hub).await
+}
