@@ -7,9 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use flotilla_agent::link::HubLink;
-use flotilla_agent::runner::{RunOptions, run};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, spawn_agents};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -40,35 +38,22 @@ fn main() {
     .unwrap();
     let idle_hub = rss_kib(hub.process.pid());
     let token = hub.token(&["--uses", &n.to_string()]).unwrap();
-    let ca = std::fs::read(hub.pki("ca.pem")).unwrap();
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
-    for (i, name) in names.iter().enumerate() {
-        let opts = RunOptions {
-            link: HubLink {
-                hub_url: hub.url.clone(),
-                ca_pem: ca.clone(),
-            },
-            data_dir: dir.path().join(name),
-            cluster_name: Some(name.clone()),
-            token: Some(token.clone()),
-            labels: BTreeMap::from([("region".to_string(), ["eu", "us", "ap"][i % 3].to_string())]),
-            kubeconfig: Some(clusters.kubeconfig_of(name)),
-            resync: Duration::from_secs(600),
-            metrics_listen: None,
-        };
-        let cancel = shutdown.clone();
-        runtime.spawn(async move {
-            if let Err(e) = run(opts, cancel).await {
-                eprintln!("agent: {e}");
-            }
-        });
-    }
+    spawn_agents(
+        &runtime,
+        &hub,
+        &clusters,
+        &names,
+        &token,
+        dir.path(),
+        &shutdown,
+    )
+    .unwrap();
     let started = Instant::now();
     loop {
         let list = hub.cli_json(&["cluster", "list"]).unwrap();

@@ -832,9 +832,6 @@ pub fn http_post(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
@@ -843,7 +840,21 @@ pub fn http_post(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
+    http_exchange(addr, head.as_bytes(), body)
+}
+
+/// A raw HTTP/1.1 GET on loopback; returns the status code and body.
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_exchange(addr, head.as_bytes(), b"")
+}
+
+/// Sends a request head and body, reads the whole response (the server closes the connection).
+fn http_exchange(addr: &str, head: &[u8], body: &[u8]) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(head)?;
     // The server may answer (413) before reading everything; a failed write is not an error here.
     let _ = stream.write_all(body);
     let mut response = Vec::new();
@@ -861,25 +872,41 @@ pub fn http_post(
     Ok((code, body))
 }
 
-/// A raw HTTP/1.1 GET on loopback; returns the status code and body.
-pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
+/// Starts one in-process agent per cluster of `clusters` (labels `region` = eu/us/ap round-robin),
+/// registering with `token`, on `runtime`; they stop when `shutdown` is cancelled.
+pub fn spawn_agents(
+    runtime: &tokio::runtime::Runtime,
+    hub: &Hub,
+    clusters: &SimCluster,
+    names: &[String],
+    token: &str,
+    data_dir: &Path,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let ca = std::fs::read(hub.pki("ca.pem"))?;
+    for (i, name) in names.iter().enumerate() {
+        let opts = flotilla_agent::runner::RunOptions {
+            link: flotilla_agent::link::HubLink {
+                hub_url: hub.url.clone(),
+                ca_pem: ca.clone(),
+            },
+            data_dir: data_dir.join(name),
+            cluster_name: Some(name.clone()),
+            token: Some(token.to_string()),
+            labels: std::collections::BTreeMap::from([(
+                "region".to_string(),
+                ["eu", "us", "ap"][i % 3].to_string(),
+            )]),
+            kubeconfig: Some(clusters.kubeconfig_of(name)),
+            resync: Duration::from_secs(600),
+            metrics_listen: None,
+        };
+        let cancel = shutdown.clone();
+        runtime.spawn(async move {
+            if let Err(e) = flotilla_agent::runner::run(opts, cancel).await {
+                eprintln!("agent: {e}");
+            }
+        });
+    }
+    Ok(())
 }

@@ -1,13 +1,10 @@
 //! 200 clusters: agents in-process against in-process kubesim clusters, real gRPC over mTLS to the
 //! real hub binary, registering at once and converging to a commit within the test's budget.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use flotilla_agent::link::HubLink;
-use flotilla_agent::runner::{RunOptions, run};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, spawn_agents, wait_for};
 
 const CLUSTERS: usize = 200;
 
@@ -22,33 +19,20 @@ fn two_hundred_clusters_register_at_once_and_converge_on_a_commit() -> Result<()
         ..HubOptions::default()
     })?;
     let token = hub.token(&["--uses", &CLUSTERS.to_string()])?;
-    let ca = std::fs::read(hub.pki("ca.pem"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let dir = tempfile::tempdir()?;
-    for (i, name) in names.iter().enumerate() {
-        let opts = RunOptions {
-            link: HubLink {
-                hub_url: hub.url.clone(),
-                ca_pem: ca.clone(),
-            },
-            data_dir: dir.path().join(name),
-            cluster_name: Some(name.clone()),
-            token: Some(token.clone()),
-            labels: BTreeMap::from([("region".to_string(), ["eu", "us", "ap"][i % 3].to_string())]),
-            kubeconfig: Some(clusters.kubeconfig_of(name)),
-            resync: Duration::from_secs(600),
-            metrics_listen: None,
-        };
-        let cancel = shutdown.clone();
-        runtime.spawn(async move {
-            if let Err(e) = run(opts, cancel).await {
-                eprintln!("agent: {e}");
-            }
-        });
-    }
+    spawn_agents(
+        &runtime,
+        &hub,
+        &clusters,
+        &names,
+        &token,
+        dir.path(),
+        &shutdown,
+    )?;
     let started = Instant::now();
     wait_for(Duration::from_secs(120), "all agents connected", || {
         let list = hub.cli_json(&["cluster", "list"])?;
