@@ -261,6 +261,9 @@ impl Fleet {
         if let Some(previous) = previous {
             previous.cancel.cancel();
         }
+        self.metrics
+            .apps
+            .set(i64::try_from(lock(&self.running).len()).unwrap_or(i64::MAX));
         let fleet = Arc::clone(self);
         self.tasks
             .spawn(async move { fleet.run_app(bundle, cancel).await });
@@ -313,21 +316,22 @@ impl Fleet {
             drift_count: drift,
             ..AppStatus::default()
         };
-        let report = match self
+        // Cached first: an agent killed mid-apply comes back to this bundle, even without a hub.
+        if let Some(cache) = self.engine.cache()
+            && let Err(e) = cache
+                .save_bundle(&app, &bundle.objects, &bundle.digest, &bundle.revision)
+                .await
+        {
+            tracing::warn!(app = %app.name, error = %e, "caching the bundle");
+        }
+        let result = self
             .engine
             .reconcile(&app, &bundle.objects, |_, _| {})
-            .await
-        {
-            Ok(r) => {
-                if let Some(cache) = self.engine.cache()
-                    && let Err(e) = cache
-                        .save_bundle(&app, &bundle.objects, &bundle.digest, &bundle.revision)
-                        .await
-                {
-                    tracing::warn!(app = %app.name, error = %e, "caching the bundle");
-                }
-                r
-            }
+            .await;
+        self.metrics
+            .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
+        let report = match result {
+            Ok(r) => r,
             Err(e) => {
                 self.board
                     .set(status("OutOfSync", "Unknown", e.to_string(), 0));
@@ -366,6 +370,7 @@ impl Fleet {
         let (h, _) = self.engine.health(&app.name, &refs).await;
         publish(0, h);
         let drift2 = Arc::clone(&drift);
+        let heals = self.metrics.drift_heals.clone();
         let keep = self.engine.keep_in_sync(
             &app,
             &bundle.objects,
@@ -373,6 +378,7 @@ impl Fleet {
             cancel.clone(),
             move |r, n| {
                 tracing::info!(object = %r, drift = n, "healed drift");
+                heals.inc();
                 drift2.store(n, std::sync::atomic::Ordering::Relaxed);
             },
         );

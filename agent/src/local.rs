@@ -70,6 +70,11 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
         objects.len(),
         opts.dir.display()
     );
+    if let Some(cache) = engine.cache() {
+        // Kept for `flotilla-agent run --kubeconfig` on the same data directory (offline autonomy).
+        let digest = flotilla_bundle::digest(&objects);
+        cache.save_bundle(app, &objects, &digest, "").await?;
+    }
     let report = engine
         .reconcile(app, &objects, |r, outcome| match outcome {
             Outcome::Applied => println!("  applied  {r}"),

@@ -20,6 +20,9 @@ use crate::service::{admin::AdminService, agent::AgentService, registration::Reg
 use crate::sources::{SourceSettings, SyncState};
 use crate::{Error, Hub, Result, Settings, auth, sessions, store};
 
+/// Fetches of different repositories that may run at once.
+const MAX_CONCURRENT_FETCHES: usize = 4;
+
 /// How long open streams get to finish after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -86,10 +89,9 @@ pub async fn serve(
             kustomize_bin: opts.sources.kustomize_bin.clone(),
             poll_interval: opts.sources.poll_interval,
             webhook_secret: opts.sources.webhook_secret.clone(),
-            max_concurrent_fetches: 4,
             fleet: opts.sources.fleet.clone(),
         },
-        sync: SyncState::new(4),
+        sync: SyncState::new(MAX_CONCURRENT_FETCHES),
         auth: auth::Auth::new(Arc::clone(&ca), revoked),
         store,
         ca,

@@ -26,8 +26,6 @@ pub struct SourceSettings {
     pub poll_interval: Duration,
     /// HMAC secret for webhooks; webhooks are refused without one.
     pub webhook_secret: Option<Vec<u8>>,
-    /// Fetches of different repositories that may run at once.
-    pub max_concurrent_fetches: usize,
     /// A repository path holding App documents: the fleet's own definition, GitOps-managed.
     pub fleet: Option<FleetRepo>,
 }

@@ -237,6 +237,19 @@ fn check_containers(kind: &str, obj: &Value, path: &str, spec: &Value) -> Result
     Ok(())
 }
 
+/// `spec.<field>` may not change once set (422 Invalid, "field is immutable").
+fn immutable(kind: &str, old: Option<&Value>, obj: &Value, field: &str) -> Result<(), ApiError> {
+    match old {
+        Some(old) if old["spec"][field] != obj["spec"][field] => Err(invalid(
+            kind,
+            obj,
+            &format!("spec.{field}"),
+            &format!("Invalid value: {}: field is immutable", obj["spec"][field]),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Validation and immutable fields, as the API server enforces them (422 Invalid).
 pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiError> {
     match kind {
@@ -266,19 +279,7 @@ pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiE
                 "spec.template.spec",
                 &obj["spec"]["template"]["spec"],
             )?;
-            if let Some(old) = old
-                && old["spec"]["selector"] != obj["spec"]["selector"]
-            {
-                return Err(invalid(
-                    kind,
-                    obj,
-                    "spec.selector",
-                    &format!(
-                        "Invalid value: {}: field is immutable",
-                        obj["spec"]["selector"]
-                    ),
-                ));
-            }
+            immutable(kind, old, obj, "selector")?;
         }
         "Job" => {
             check_containers(
@@ -287,29 +288,13 @@ pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiE
                 "spec.template.spec",
                 &obj["spec"]["template"]["spec"],
             )?;
-            if let Some(old) = old
-                && old["spec"]["template"] != obj["spec"]["template"]
-            {
-                return Err(invalid(
-                    kind,
-                    obj,
-                    "spec.template",
-                    "Invalid value: field is immutable",
-                ));
-            }
+            immutable(kind, old, obj, "template")?;
         }
         "Pod" => check_containers(kind, obj, "spec", &obj["spec"])?,
         "Service" => {
-            if let Some(old) = old {
-                let (a, b) = (&old["spec"]["clusterIP"], &obj["spec"]["clusterIP"]);
-                if !a.is_null() && a != b {
-                    return Err(invalid(
-                        kind,
-                        obj,
-                        "spec.clusterIP",
-                        &format!("Invalid value: {b}: field is immutable"),
-                    ));
-                }
+            // Unset on the old object means "not allocated yet", not "fixed to nothing".
+            if old.is_some_and(|o| !o["spec"]["clusterIP"].is_null()) {
+                immutable(kind, old, obj, "clusterIP")?;
             }
             for (i, p) in obj["spec"]["ports"]
                 .as_array()

@@ -20,11 +20,11 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// Applies a strategic merge patch.
 pub fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), ApiError> {
-    smp(target, patch, "");
+    smp(target, patch);
     Ok(())
 }
 
-fn smp(target: &mut Value, patch: &Value, field: &str) {
+fn smp(target: &mut Value, patch: &Value) {
     let Value::Object(patch_map) = patch else {
         *target = patch.clone();
         return;
@@ -73,14 +73,13 @@ fn smp(target: &mut Value, patch: &Value, field: &str) {
             }
             Value::Object(_) => {
                 let entry = target_map.entry(key.clone()).or_insert(Value::Null);
-                smp(entry, value, key);
+                smp(entry, value);
             }
             other => {
                 target_map.insert(key.clone(), other.clone());
             }
         }
     }
-    let _ = field;
 }
 
 fn merge_list(live: &mut Vec<Value>, patch_items: &[Value], key: &str) {
@@ -93,10 +92,10 @@ fn merge_list(live: &mut Vec<Value>, patch_items: &[Value], key: &str) {
                 live.remove(i);
             }
             (Some("delete"), None) => {}
-            (_, Some(i)) => smp(&mut live[i], item, ""),
+            (_, Some(i)) => smp(&mut live[i], item),
             (_, None) => {
                 let mut fresh = Value::Null;
-                smp(&mut fresh, item, "");
+                smp(&mut fresh, item);
                 live.push(fresh);
             }
         }

@@ -361,16 +361,7 @@ impl Hub {
         token: Option<&str>,
         kubeconfig: &Path,
     ) -> Result<Agent> {
-        let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
-        Agent::start_with(
-            &self.url,
-            &self.pki("ca.pem"),
-            &data_dir,
-            Some(name),
-            token,
-            "",
-            Some(kubeconfig),
-        )
+        self.agent_with_cluster_labels(name, token, kubeconfig, "")
     }
 
     /// Like [`Hub::agent_with_cluster`], registering with labels.
@@ -389,7 +380,32 @@ impl Hub {
             Some(name),
             token,
             labels,
-            Some(kubeconfig),
+            &cluster_args(kubeconfig),
+        )
+    }
+
+    /// Like [`Hub::agent_with_cluster_labels`], serving the agent's metrics on `metrics`.
+    pub fn agent_with_metrics(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        kubeconfig: &Path,
+        labels: &str,
+        metrics: &str,
+    ) -> Result<Agent> {
+        let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
+        Agent::start_with(
+            &self.url,
+            &self.pki("ca.pem"),
+            &data_dir,
+            Some(name),
+            token,
+            labels,
+            &[
+                cluster_args(kubeconfig),
+                vec!["--metrics-listen".into(), metrics.into()],
+            ]
+            .concat(),
         )
     }
 
@@ -477,10 +493,10 @@ impl Agent {
         token: Option<&str>,
         labels: &str,
     ) -> Result<Self> {
-        Self::start_with(hub_url, ca, data_dir, name, token, labels, None)
+        Self::start_with(hub_url, ca, data_dir, name, token, labels, &[])
     }
 
-    /// Like [`Agent::start`], optionally managing the cluster behind `kubeconfig`.
+    /// Like [`Agent::start`], with more `run` arguments (see [`cluster_args`]).
     pub fn start_with(
         hub_url: &str,
         ca: &Path,
@@ -488,7 +504,7 @@ impl Agent {
         name: Option<&str>,
         token: Option<&str>,
         labels: &str,
-        kubeconfig: Option<&Path>,
+        extra: &[String],
     ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let log = unique_log(data_dir, "agent");
@@ -511,11 +527,7 @@ impl Agent {
         if !labels.is_empty() {
             cmd.args(["--labels", labels]);
         }
-        if let Some(kubeconfig) = kubeconfig {
-            cmd.arg("--kubeconfig")
-                .arg(kubeconfig)
-                .args(["--resync", "2s"]);
-        }
+        cmd.args(extra);
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
             process: Proc {
@@ -539,7 +551,8 @@ impl Agent {
         kubeconfig: Option<&Path>,
     ) -> Result<()> {
         self.process.kill9();
-        let fresh = Agent::start_with(hub_url, ca, &self.data_dir, None, token, "", kubeconfig)?;
+        let extra = kubeconfig.map(cluster_args).unwrap_or_default();
+        let fresh = Agent::start_with(hub_url, ca, &self.data_dir, None, token, "", &extra)?;
         *self = fresh;
         Ok(())
     }
@@ -548,6 +561,16 @@ impl Agent {
     pub fn identity(&self) -> PathBuf {
         self.data_dir.join("identity.pem")
     }
+}
+
+/// `flotilla-agent run` arguments that make it manage the cluster behind `kubeconfig`.
+pub fn cluster_args(kubeconfig: &Path) -> Vec<String> {
+    vec![
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--resync".into(),
+        "2s".into(),
+    ]
 }
 
 /// `cluster list -o json` without the fields that change on their own (last_seen).

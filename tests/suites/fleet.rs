@@ -41,14 +41,18 @@ async fn commits_reach_every_cluster_labels_move_apps_and_deletes_prune() -> Res
     })?;
     let token = hub.token(&["--uses", "3"])?;
     let mut agents = Vec::new();
+    // A free loopback port for eu-1's metrics.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
     for (name, region) in [("eu-1", "eu"), ("eu-2", "eu"), ("us-1", "us")] {
         let labels = format!("region={region}");
-        agents.push(hub.agent_with_cluster_labels(
-            name,
-            Some(&token),
-            &clusters.kubeconfig_of(name),
-            &labels,
-        )?);
+        let kubeconfig = clusters.kubeconfig_of(name);
+        agents.push(if name == "eu-1" {
+            hub.agent_with_metrics(name, Some(&token), &kubeconfig, &labels, &metrics_addr)?
+        } else {
+            hub.agent_with_cluster_labels(name, Some(&token), &kubeconfig, &labels)?
+        });
     }
     for name in names {
         hub.wait_connected(name, T)?;
@@ -97,6 +101,20 @@ async fn commits_reach_every_cluster_labels_move_apps_and_deletes_prune() -> Res
         assert!(
             metrics.contains(needle),
             "{needle} missing from:\n{metrics}"
+        );
+    }
+
+    // And so do eu-1's agent metrics.
+    let (code, agent_metrics) = http_get(&metrics_addr, "/metrics")?;
+    assert_eq!(code, 200);
+    for needle in [
+        "flotilla_agent_hub_connected 1",
+        "flotilla_agent_apps 1",
+        "flotilla_agent_reconciles_total{result=\"ok\"}",
+    ] {
+        assert!(
+            agent_metrics.contains(needle),
+            "{needle} missing from:\n{agent_metrics}"
         );
     }
 

@@ -172,9 +172,6 @@ impl Engine {
         mut progress: impl FnMut(&ObjRef, &Outcome),
     ) -> Result<Report> {
         let digest = digest(objects);
-        if let Some(cache) = &self.cache {
-            cache.save_bundle(app, objects, &digest, "").await?;
-        }
         let old = self.inventory(&app.name).await?;
         let mut desired = Vec::with_capacity(objects.len());
         for obj in objects {
