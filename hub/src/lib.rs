@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pki;
 pub mod render;
 pub mod reports;
+pub mod rollout;
 pub mod server;
 pub mod service;
 pub mod sessions;
