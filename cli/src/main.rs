@@ -13,7 +13,8 @@ use flotilla_proto::v1::FleetStatusRequest;
 use flotilla_proto::v1::admin_client::AdminClient;
 use flotilla_proto::v1::{
     ApplyAppRequest, CreateTokenRequest, DeleteAppRequest, DeregisterClusterRequest, GetAppRequest,
-    GetClusterRequest, LabelClusterRequest, ListAppsRequest, ListClustersRequest,
+    GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest, ListAuditRequest,
+    ListClustersRequest, RebuildClusterRequest, RollbackAppRequest, RolloutActionRequest,
 };
 use flotilla_proto::{ClientTls, describe_status, endpoint, error_chain};
 use tonic::transport::Channel;
@@ -81,6 +82,31 @@ enum Command {
         #[command(subcommand)]
         command: AppCommand,
     },
+    /// An app's rollout: where it stands, and the operator's levers.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// The audit log of operator actions, oldest first.
+    Audit {
+        /// How many of the newest entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Steps, per-cluster state, and why it is waiting.
+    Status { app: String },
+    /// Start nothing new until resumed.
+    Pause { app: String },
+    /// Continue after a pause (a step's, an operator's, or one at the failure threshold).
+    Resume { app: String },
+    /// Skip the current step's soak or pause.
+    Promote { app: String },
+    /// Roll every touched cluster back to its previous stable bundle.
+    Abort { app: String },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +138,18 @@ enum AppCommand {
     Get { name: String },
     /// Delete an app (its clusters stop running it).
     Delete { name: String },
+    /// The revisions an app was rendered at, newest first, and which were rolled out.
+    History { name: String },
+    /// Pin an app to an earlier revision; it reaches the fleet through a rollout.
+    Rollback {
+        name: String,
+        /// A commit from `app history` (default: the previous stable revision).
+        #[arg(long)]
+        to: Option<String>,
+        /// Unpin instead: follow the app's ref again.
+        #[arg(long, conflicts_with = "to")]
+        unpin: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -128,6 +166,14 @@ enum ClusterCommand {
     },
     /// Revoke a cluster's certificates and drop its agent.
     Deregister { name: String },
+    /// Replace a lost cluster: revoke its certificate and print a token that registers a new
+    /// cluster as NAME (same labels, same apps at the revisions it ran).
+    Rebuild {
+        name: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 #[tokio::main]
@@ -181,6 +227,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { command } => token(&cli.conn, format, command).await,
         Command::Cluster { command } => cluster(&cli.conn, format, command).await,
         Command::App { command } => app(&cli.conn, format, command).await,
+        Command::Rollout { command } => rollout(&cli.conn, format, command).await,
+        Command::Audit { limit } => {
+            let mut admin = admin_client(&cli.conn).await?;
+            let entries = admin
+                .list_audit(ListAuditRequest { limit })
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .entries;
+            output::audit(format, &entries);
+            Ok(())
+        }
         Command::Status => {
             let mut admin = admin_client(&cli.conn).await?;
             let rows = admin
@@ -248,6 +306,35 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
                 .map_err(rpc_error)?
                 .into_inner();
             output::app(format, &app);
+        }
+        AppCommand::History { name } => {
+            let app = admin
+                .get_app(GetAppRequest { name })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::history(format, &app);
+        }
+        AppCommand::Rollback { name, to, unpin } => {
+            let app = admin
+                .rollback_app(RollbackAppRequest {
+                    app: name,
+                    to: to.unwrap_or_default(),
+                    unpin,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            match format {
+                Format::Json => output::app(format, &app),
+                Format::Table if app.pinned_revision.is_empty() => {
+                    println!("app/{} unpinned: it follows its ref again", app.name)
+                }
+                Format::Table => println!(
+                    "app/{} pinned to {}; `flotilla rollout status {}` follows it",
+                    app.name, app.pinned_revision, app.name
+                ),
+            }
         }
         AppCommand::Delete { name } => {
             admin
@@ -323,6 +410,17 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
                 .into_inner();
             output::cluster(format, &cluster);
         }
+        ClusterCommand::Rebuild { name, ttl } => {
+            let response = admin
+                .rebuild_cluster(RebuildClusterRequest {
+                    name: name.clone(),
+                    ttl_seconds: ttl.as_secs().max(1),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::rebuild(format, &name, &response);
+        }
         ClusterCommand::Deregister { name } => {
             let response = admin
                 .deregister_cluster(DeregisterClusterRequest { name: name.clone() })
@@ -332,5 +430,34 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
             output::deregistered(format, &name, &response.revoked_serials);
         }
     }
+    Ok(())
+}
+
+async fn rollout(conn: &Connection, format: Format, command: RolloutCommand) -> anyhow::Result<()> {
+    let mut admin = admin_client(conn).await?;
+    let (app, action) = match command {
+        RolloutCommand::Status { app } => {
+            let status = admin
+                .get_rollout(GetRolloutRequest { app })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::rollout(format, &status);
+            return Ok(());
+        }
+        RolloutCommand::Pause { app } => (app, "pause"),
+        RolloutCommand::Resume { app } => (app, "resume"),
+        RolloutCommand::Promote { app } => (app, "promote"),
+        RolloutCommand::Abort { app } => (app, "abort"),
+    };
+    let status = admin
+        .rollout_action(RolloutActionRequest {
+            app,
+            action: action.to_string(),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    output::rollout(format, &status);
     Ok(())
 }

@@ -2,7 +2,10 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_proto::v1::{App, Cluster, CreateTokenResponse, FleetStatusRow};
+use flotilla_proto::v1::{
+    App, AuditEntry, Cluster, CreateTokenResponse, FleetStatusRow, RebuildClusterResponse,
+    RolloutStatus,
+};
 use serde_json::{Value, json};
 
 use crate::Format;
@@ -40,6 +43,8 @@ fn cluster_json(cluster: &Cluster) -> Value {
         "registered_at": rfc3339_secs(cluster.registered_at_unix),
         "cert_expires": rfc3339_secs(cluster.cert_not_after_unix),
         "cert_serial": cluster.cert_serial,
+        "recovering_since": rfc3339_ms(cluster.recovering_since_unix_ms),
+        "last_recovery_ms": (cluster.last_recovery_ms > 0).then_some(cluster.last_recovery_ms),
     })
 }
 
@@ -132,6 +137,20 @@ pub fn cluster(format: Format, cluster: &Cluster) {
                     rfc3339_secs(cluster.cert_not_after_unix).unwrap_or_default(),
                 ),
                 ("Cert serial", cluster.cert_serial.clone()),
+                (
+                    "Recovery",
+                    match (cluster.recovering_since_unix_ms, cluster.last_recovery_ms) {
+                        (since, _) if since > 0 => format!(
+                            "in progress since {}",
+                            rfc3339_ms(since).unwrap_or_default()
+                        ),
+                        (_, ms) if ms > 0 => format!(
+                            "last rebuild converged in {:.1}s (registration -> every app Healthy)",
+                            ms as f64 / 1000.0
+                        ),
+                        _ => "never rebuilt".into(),
+                    },
+                ),
             ];
             for (k, v) in fields {
                 println!("{:<14}{v}", format!("{k}:"));
@@ -167,12 +186,16 @@ fn app_json(app: &App) -> Value {
         "observed_generation": app.observed_generation,
         "revision": app.revision,
         "last_error": if app.last_error.is_empty() { Value::Null } else { json!(app.last_error) },
-        "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest})).collect::<Vec<_>>(),
+        "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest, "assigned": c.assigned_digest})).collect::<Vec<_>>(),
         "history": app.history.iter().map(|h| json!({
             "revision": h.revision,
             "at": rfc3339_secs(h.at_unix),
             "digests": h.digests.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "rolled_out": h.rolled_out,
         })).collect::<Vec<_>>(),
+        "pinned_revision": if app.pinned_revision.is_empty() { Value::Null } else { json!(app.pinned_revision) },
+        "stable_revision": if app.stable_revision.is_empty() { Value::Null } else { json!(app.stable_revision) },
+        "rollout_phase": if app.rollout_phase.is_empty() { Value::Null } else { json!(app.rollout_phase) },
         "spec": spec["spec"],
     })
 }
@@ -235,10 +258,19 @@ pub fn app(format: Format, app: &App) {
             }
             println!();
             table(
-                &["CLUSTER", "BUNDLE"],
+                &["CLUSTER", "BUNDLE", "ASSIGNED NOW"],
                 app.clusters
                     .iter()
-                    .map(|c| vec![c.cluster.clone(), c.digest.clone()])
+                    .map(|c| {
+                        let now = if c.assigned_digest == c.digest {
+                            "same".to_string()
+                        } else if c.assigned_digest.is_empty() {
+                            "-".to_string()
+                        } else {
+                            c.assigned_digest.clone()
+                        };
+                        vec![c.cluster.clone(), c.digest.clone(), now]
+                    })
                     .collect(),
             );
             println!();
@@ -331,6 +363,163 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
                     w2 = widths[2]
                 );
             }
+        }
+    }
+}
+
+pub fn history(format: Format, app: &App) {
+    match format {
+        Format::Json => print_json(&app_json(app)["history"]),
+        Format::Table => table(
+            &["REVISION", "RENDERED", "CLUSTERS", "ROLLED OUT", "NOTE"],
+            app.history
+                .iter()
+                .map(|h| {
+                    let mut note = Vec::new();
+                    if h.revision == app.stable_revision {
+                        note.push("stable");
+                    }
+                    if h.revision == app.pinned_revision {
+                        note.push("pinned");
+                    }
+                    vec![
+                        h.revision.clone(),
+                        rfc3339_secs(h.at_unix).unwrap_or_default(),
+                        h.digests.len().to_string(),
+                        if h.rolled_out { "yes" } else { "no" }.into(),
+                        note.join(","),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn rollout_json(r: &RolloutStatus) -> Value {
+    json!({
+        "app": r.app,
+        "id": r.id,
+        "revision": r.revision,
+        "phase": r.phase,
+        "currentStep": r.current_step,
+        "steps": r.steps,
+        "message": r.message,
+        "pausedReason": if r.paused_reason.is_empty() { Value::Null } else { json!(r.paused_reason) },
+        "startedAt": rfc3339_secs(r.started_at_unix),
+        "finishedAt": rfc3339_secs(r.finished_at_unix),
+        "maxUpdating": r.max_updating,
+        "stableRevision": r.stable_revision,
+        "pinnedRevision": if r.pinned_revision.is_empty() { Value::Null } else { json!(r.pinned_revision) },
+        "clusters": r.clusters.iter().map(|c| json!({
+            "cluster": c.cluster,
+            "step": c.step,
+            "state": c.state,
+            "reason": c.reason,
+            "fromRevision": c.from_revision,
+            "toRevision": c.to_revision,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn rollout(format: Format, r: &RolloutStatus) {
+    match format {
+        Format::Json => print_json(&rollout_json(r)),
+        Format::Table => {
+            println!("{:<10}{}", "App:", r.app);
+            println!("{:<10}{}", "Revision:", r.revision);
+            println!("{:<10}{}", "Phase:", r.phase);
+            let step = r
+                .steps
+                .get(r.current_step as usize)
+                .map_or("-", String::as_str);
+            println!(
+                "{:<10}{} of {} ({step})",
+                "Step:",
+                (r.current_step as usize + 1).min(r.steps.len()),
+                r.steps.len()
+            );
+            println!("{:<10}{}", "Why:", r.message);
+            println!();
+            table(
+                &["CLUSTER", "STEP", "STATE", "FROM", "TO", "REASON"],
+                r.clusters
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.cluster.clone(),
+                            r.steps.get(c.step as usize).cloned().unwrap_or_default(),
+                            c.state.clone(),
+                            short(&c.from_revision),
+                            short(&c.to_revision),
+                            c.reason.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+    }
+}
+
+pub fn audit(format: Format, entries: &[AuditEntry]) {
+    match format {
+        Format::Json => print_json(&Value::Array(
+            entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "seq": e.seq,
+                        "at": rfc3339_ms(e.at_unix_ms),
+                        "actor": e.actor,
+                        "action": e.action,
+                        "target": e.target,
+                        "detail": e.detail,
+                    })
+                })
+                .collect(),
+        )),
+        Format::Table => table(
+            &["AT", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+            entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        rfc3339_ms(e.at_unix_ms).unwrap_or_default(),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.target.clone(),
+                        e.detail.clone(),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+pub fn rebuild(format: Format, name: &str, r: &RebuildClusterResponse) {
+    match format {
+        Format::Json => print_json(&json!({
+            "cluster": name,
+            "token": r.token,
+            "token_id": r.token_id,
+            "expires_at": rfc3339_secs(r.expires_at_unix),
+            "revoked_serials": r.revoked_serials,
+        })),
+        Format::Table => {
+            println!(
+                "cluster {name}: revoked {} certificate(s)",
+                r.revoked_serials.len()
+            );
+            println!(
+                "token {} (registers one cluster, only as {name}; expires {}):",
+                r.token_id,
+                rfc3339_secs(r.expires_at_unix).unwrap_or_default()
+            );
+            println!("{}", r.token);
+            println!();
+            println!("start the agent in the replacement cluster with:");
+            println!(
+                "  flotilla-agent run --hub HUB --ca CA --data-dir DIR --name {name} --token <token>"
+            );
         }
     }
 }

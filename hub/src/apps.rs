@@ -8,6 +8,7 @@ use flotilla_bundle::customize::Customization;
 use flotilla_bundle::selector::LabelSelector;
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::{RolloutSpec, Strategy};
 use crate::{Error, Result, validate};
 
 pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
@@ -43,9 +44,9 @@ pub struct AppSpec {
     pub customizations: Vec<Customization>,
     #[serde(default)]
     pub sync_policy: SyncPolicy,
-    /// Reserved for rollout strategies.
+    /// How a new revision reaches the fleet; `None` is the documented default strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollout: Option<serde_json::Value>,
+    pub rollout: Option<RolloutSpec>,
 }
 
 fn default_namespace() -> String {
@@ -212,7 +213,13 @@ impl AppDocument {
                 .validate(&format!("spec.customizations[{i}].selector"))
                 .map_err(|e| field("spec.customizations", e.to_string()))?;
         }
+        self.strategy()?;
         Ok(())
+    }
+
+    /// The app's rollout strategy with defaults filled in.
+    pub fn strategy(&self) -> Result<Strategy> {
+        RolloutSpec::resolve(self.spec.rollout.as_ref()).map_err(|e| field("spec.rollout", e))
     }
 
     /// Whether this app targets a cluster with these labels.

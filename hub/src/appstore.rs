@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::apps::AppDocument;
+use crate::rollout::{Assigned, Rollout};
 use crate::{Error, Result};
 
 /// How many revisions an app's history keeps.
@@ -19,6 +20,9 @@ pub struct HistoryEntry {
     pub at: i64,
     /// Cluster → bundle digest.
     pub digests: BTreeMap<String, String>,
+    /// A rollout of this revision succeeded: it is a stable revision to roll back to.
+    #[serde(default)]
+    pub rolled_out: bool,
 }
 
 /// What the hub knows about an app's rendering.
@@ -30,9 +34,23 @@ pub struct AppStatus {
     pub observed_generation: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<i64>,
-    /// Cluster → digest it should run now.
-    pub assignments: BTreeMap<String, String>,
+    /// Cluster → what git wants it to run (the render of `revision`).
+    #[serde(default)]
+    pub target: BTreeMap<String, Assigned>,
+    /// Cluster → what it is told to run now: the target once the rollout reached it.
+    pub assignments: BTreeMap<String, Assigned>,
     pub history: Vec<HistoryEntry>,
+    /// The latest rollout (active or finished).
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
+    #[serde(default)]
+    pub next_rollout_id: u64,
+    /// The revision of the last rollout that succeeded.
+    #[serde(default)]
+    pub stable_revision: Option<String>,
+    /// Set by `flotilla app rollback`: render this commit instead of following the ref.
+    #[serde(default)]
+    pub pinned: Option<String>,
 }
 
 /// An app as stored.
@@ -48,6 +66,8 @@ pub struct AppRecord {
 /// Apps and bundles.
 #[derive(Clone)]
 pub struct AppStore {
+    /// Serializes read-modify-write of app records (renders, the rollout controller, operators).
+    writes: std::sync::Arc<tokio::sync::Mutex<()>>,
     db: sled::Db,
     apps: sled::Tree,
     bundles: sled::Tree,
@@ -63,6 +83,7 @@ fn corrupt(key: &str, source: serde_json::Error) -> Error {
 impl AppStore {
     pub fn open(db: &sled::Db) -> Result<Self> {
         Ok(Self {
+            writes: Default::default(),
             apps: db.open_tree("apps")?,
             bundles: db.open_tree("bundles")?,
             db: db.clone(),
@@ -88,6 +109,7 @@ impl AppStore {
 
     /// Creates or updates an app's document; returns the record (status kept, generation bumped on change).
     pub async fn put_document(&self, doc: AppDocument, origin: &str) -> Result<AppRecord> {
+        let _write = self.writes.lock().await;
         let name = doc.metadata.name.clone();
         let record = match self.get(&name)? {
             Some(mut existing) => {
@@ -119,21 +141,39 @@ impl AppStore {
         Ok(())
     }
 
-    /// Updates the status of an app if it still exists (and is still at `generation`, when given).
+    /// Updates an app's record if it still exists; written (and flushed) only when it changed.
     pub async fn update_status(
         &self,
         name: &str,
-        update: impl Fn(&mut AppRecord),
+        update: impl FnOnce(&mut AppRecord),
     ) -> Result<Option<AppRecord>> {
+        self.try_update(name, |r| {
+            update(r);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Like [`Self::update_status`], for updates that can refuse (nothing is written on error).
+    pub async fn try_update(
+        &self,
+        name: &str,
+        update: impl FnOnce(&mut AppRecord) -> Result<()>,
+    ) -> Result<Option<AppRecord>> {
+        let _write = self.writes.lock().await;
         let Some(mut record) = self.get(name)? else {
             return Ok(None);
         };
-        update(&mut record);
-        self.put(&record).await?;
+        let before = record.clone();
+        update(&mut record)?;
+        if record != before {
+            self.put(&record).await?;
+        }
         Ok(Some(record))
     }
 
     pub async fn delete(&self, name: &str) -> Result<bool> {
+        let _write = self.writes.lock().await;
         let existed = self.apps.remove(name)?.is_some();
         crate::store::flush(&self.db).await?;
         Ok(existed)

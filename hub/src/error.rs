@@ -75,6 +75,10 @@ pub enum Error {
     #[error("app {0:?} not found")]
     AppNotFound(String),
 
+    /// The request is valid but the state does not allow it (e.g. resuming a finished rollout).
+    #[error("{0}")]
+    FailedPrecondition(String),
+
     /// An invariant the hub relies on did not hold (e.g. no system randomness).
     #[error("internal: {0}")]
     Internal(String),
@@ -120,7 +124,9 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::AlreadyRegistered(_) => Code::AlreadyExists,
             Error::ClusterNotFound(_) | Error::AppNotFound(_) => Code::NotFound,
-            Error::Source(_) | Error::Render(_) => Code::FailedPrecondition,
+            Error::Source(_) | Error::Render(_) | Error::FailedPrecondition(_) => {
+                Code::FailedPrecondition
+            }
             Error::DataDir { .. }
             | Error::Pki { .. }
             | Error::Store(_)

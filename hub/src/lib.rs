@@ -6,6 +6,7 @@
 
 pub mod apps;
 pub mod appstore;
+pub mod audit;
 pub mod auth;
 mod error;
 pub mod fsutil;
@@ -15,6 +16,7 @@ pub mod pki;
 pub mod render;
 pub mod reports;
 pub mod rollout;
+pub mod rollouts;
 pub mod server;
 pub mod service;
 pub mod sessions;
@@ -65,9 +67,12 @@ pub struct Hub {
     pub sync: sources::SyncState,
     /// Bumped whenever any app's assignments may have changed; agent sessions watch it.
     pub assignments_changed: tokio::sync::watch::Sender<u64>,
+    /// Wakes the rollout controller (a new render, an operator action).
+    pub rollouts_kick: tokio::sync::Notify,
     /// What each cluster last reported per app.
     pub reports: reports::Reports,
     pub metrics: metrics::Metrics,
+    pub audit: audit::AuditLog,
 }
 
 /// Seconds since the epoch.

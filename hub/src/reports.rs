@@ -83,11 +83,11 @@ impl Reports {
 pub fn assignments_for(cluster: &str, apps: &[AppRecord]) -> Vec<Assignment> {
     apps.iter()
         .filter_map(|a| {
-            let digest = a.status.assignments.get(cluster)?;
+            let assigned = a.status.assignments.get(cluster)?;
             Some(Assignment {
                 app: a.doc.metadata.name.clone(),
-                digest: digest.clone(),
-                revision: a.status.revision.clone().unwrap_or_default(),
+                digest: assigned.digest.clone(),
+                revision: assigned.revision.clone(),
                 namespace: a.doc.spec.namespace.clone(),
                 prune: a.doc.spec.sync_policy.prune,
                 self_heal: a.doc.spec.sync_policy.self_heal,

@@ -379,6 +379,16 @@ impl Rollout {
             let from = inherited.unwrap_or_else(|| input.current.get(name).cloned());
             r.add_cluster(name, from, to.clone(), input);
         }
+        if r.clusters
+            .values()
+            .all(|c| c.state == ClusterState::Healthy)
+        {
+            // Nothing changes for any cluster (say, a commit elsewhere in the repository).
+            r.phase = Phase::Succeeded;
+            r.finished_at = Some(input.now);
+            r.message = "no cluster's bundle changed".into();
+            return r;
+        }
         r.advance(input);
         r
     }
@@ -530,15 +540,16 @@ impl Rollout {
                     }
                     _ => {}
                 },
-                ClusterState::Healthy if c.step <= self.current_step => {
-                    if on_new.is_some_and(|(_, h)| h == "Degraded") {
-                        Self::set(
-                            c,
-                            ClusterState::Failed,
-                            now,
-                            "turned Degraded on the new bundle",
-                        );
-                    }
+                ClusterState::Healthy
+                    if c.step <= self.current_step
+                        && on_new.is_some_and(|(_, h)| h == "Degraded") =>
+                {
+                    Self::set(
+                        c,
+                        ClusterState::Failed,
+                        now,
+                        "turned Degraded on the new bundle",
+                    );
                 }
                 _ => {}
             }
@@ -594,6 +605,12 @@ impl Rollout {
             } else {
                 0
             };
+            if members == 0 {
+                // Nothing to soak or pause for.
+                self.current_step += 1;
+                self.step_healthy_since = None;
+                continue;
+            }
             if healthy + excused == members {
                 let since = *self.step_healthy_since.get_or_insert(now);
                 let left = step.soak_secs - (now - since);

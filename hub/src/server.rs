@@ -79,8 +79,11 @@ pub async fn serve(
     let revoked = store.revoked_serials()?;
     let apps = crate::appstore::AppStore::open(store.db())?;
     let reports = crate::reports::Reports::open(store.db())?;
+    let audit = crate::audit::AuditLog::open(store.db())?;
     let hub = Arc::new(Hub {
+        audit,
         assignments_changed: tokio::sync::watch::channel(0).0,
+        rollouts_kick: tokio::sync::Notify::new(),
         metrics: crate::metrics::Metrics::default(),
         reports,
         apps,
@@ -119,6 +122,7 @@ pub async fn serve(
     tracing::info!(addr = %local, http = ?http_addr, trust_domain = %hub.ca.trust_domain, "hub serving");
     on_ready(local, http_addr);
     hub.tasks.spawn(crate::sources::run(Arc::clone(&hub)));
+    hub.tasks.spawn(crate::rollouts::run(Arc::clone(&hub)));
     if let Some(listener) = http {
         let hub2 = Arc::clone(&hub);
         hub.tasks.spawn(async move {

@@ -15,6 +15,7 @@ use crate::apps::SourceType;
 use crate::appstore::{AppRecord, HISTORY_LIMIT, HistoryEntry};
 use crate::git::{self, TreeLimits};
 use crate::render::{self, Base};
+use crate::rollout::Assigned;
 use crate::{Error, Hub, Result, now_unix};
 
 /// Settings of the source machinery.
@@ -133,7 +134,11 @@ async fn render_app(
     let name = record.doc.metadata.name.clone();
     let root = hub.source_settings.cache_root.clone();
     let (url, reference) = (spec.source.repo_url.clone(), spec.source.reference.clone());
-    let commit = blocking(move || git::resolve(&root, &url, &reference)).await?;
+    let pinned = record.status.pinned.clone();
+    let commit = match pinned {
+        Some(commit) => commit,
+        None => blocking(move || git::resolve(&root, &url, &reference)).await?,
+    };
 
     let cached = lock(&hub.sync.bases)
         .get(&name)
@@ -219,20 +224,22 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                         return; // the document changed meanwhile; its own sync follows
                     }
                     let s = &mut r.status;
-                    let changed = s.revision.as_deref() != Some(revision.as_str()) || s.assignments != assignments;
+                    let changed = s.history.last().is_none_or(|h| h.revision != revision || h.digests != assignments);
                     if changed {
-                        s.history.push(HistoryEntry { revision: revision.clone(), at: now, digests: assignments.clone() });
+                        s.history.push(HistoryEntry { revision: revision.clone(), at: now, digests: assignments.clone(), rolled_out: false });
                         let excess = s.history.len().saturating_sub(HISTORY_LIMIT);
                         s.history.drain(..excess);
                         tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
                     }
-                    for (cluster, digest) in &assignments {
-                        if s.assignments.get(cluster) != Some(digest) {
-                            hub.metrics.assigned(cluster, digest);
-                        }
-                    }
+                    // The rollout controller moves clusters from their assignments to this target.
+                    s.target = assignments
+                        .iter()
+                        .map(|(cluster, digest)| {
+                            let to = Assigned { digest: digest.clone(), revision: revision.clone() };
+                            (cluster.clone(), to)
+                        })
+                        .collect();
                     s.revision = Some(revision.clone());
-                    s.assignments = assignments.clone();
                     s.observed_generation = generation;
                     s.last_error = None;
                     s.last_error_at = None;
@@ -244,7 +251,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     result: "ok".into(),
                 })
                 .inc();
-            hub.assignments_changed.send_modify(|v| *v += 1);
+            hub.rollouts_kick.notify_one();
         }
         Err(err) => {
             tracing::warn!(app = name, error = %err, "app render failed; keeping the last good bundles");

@@ -30,6 +30,15 @@ pub struct ClusterRecord {
     /// Last heartbeat, unix milliseconds; best-effort (written when a session ends).
     #[serde(default)]
     pub last_seen_ms: i64,
+    /// Set by `cluster rebuild`: the next registration of this name is a recovery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_requested_at: Option<i64>,
+    /// When the recovering agent registered (ms); cleared when all its apps are Healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovering_since_ms: Option<i64>,
+    /// Registration → every app Healthy, for the last rebuild (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery_ms: Option<i64>,
 }
 
 /// A bootstrap token, stored under the SHA-256 of its secret.
@@ -71,6 +80,7 @@ pub struct Registration<'a> {
     pub labels: &'a BTreeMap<String, String>,
     pub cert: &'a IssuedCert,
     pub now: i64,
+    pub now_ms: i64,
 }
 
 /// The hub's sled database.
@@ -191,6 +201,7 @@ impl Store {
                     .map_err(ConflictableTransactionError::Abort)?;
 
                 let mut labels = BTreeMap::new();
+                let mut recovery = (None, None);
                 if let Some(bytes) = clusters.get(reg.name)? {
                     let existing: ClusterRecord = tx_decode(reg.name.as_bytes(), &bytes)?;
                     if existing.cert_not_after > reg.now {
@@ -199,6 +210,10 @@ impl Store {
                     // A cluster whose certificate lapsed comes back as itself: same labels unless
                     // the new registration says otherwise; its old certificates stay dead.
                     labels = existing.labels.clone();
+                    recovery = (
+                        existing.rebuild_requested_at.map(|_| reg.now_ms),
+                        existing.last_recovery_ms,
+                    );
                     for serial in &existing.serials {
                         revoke_in(revoked, serial, reg.name, reg.now, "re-registered")?;
                     }
@@ -215,6 +230,9 @@ impl Store {
                     cert_not_after: reg.cert.not_after,
                     serials: vec![reg.cert.serial.clone()],
                     last_seen_ms: 0,
+                    rebuild_requested_at: None,
+                    recovering_since_ms: recovery.0,
+                    last_recovery_ms: recovery.1,
                 };
                 clusters.insert(reg.name.as_bytes(), encode(&record))?;
                 certs.insert(
@@ -334,6 +352,51 @@ impl Store {
         Ok(serials)
     }
 
+    /// Starts a rebuild of `name`: revokes every certificate it holds, lets its name register again
+    /// (keeping labels) and stores `token` (bound to `name`), atomically. Returns the revoked serials.
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        now: i64,
+        token_hash: &[u8],
+        token: &TokenRecord,
+    ) -> Result<Vec<String>> {
+        let serials = (&self.clusters, &self.revoked, &self.tokens).transaction(
+            |(clusters, revoked, tokens)| {
+                let Some(bytes) = clusters.get(name.as_bytes())? else {
+                    return abort(Error::ClusterNotFound(name.to_string()));
+                };
+                let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+                for serial in &record.serials {
+                    revoke_in(revoked, serial, name, now, "cluster rebuilt")?;
+                }
+                let revoked_serials = std::mem::take(&mut record.serials);
+                record.cert_not_after = now;
+                record.rebuild_requested_at = Some(now);
+                record.recovering_since_ms = None;
+                clusters.insert(name.as_bytes(), encode(&record))?;
+                tokens.insert(token_hash, encode(token))?;
+                Ok(revoked_serials)
+            },
+        )?;
+        self.flush().await?;
+        Ok(serials)
+    }
+
+    /// Records that a recovering cluster runs every app Healthy again, `elapsed_ms` after it registered.
+    pub async fn finish_recovery(&self, name: &str, elapsed_ms: i64) -> Result<()> {
+        self.clusters.transaction(|clusters| {
+            if let Some(bytes) = clusters.get(name)? {
+                let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+                record.recovering_since_ms = None;
+                record.last_recovery_ms = Some(elapsed_ms);
+                clusters.insert(name.as_bytes(), encode(&record))?;
+            }
+            Ok(())
+        })?;
+        self.flush().await
+    }
+
     /// Every revoked serial (loaded into memory at start).
     pub fn revoked_serials(&self) -> Result<HashSet<String>> {
         self.revoked
@@ -433,6 +496,7 @@ mod tests {
             labels,
             cert: c,
             now,
+            now_ms: now * 1000,
         }
     }
 

@@ -654,6 +654,31 @@ impl SimCluster {
         self._dir.path().join(format!("{name}.kubeconfig"))
     }
 
+    /// Objects of built-in `kind` in `namespace` of cluster `cluster`, as the API server stores them.
+    pub fn objects(&self, cluster: &str, kind: &str, namespace: &str) -> Result<Vec<Value>> {
+        let rt = kubesim::resources::builtins()
+            .into_iter()
+            .find(|r| r.kind == kind)
+            .with_context(|| format!("{kind} is not built in"))?;
+        let c = self.sim.cluster(cluster).context("cluster")?;
+        let (items, _, _) = c.list(&rt, Some(namespace), |_| true, None, None);
+        Ok(items.into_iter().collect())
+    }
+
+    /// One object by name, if it exists.
+    pub fn object(
+        &self,
+        cluster: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Value>> {
+        Ok(self
+            .objects(cluster, kind, namespace)?
+            .into_iter()
+            .find(|o| o["metadata"]["name"] == name))
+    }
+
     /// Names of the ConfigMaps in `namespace` of cluster `cluster`.
     pub fn configmaps_in(&self, cluster: &str, namespace: &str) -> Result<Vec<String>> {
         let rt = kubesim::resources::builtins()
@@ -906,6 +931,29 @@ pub fn spawn_agents(
     data_dir: &Path,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<()> {
+    let regions = |i: usize, _: &str| {
+        std::collections::BTreeMap::from([(
+            "region".to_string(),
+            ["eu", "us", "ap"][i % 3].to_string(),
+        )])
+    };
+    spawn_agents_labelled(
+        runtime, hub, clusters, names, token, data_dir, shutdown, regions,
+    )
+}
+
+/// [`spawn_agents`] with each cluster's labels chosen by `labels(index, name)`.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_agents_labelled(
+    runtime: &tokio::runtime::Runtime,
+    hub: &Hub,
+    clusters: &SimCluster,
+    names: &[String],
+    token: &str,
+    data_dir: &Path,
+    shutdown: &tokio_util::sync::CancellationToken,
+    labels: impl Fn(usize, &str) -> std::collections::BTreeMap<String, String>,
+) -> Result<()> {
     let ca = std::fs::read(hub.pki("ca.pem"))?;
     for (i, name) in names.iter().enumerate() {
         let opts = flotilla_agent::runner::RunOptions {
@@ -916,10 +964,7 @@ pub fn spawn_agents(
             data_dir: data_dir.join(name),
             cluster_name: Some(name.clone()),
             token: Some(token.to_string()),
-            labels: std::collections::BTreeMap::from([(
-                "region".to_string(),
-                ["eu", "us", "ap"][i % 3].to_string(),
-            )]),
+            labels: labels(i, name),
             kubeconfig: Some(clusters.kubeconfig_of(name)),
             resync: Duration::from_secs(600),
             metrics_listen: None,

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use flotilla_proto::v1::admin_server::Admin;
 use flotilla_proto::v1::{
-    App, AppCluster, AppRevision, ApplyAppRequest, Cluster, CreateTokenRequest,
+    App, AppCluster, AppRevision, ApplyAppRequest, AuditEntry, Cluster, CreateTokenRequest,
     CreateTokenResponse, DeleteAppRequest, DeleteAppResponse, DeregisterClusterRequest,
     DeregisterClusterResponse, FleetStatusRequest, FleetStatusResponse, GetAppRequest,
-    GetClusterRequest, LabelClusterRequest, ListAppsRequest, ListAppsResponse, ListClustersRequest,
-    ListClustersResponse,
+    GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest, ListAppsResponse,
+    ListAuditRequest, ListAuditResponse, ListClustersRequest, ListClustersResponse,
+    RebuildClusterRequest, RebuildClusterResponse, RollbackAppRequest, RolloutActionRequest,
+    RolloutCluster, RolloutStatus,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
@@ -22,6 +24,33 @@ use crate::store::{ClusterRecord, TokenRecord};
 use crate::{Error, Hub, Result, now_unix, token_hash, validate};
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// A fresh bootstrap token: (secret, its hash, the record to store). `ttl_seconds` 0 = the default.
+fn new_token(
+    ttl_seconds: u64,
+    uses: u32,
+    cluster: Option<String>,
+) -> Result<(String, Vec<u8>, TokenRecord)> {
+    let ttl = match ttl_seconds {
+        0 => DEFAULT_TOKEN_TTL,
+        secs => Duration::from_secs(secs),
+    };
+    let mut secret = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| Error::Internal("system randomness unavailable".into()))?;
+    let token = format!("flt_{}", hex(&secret));
+    let hash = token_hash(&token);
+    let now = now_unix();
+    let record = TokenRecord {
+        id: hex(&hash[..4]),
+        created_at: now,
+        expires_at: now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
+        uses_left: uses.max(1),
+        cluster,
+    };
+    Ok((token, hash, record))
+}
 
 /// Serves the admin API.
 pub struct AdminService {
@@ -41,6 +70,8 @@ impl AdminService {
             registered_at_unix: record.registered_at,
             cert_not_after_unix: record.cert_not_after,
             cert_serial: record.cert_serial,
+            recovering_since_unix_ms: record.recovering_since_ms.unwrap_or(0),
+            last_recovery_ms: record.last_recovery_ms.unwrap_or(0),
             labels: record.labels.into_iter().collect(),
             name: record.name,
         }
@@ -54,34 +85,41 @@ impl AdminService {
     }
 
     async fn create_token(&self, req: CreateTokenRequest) -> Result<CreateTokenResponse> {
-        let ttl = match req.ttl_seconds {
-            0 => DEFAULT_TOKEN_TTL,
-            secs => Duration::from_secs(secs),
-        };
         let cluster = (!req.cluster_name.is_empty()).then_some(req.cluster_name);
         if let Some(name) = &cluster {
             validate::cluster_name(name)?;
         }
-        let mut secret = [0u8; 32];
-        SystemRandom::new()
-            .fill(&mut secret)
-            .map_err(|_| Error::Internal("system randomness unavailable".into()))?;
-        let token = format!("flt_{}", hex(&secret));
-        let hash = token_hash(&token);
-        let now = now_unix();
-        let record = TokenRecord {
-            id: hex(&hash[..4]),
-            created_at: now,
-            expires_at: now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
-            uses_left: req.uses.max(1),
-            cluster,
-        };
+        let (token, hash, record) = new_token(req.ttl_seconds, req.uses, cluster)?;
         self.hub.store.create_token(&hash, &record).await?;
         tracing::info!(token_id = %record.id, uses = record.uses_left, cluster = ?record.cluster, "bootstrap token created");
         Ok(CreateTokenResponse {
             token,
             token_id: record.id,
             expires_at_unix: record.expires_at,
+        })
+    }
+
+    /// Revokes the cluster's certificates and returns a token that registers a replacement as it.
+    async fn rebuild(&self, req: RebuildClusterRequest) -> Result<RebuildClusterResponse> {
+        let name = req.name;
+        self.cluster(&name)?;
+        let (token, hash, record) = new_token(req.ttl_seconds, 1, Some(name.clone()))?;
+        let serials = self
+            .hub
+            .store
+            .rebuild(&name, now_unix(), &hash, &record)
+            .await?;
+        // As for deregistration: revoke in memory before dropping the stream.
+        self.hub.auth.revoke(serials.iter().cloned());
+        self.hub.sessions.drop_cluster(&name);
+        // The replacement must earn Healthy itself; the lost cluster's reports mean nothing now.
+        self.hub.reports.forget_cluster(&name);
+        tracing::info!(cluster = %name, revoked = ?serials, token_id = %record.id, "cluster rebuild started");
+        Ok(RebuildClusterResponse {
+            token,
+            token_id: record.id,
+            expires_at_unix: record.expires_at,
+            revoked_serials: serials,
         })
     }
 
@@ -108,9 +146,18 @@ impl AdminService {
             last_error: record.status.last_error.unwrap_or_default(),
             clusters: record
                 .status
-                .assignments
-                .into_iter()
-                .map(|(cluster, digest)| AppCluster { cluster, digest })
+                .target
+                .iter()
+                .map(|(cluster, a)| AppCluster {
+                    cluster: cluster.clone(),
+                    digest: a.digest.clone(),
+                    assigned_digest: record
+                        .status
+                        .assignments
+                        .get(cluster)
+                        .map(|x| x.digest.clone())
+                        .unwrap_or_default(),
+                })
                 .collect(),
             history: record
                 .status
@@ -121,9 +168,84 @@ impl AdminService {
                     revision: h.revision,
                     at_unix: h.at,
                     digests: h.digests.into_iter().collect(),
+                    rolled_out: h.rolled_out,
                 })
                 .collect(),
+            pinned_revision: record.status.pinned.unwrap_or_default(),
+            stable_revision: record.status.stable_revision.unwrap_or_default(),
+            rollout_phase: record
+                .status
+                .rollout
+                .map(|r| format!("{:?}", r.phase))
+                .unwrap_or_default(),
         }
+    }
+
+    fn rollout_to_proto(record: &AppRecord) -> Result<RolloutStatus> {
+        let name = &record.doc.metadata.name;
+        let r = record.status.rollout.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "app {name:?} has no rollout yet (it has not been rendered)"
+            ))
+        })?;
+        let as_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(RolloutStatus {
+            app: name.clone(),
+            id: r.id,
+            revision: r.revision.clone(),
+            phase: format!("{:?}", r.phase),
+            current_step: as_u32(r.current_step),
+            steps: r.steps.clone(),
+            message: r.message.clone(),
+            clusters: r
+                .clusters
+                .iter()
+                .map(|(cluster, c)| RolloutCluster {
+                    cluster: cluster.clone(),
+                    step: as_u32(c.step),
+                    state: format!("{:?}", c.state),
+                    reason: c.reason.clone(),
+                    from_revision: c
+                        .from
+                        .as_ref()
+                        .map(|f| f.revision.clone())
+                        .unwrap_or_default(),
+                    to_revision: c.to.revision.clone(),
+                    since_unix: c.since,
+                })
+                .collect(),
+            started_at_unix: r.started_at,
+            finished_at_unix: r.finished_at.unwrap_or(0),
+            max_updating: as_u32(r.max_updating),
+            paused_reason: r.paused.map(|p| format!("{p:?}")).unwrap_or_default(),
+            stable_revision: record.status.stable_revision.clone().unwrap_or_default(),
+            pinned_revision: record.status.pinned.clone().unwrap_or_default(),
+        })
+    }
+
+    fn app(&self, name: &str) -> Result<AppRecord> {
+        self.hub
+            .apps
+            .get(name)?
+            .ok_or_else(|| Error::AppNotFound(name.to_string()))
+    }
+
+    async fn rollback(&self, actor: &str, req: RollbackAppRequest) -> Result<App> {
+        let record = self.app(&req.app)?;
+        let detail = if req.unpin {
+            crate::rollouts::unpin(&self.hub, &req.app).await?;
+            "unpinned: follows its ref again".to_string()
+        } else {
+            let to = (!req.to.is_empty()).then_some(req.to.as_str());
+            let revision = crate::rollouts::pin(&self.hub, &req.app, to).await?;
+            format!("pinned to {revision}")
+        };
+        self.hub
+            .audit
+            .record(actor, "app.rollback", &format!("app/{}", req.app), &detail)
+            .await?;
+        self.hub.sync.kick_repo(&record.doc.spec.source.repo_url);
+        Ok(Self::app_to_proto(self.app(&req.app)?))
     }
 
     async fn apply_app(&self, req: ApplyAppRequest) -> Result<App> {
@@ -162,10 +284,18 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        self.hub.auth.admin(&request)?;
-        Ok(Response::new(
-            self.create_token(request.into_inner()).await?,
-        ))
+        let actor = self.hub.auth.admin(&request)?;
+        let response = self.create_token(request.into_inner()).await?;
+        self.hub
+            .audit
+            .record(
+                &actor,
+                "token.create",
+                &format!("token/{}", response.token_id),
+                "",
+            )
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn list_clusters(
@@ -196,16 +326,33 @@ impl Admin for AdminService {
         &self,
         request: Request<LabelClusterRequest>,
     ) -> Result<Response<Cluster>, Status> {
-        self.hub.auth.admin(&request)?;
-        Ok(Response::new(self.label(request.into_inner()).await?))
+        let actor = self.hub.auth.admin(&request)?;
+        let req = request.into_inner();
+        let detail = format!("set {:?} remove {:?}", req.set, req.remove);
+        let target = format!("cluster/{}", req.name);
+        let cluster = self.label(req).await?;
+        self.hub
+            .audit
+            .record(&actor, "cluster.label", &target, detail)
+            .await?;
+        Ok(Response::new(cluster))
     }
 
     async fn deregister_cluster(
         &self,
         request: Request<DeregisterClusterRequest>,
     ) -> Result<Response<DeregisterClusterResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        let actor = self.hub.auth.admin(&request)?;
         let response = self.deregister(&request.get_ref().name).await?;
+        self.hub
+            .audit
+            .record(
+                &actor,
+                "cluster.deregister",
+                &format!("cluster/{}", request.get_ref().name),
+                format!("revoked {:?}", response.revoked_serials),
+            )
+            .await?;
         self.hub.sync.kick_recompute();
         Ok(Response::new(response))
     }
@@ -233,8 +380,18 @@ impl Admin for AdminService {
     }
 
     async fn apply_app(&self, request: Request<ApplyAppRequest>) -> Result<Response<App>, Status> {
-        self.hub.auth.admin(&request)?;
-        Ok(Response::new(self.apply_app(request.into_inner()).await?))
+        let actor = self.hub.auth.admin(&request)?;
+        let app = self.apply_app(request.into_inner()).await?;
+        self.hub
+            .audit
+            .record(
+                &actor,
+                "app.apply",
+                &format!("app/{}", app.name),
+                format!("generation {}", app.generation),
+            )
+            .await?;
+        Ok(Response::new(app))
     }
 
     async fn list_apps(
@@ -267,7 +424,7 @@ impl Admin for AdminService {
         &self,
         request: Request<DeleteAppRequest>,
     ) -> Result<Response<DeleteAppResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        let actor = self.hub.auth.admin(&request)?;
         let name = &request.get_ref().name;
         if let Some(existing) = self.hub.apps.get(name)?
             && existing.origin == "fleet"
@@ -280,8 +437,100 @@ impl Admin for AdminService {
         if !self.hub.apps.delete(name).await? {
             return Err(Error::AppNotFound(name.clone()).into());
         }
-        tracing::info!(app = %name, "app deleted");
+        self.hub
+            .audit
+            .record(&actor, "app.delete", &format!("app/{name}"), "")
+            .await?;
         self.hub.assignments_changed.send_modify(|v| *v += 1);
         Ok(Response::new(DeleteAppResponse {}))
+    }
+
+    async fn rebuild_cluster(
+        &self,
+        request: Request<RebuildClusterRequest>,
+    ) -> Result<Response<RebuildClusterResponse>, Status> {
+        let actor = self.hub.auth.admin(&request)?;
+        let req = request.into_inner();
+        let target = format!("cluster/{}", req.name);
+        let response = self.rebuild(req).await?;
+        self.hub
+            .audit
+            .record(
+                &actor,
+                "cluster.rebuild",
+                &target,
+                format!(
+                    "revoked {:?}; token {}",
+                    response.revoked_serials, response.token_id
+                ),
+            )
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<GetRolloutRequest>,
+    ) -> Result<Response<RolloutStatus>, Status> {
+        self.hub.auth.admin(&request)?;
+        let record = self.app(&request.get_ref().app)?;
+        Ok(Response::new(Self::rollout_to_proto(&record)?))
+    }
+
+    async fn rollout_action(
+        &self,
+        request: Request<RolloutActionRequest>,
+    ) -> Result<Response<RolloutStatus>, Status> {
+        let actor = self.hub.auth.admin(&request)?;
+        let req = request.into_inner();
+        let action: crate::rollouts::Action = req.action.parse()?;
+        let record = crate::rollouts::act(&self.hub, &req.app, action).await?;
+        let status = Self::rollout_to_proto(&record)?;
+        self.hub
+            .audit
+            .record(
+                &actor,
+                &format!("rollout.{}", req.action),
+                &format!("app/{}", req.app),
+                format!("revision {}: now {}", status.revision, status.phase),
+            )
+            .await?;
+        Ok(Response::new(status))
+    }
+
+    async fn rollback_app(
+        &self,
+        request: Request<RollbackAppRequest>,
+    ) -> Result<Response<App>, Status> {
+        let actor = self.hub.auth.admin(&request)?;
+        Ok(Response::new(
+            self.rollback(&actor, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.hub.auth.admin(&request)?;
+        let limit = match request.get_ref().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let entries = self
+            .hub
+            .audit
+            .recent(limit)?
+            .into_iter()
+            .map(|e| AuditEntry {
+                seq: e.seq,
+                at_unix_ms: e.at_ms,
+                actor: e.actor,
+                action: e.action,
+                target: e.target,
+                detail: e.detail,
+            })
+            .collect();
+        Ok(Response::new(ListAuditResponse { entries }))
     }
 }

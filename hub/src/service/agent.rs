@@ -68,7 +68,7 @@ impl Agent for AgentService {
             .apps
             .list()?
             .iter()
-            .any(|a| a.status.assignments.get(&name) == Some(&digest));
+            .any(|a| a.status.assignments.get(&name).map(|x| &x.digest) == Some(&digest));
         if !assigned {
             return Err(Error::PermissionDenied(format!(
                 "bundle {digest} is not assigned to cluster {name:?}"
@@ -153,6 +153,8 @@ async fn run_session(
         return;
     }
 
+    check_recovery(&hub, &name).await;
+
     let end: Option<Status> = loop {
         tokio::select! {
             _ = session.cancel.cancelled() => {
@@ -189,6 +191,7 @@ async fn run_session(
                         // Recorded under the session's identity; the report names only the app.
                         hub.metrics.reported(&name, &status.digest, &status.sync, &status.health);
                         hub.reports.record(&name, status.clone());
+                        check_recovery(&hub, &name).await;
                     }
                     if let Some(reply) = handle(message)
                         && tx.send(Ok(reply)).await.is_err()
@@ -215,6 +218,33 @@ async fn run_session(
         tracing::warn!(cluster = %name, error = %err, "could not record last-seen time");
     }
     drop(session);
+}
+
+/// A rebuilt cluster has recovered once it reports every assigned app at its digest, Healthy; the
+/// time from its registration is recorded for `cluster get`.
+async fn check_recovery(hub: &Hub, name: &str) {
+    let since = match hub.store.cluster(name) {
+        Ok(Some(record)) => record.recovering_since_ms,
+        _ => None,
+    };
+    let Some(since) = since else { return };
+    let recovered = assignments_of(hub, name).iter().all(|a| {
+        hub.reports
+            .get(name, &a.app)
+            .is_some_and(|r| r.digest == a.digest && r.health == "Healthy")
+    });
+    if !recovered {
+        return;
+    }
+    let elapsed = now_ms() - since;
+    match hub.store.finish_recovery(name, elapsed).await {
+        Ok(()) => tracing::info!(
+            cluster = name,
+            elapsed_ms = elapsed,
+            "rebuilt cluster recovered: every app Healthy"
+        ),
+        Err(e) => tracing::warn!(cluster = name, error = %e, "recording a recovery"),
+    }
 }
 
 fn handle(message: AgentMessage) -> Option<HubMessage> {

@@ -46,9 +46,14 @@ impl RegistrationService {
                 labels: &labels,
                 cert: &cert,
                 now,
+                now_ms: crate::now_ms(),
             })
             .await?;
-        tracing::info!(cluster = name, serial = %cert.serial, labels = ?record.labels, "cluster registered");
+        if record.recovering_since_ms.is_some() {
+            tracing::info!(cluster = name, serial = %cert.serial, "rebuilt cluster registered; recovering");
+        } else {
+            tracing::info!(cluster = name, serial = %cert.serial, labels = ?record.labels, "cluster registered");
+        }
         self.hub.sync.kick_recompute();
         Ok(RegisterResponse {
             cluster_name: record.name,

@@ -1,0 +1,266 @@
+//! The rollout controller: the IO edge of the planner. About twice a second (and at once when a
+//! render or an operator kicks it) it feeds every app's rollout what the fleet reports, persists
+//! the planner's decision (flushed before anyone is told) and tells agents their new assignments.
+//! Operator actions (pause, resume, promote, abort, rollback) also land here, in the audit log.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::appstore::AppRecord;
+use crate::rollout::{ClusterView, Input, Phase, Rollout};
+use crate::{Error, Hub, Result, now_unix};
+
+/// How often rollouts are re-planned without a kick.
+const PLAN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the planner needs to know about every registered cluster, for one app.
+fn views(hub: &Hub, app: &str) -> Result<BTreeMap<String, ClusterView>> {
+    Ok(hub
+        .store
+        .clusters()?
+        .into_iter()
+        .map(|c| {
+            let (connected, _) = hub.sessions.status(&c.name);
+            let report = hub.reports.get(&c.name, app).map(|r| (r.digest, r.health));
+            let view = ClusterView {
+                labels: c.labels,
+                connected,
+                report,
+            };
+            (c.name, view)
+        })
+        .collect())
+}
+
+/// One planning round for `record`: starts a rollout for a new target, advances the current one,
+/// and derives assignments. Returns whether assignments changed.
+fn plan(record: &mut AppRecord, views: &BTreeMap<String, ClusterView>, now: i64) -> bool {
+    let Ok(strategy) = record.doc.strategy() else {
+        // Validated on every write; a stored document that no longer resolves waits for a fix.
+        return false;
+    };
+    let s = &mut record.status;
+    let Some(revision) = s.revision.clone() else {
+        return false;
+    };
+    let generation = s.observed_generation;
+    let before = s.assignments.clone();
+    let was = s.rollout.as_ref().map(|r| r.phase);
+    let input = Input {
+        strategy: &strategy,
+        target: &s.target,
+        current: &s.assignments,
+        clusters: views,
+        now,
+    };
+    let superseding = s
+        .rollout
+        .as_ref()
+        .is_none_or(|r| r.revision != revision || r.generation != generation);
+    let rollout = if superseding {
+        let next = Rollout::start(
+            s.next_rollout_id,
+            &revision,
+            generation,
+            &input,
+            s.rollout.as_ref(),
+        );
+        if let Some(old) = &s.rollout
+            && old.phase.is_active()
+        {
+            tracing::info!(app = %record.doc.metadata.name, old = %old.revision, new = %revision, "a newer revision supersedes the active rollout");
+        }
+        s.next_rollout_id += 1;
+        next
+    } else {
+        // Cannot be None: `superseding` is true then.
+        let Some(mut current) = s.rollout.take() else {
+            return false;
+        };
+        current.advance(&input);
+        current
+    };
+    s.assignments = rollout
+        .assignments()
+        .into_iter()
+        .filter_map(|(cluster, a)| Some((cluster, a?)))
+        .collect();
+    if rollout.phase == Phase::Succeeded && (superseding || was != Some(Phase::Succeeded)) {
+        s.stable_revision = Some(rollout.revision.clone());
+        if let Some(entry) = s
+            .history
+            .iter_mut()
+            .rev()
+            .find(|h| h.revision == rollout.revision)
+        {
+            entry.rolled_out = true;
+        }
+    }
+    if was != Some(rollout.phase) || superseding {
+        tracing::info!(app = %record.doc.metadata.name, revision = %rollout.revision, phase = ?rollout.phase, message = %rollout.message, "rollout");
+    }
+    s.rollout = Some(rollout);
+    s.assignments != before
+}
+
+/// Plans one app and persists the outcome.
+pub async fn plan_app(hub: &Hub, name: &str) -> Result<()> {
+    let views = views(hub, name)?;
+    let now = now_unix();
+    let mut changed = false;
+    let mut newly = Vec::new();
+    hub.apps
+        .update_status(name, |record| {
+            let before = record.status.assignments.clone();
+            changed = plan(record, &views, now);
+            for (cluster, a) in &record.status.assignments {
+                if before.get(cluster) != Some(a) {
+                    newly.push((cluster.clone(), a.digest.clone()));
+                }
+            }
+        })
+        .await?;
+    for (cluster, digest) in newly {
+        hub.metrics.assigned(&cluster, &digest);
+    }
+    if changed {
+        // Written and flushed above, before any agent hears of it.
+        hub.assignments_changed.send_modify(|v| *v += 1);
+    }
+    Ok(())
+}
+
+/// The controller loop; returns at shutdown.
+pub async fn run(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(PLAN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = hub.rollouts_kick.notified() => {}
+        }
+        let names = match hub.apps.list() {
+            Ok(apps) => apps.into_iter().map(|a| a.doc.metadata.name),
+            Err(e) => {
+                tracing::error!(error = %e, "listing apps for rollouts");
+                continue;
+            }
+        };
+        for name in names {
+            if let Err(e) = plan_app(&hub, &name).await {
+                tracing::error!(app = %name, error = %e, "planning the rollout");
+            }
+        }
+    }
+}
+
+/// An operator action on an app's rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl std::str::FromStr for Action {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "promote" => Self::Promote,
+            "abort" => Self::Abort,
+            other => {
+                return Err(Error::invalid(
+                    "action",
+                    format!("{other:?} is not pause, resume, promote or abort"),
+                ));
+            }
+        })
+    }
+}
+
+/// Applies an operator action, persists it, and re-plans at once.
+pub async fn act(hub: &Hub, app: &str, action: Action) -> Result<AppRecord> {
+    let now = now_unix();
+    let record = hub
+        .apps
+        .try_update(app, |r| {
+            let rollout = r.status.rollout.as_mut().ok_or_else(|| {
+                Error::FailedPrecondition(format!("app {app:?} has no rollout yet"))
+            })?;
+            match action {
+                Action::Pause => rollout.pause(),
+                Action::Resume => rollout.resume(),
+                Action::Promote => rollout.promote(),
+                Action::Abort => rollout.abort(now),
+            }
+            .map_err(|e| Error::FailedPrecondition(format!("app {app:?}: {e}")))
+        })
+        .await?
+        .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
+    plan_app(hub, app).await?;
+    Ok(hub.apps.get(app)?.unwrap_or(record))
+}
+
+/// Pins `app` to an earlier revision (the newest stable one before the current, by default); the
+/// pinned render then reaches the fleet through a rollout like any other. Returns the revision.
+pub async fn pin(hub: &Hub, app: &str, to: Option<&str>) -> Result<String> {
+    let mut chosen = String::new();
+    hub.apps
+        .try_update(app, |r| {
+            let s = &mut r.status;
+            let revision = match to {
+                Some(prefix) => {
+                    if prefix.len() < 4 {
+                        return Err(Error::invalid(
+                            "to",
+                            format!("{prefix:?}: give at least 4 characters of a commit"),
+                        ));
+                    }
+                    s.history
+                        .iter()
+                        .rev()
+                        .find(|h| h.revision.starts_with(prefix))
+                        .map(|h| h.revision.clone())
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "to",
+                                format!(
+                                    "{prefix:?} is not in the history of app {app:?} (see `flotilla app history {app}`)"
+                                ),
+                            )
+                        })?
+                }
+                None => s
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|h| h.rolled_out && Some(&h.revision) != s.stable_revision.as_ref())
+                    .map(|h| h.revision.clone())
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "app {app:?} has no earlier revision that was rolled out; name one with --to"
+                        ))
+                    })?,
+            };
+            s.pinned = Some(revision.clone());
+            chosen = revision;
+            Ok(())
+        })
+        .await?
+        .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
+    Ok(chosen)
+}
+
+/// Returns an app to following its ref.
+pub async fn unpin(hub: &Hub, app: &str) -> Result<()> {
+    hub.apps
+        .update_status(app, |r| r.status.pinned = None)
+        .await?
+        .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
+    Ok(())
+}
