@@ -12,9 +12,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use flotilla_proto::v1::FleetStatusRequest;
 use flotilla_proto::v1::admin_client::AdminClient;
 use flotilla_proto::v1::{
-    ApplyAppRequest, CreateTokenRequest, DeleteAppRequest, DeregisterClusterRequest, GetAppRequest,
-    GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest, ListAuditRequest,
-    ListClustersRequest, RebuildClusterRequest, RollbackAppRequest, RolloutActionRequest,
+    ApplyAppRequest, BackupRequest, CreateTokenRequest, DeleteAppRequest, DeregisterClusterRequest,
+    GetAppRequest, GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest,
+    ListAuditRequest, ListClustersRequest, RebuildClusterRequest, RollbackAppRequest,
+    RolloutActionRequest,
 };
 use flotilla_proto::{ClientTls, describe_status, endpoint, error_chain};
 use tonic::transport::Channel;
@@ -86,6 +87,15 @@ enum Command {
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
+    },
+    /// Write an online, consistent backup of the hub (private keys sealed under a passphrase).
+    Backup {
+        /// Where to write the backup (created with mode 0600).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// File holding the passphrase (else FLOTILLA_BACKUP_PASSPHRASE); at least 12 characters.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// The audit log of operator actions, oldest first.
     Audit {
@@ -228,6 +238,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cluster { command } => cluster(&cli.conn, format, command).await,
         Command::App { command } => app(&cli.conn, format, command).await,
         Command::Rollout { command } => rollout(&cli.conn, format, command).await,
+        Command::Backup {
+            file,
+            passphrase_file,
+        } => {
+            let passphrase = flotilla_hub::backup::read_passphrase(passphrase_file.as_deref())?;
+            let mut admin = admin_client(&cli.conn).await?;
+            let mut stream = admin
+                .backup(BackupRequest { passphrase })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(rpc_error)? {
+                bytes.extend_from_slice(&chunk.data);
+            }
+            flotilla_hub::fsutil::write_private(&file, &bytes)
+                .with_context(|| format!("writing {}", file.display()))?;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({"file": file.display().to_string(), "bytes": bytes.len()})
+                ),
+                Format::Table => println!(
+                    "backup written to {} ({} bytes)",
+                    file.display(),
+                    bytes.len()
+                ),
+            }
+            Ok(())
+        }
         Command::Audit { limit } => {
             let mut admin = admin_client(&cli.conn).await?;
             let entries = admin

@@ -68,6 +68,7 @@ pub struct AppRecord {
 pub struct AppStore {
     /// Serializes read-modify-write of app records (renders, the rollout controller, operators).
     writes: std::sync::Arc<tokio::sync::Mutex<()>>,
+    gate: crate::store::WriteGate,
     db: sled::Db,
     apps: sled::Tree,
     bundles: sled::Tree,
@@ -81,9 +82,10 @@ fn corrupt(key: &str, source: serde_json::Error) -> Error {
 }
 
 impl AppStore {
-    pub fn open(db: &sled::Db) -> Result<Self> {
+    pub fn open(db: &sled::Db, gate: crate::store::WriteGate) -> Result<Self> {
         Ok(Self {
             writes: Default::default(),
+            gate,
             apps: db.open_tree("apps")?,
             bundles: db.open_tree("bundles")?,
             db: db.clone(),
@@ -133,6 +135,7 @@ impl AppStore {
 
     /// Writes a record and flushes.
     pub async fn put(&self, record: &AppRecord) -> Result<()> {
+        let _gate = self.gate.read().await;
         let bytes =
             serde_json::to_vec(record).map_err(|e| corrupt(&record.doc.metadata.name, e))?;
         self.apps
@@ -174,6 +177,7 @@ impl AppStore {
 
     pub async fn delete(&self, name: &str) -> Result<bool> {
         let _write = self.writes.lock().await;
+        let _gate = self.gate.read().await;
         let existed = self.apps.remove(name)?.is_some();
         crate::store::flush(&self.db).await?;
         Ok(existed)

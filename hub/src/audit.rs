@@ -22,13 +22,18 @@ pub struct AuditEntry {
 /// Append-only log of operator actions.
 #[derive(Clone)]
 pub struct AuditLog {
+    gate: crate::store::WriteGate,
+    /// Appends take the next sequence number after the last entry, one at a time.
+    append: std::sync::Arc<tokio::sync::Mutex<()>>,
     db: sled::Db,
     tree: sled::Tree,
 }
 
 impl AuditLog {
-    pub fn open(db: &sled::Db) -> Result<Self> {
+    pub fn open(db: &sled::Db, gate: crate::store::WriteGate) -> Result<Self> {
         Ok(Self {
+            gate,
+            append: Default::default(),
             tree: db.open_tree("audit")?,
             db: db.clone(),
         })
@@ -42,7 +47,13 @@ impl AuditLog {
         target: &str,
         detail: impl Into<String>,
     ) -> Result<()> {
-        let seq = self.db.generate_id()?;
+        let _gate = self.gate.read().await;
+        let _append = self.append.lock().await;
+        // From the log itself (not sled's id generator), so a restored log continues its numbering.
+        let seq = match self.tree.last()? {
+            Some((k, _)) => <[u8; 8]>::try_from(&k[..]).map_or(0, u64::from_be_bytes) + 1,
+            None => 1,
+        };
         let entry = AuditEntry {
             seq,
             at_ms: now_ms(),

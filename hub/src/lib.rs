@@ -8,6 +8,7 @@ pub mod apps;
 pub mod appstore;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 mod error;
 pub mod fsutil;
 pub mod git;
@@ -53,6 +54,8 @@ impl Default for Settings {
 
 /// Shared state of a running hub.
 pub struct Hub {
+    /// The data directory this hub serves (PKI files, sled, repository caches).
+    pub data_dir: std::path::PathBuf,
     pub store: store::Store,
     pub ca: Arc<pki::Ca>,
     pub auth: auth::Auth,

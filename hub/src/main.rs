@@ -63,6 +63,18 @@ enum Command {
         #[arg(long, default_value = "")]
         fleet_path: String,
     },
+    /// Rebuild a data directory from a backup (`flotilla backup`); then `serve` it.
+    Restore {
+        /// A new (or empty) directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// File holding the passphrase the backup was taken with (else FLOTILLA_BACKUP_PASSPHRASE).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -88,6 +100,32 @@ async fn main() -> anyhow::Result<()> {
             println!("  CA certificate:    {}", paths.ca().display());
             println!("  admin certificate: {}", paths.admin().display());
             println!("  admin key:         {}", paths.admin_key().display());
+            Ok(())
+        }
+        Command::Restore {
+            data_dir,
+            from,
+            passphrase_file,
+        } => {
+            let passphrase = flotilla_hub::backup::read_passphrase(passphrase_file.as_deref())?;
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            let summary = flotilla_hub::backup::restore(&data_dir, &bytes, &passphrase)
+                .with_context(|| {
+                    format!("restoring {} into {}", from.display(), data_dir.display())
+                })?;
+            println!(
+                "restored {} (backup of {}) into {}",
+                from.display(),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH
+                        + Duration::from_secs(u64::try_from(summary.created_at).unwrap_or(0))
+                ),
+                data_dir.display()
+            );
+            for (tree, n) in &summary.records {
+                println!("  {tree:<9} {n}");
+            }
             Ok(())
         }
         Command::Serve {

@@ -77,10 +77,11 @@ pub async fn serve(
     let db_path = opts.data_dir.join("db");
     let store = store::Store::open(&db_path)?;
     let revoked = store.revoked_serials()?;
-    let apps = crate::appstore::AppStore::open(store.db())?;
+    let apps = crate::appstore::AppStore::open(store.db(), store.gate())?;
     let reports = crate::reports::Reports::open(store.db())?;
-    let audit = crate::audit::AuditLog::open(store.db())?;
+    let audit = crate::audit::AuditLog::open(store.db(), store.gate())?;
     let hub = Arc::new(Hub {
+        data_dir: opts.data_dir.clone(),
         audit,
         assignments_changed: tokio::sync::watch::channel(0).0,
         rollouts_kick: tokio::sync::Notify::new(),

@@ -83,9 +83,14 @@ pub struct Registration<'a> {
     pub now_ms: i64,
 }
 
+/// Writers of acknowledged state hold it shared; a backup holds it exclusively, so its snapshot sees
+/// every tree as of one instant.
+pub type WriteGate = std::sync::Arc<tokio::sync::RwLock<()>>;
+
 /// The hub's sled database.
 #[derive(Clone)]
 pub struct Store {
+    gate: WriteGate,
     db: sled::Db,
     clusters: sled::Tree,
     tokens: sled::Tree,
@@ -156,6 +161,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let db = sled::Config::new().path(path).open()?;
         Ok(Self {
+            gate: WriteGate::default(),
             clusters: db.open_tree("clusters")?,
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
@@ -165,6 +171,10 @@ impl Store {
     }
 
     /// The underlying database, for stores of other concerns that share it.
+    pub fn gate(&self) -> WriteGate {
+        self.gate.clone()
+    }
+
     pub fn db(&self) -> &sled::Db {
         &self.db
     }
@@ -175,6 +185,7 @@ impl Store {
 
     /// Stores a new token under `hash`.
     pub async fn create_token(&self, hash: &[u8], token: &TokenRecord) -> Result<()> {
+        let _gate = self.gate.read().await;
         self.tokens.insert(hash, encode(token))?;
         self.flush().await
     }
@@ -191,6 +202,7 @@ impl Store {
     /// Registers a cluster: consumes one use of the token, creates (or takes over an expired) cluster
     /// record and records the certificate, atomically. Nothing changes when any check fails.
     pub async fn register(&self, reg: Registration<'_>) -> Result<ClusterRecord> {
+        let _gate = self.gate.read().await;
         let record = (&self.tokens, &self.clusters, &self.certs, &self.revoked).transaction(
             |(tokens, clusters, certs, revoked)| {
                 let Some(bytes) = tokens.get(reg.token_hash)? else {
@@ -255,6 +267,7 @@ impl Store {
 
     /// Records a renewed certificate for `name`.
     pub async fn renew(&self, name: &str, cert: &IssuedCert, now: i64) -> Result<ClusterRecord> {
+        let _gate = self.gate.read().await;
         let record = (&self.clusters, &self.certs).transaction(|(clusters, certs)| {
             let Some(bytes) = clusters.get(name)? else {
                 return abort(Error::ClusterNotFound(name.to_string()));
@@ -318,6 +331,7 @@ impl Store {
         set: &BTreeMap<String, String>,
         remove: &[String],
     ) -> Result<ClusterRecord> {
+        let _gate = self.gate.read().await;
         let record = self.clusters.transaction(|clusters| {
             let Some(bytes) = clusters.get(name)? else {
                 return abort(Error::ClusterNotFound(name.to_string()));
@@ -338,6 +352,7 @@ impl Store {
 
     /// Removes a cluster and revokes every certificate it may still hold. Returns the revoked serials.
     pub async fn deregister(&self, name: &str, now: i64) -> Result<Vec<String>> {
+        let _gate = self.gate.read().await;
         let serials = (&self.clusters, &self.revoked).transaction(|(clusters, revoked)| {
             let Some(bytes) = clusters.remove(name.as_bytes())? else {
                 return abort(Error::ClusterNotFound(name.to_string()));
@@ -361,6 +376,7 @@ impl Store {
         token_hash: &[u8],
         token: &TokenRecord,
     ) -> Result<Vec<String>> {
+        let _gate = self.gate.read().await;
         let serials = (&self.clusters, &self.revoked, &self.tokens).transaction(
             |(clusters, revoked, tokens)| {
                 let Some(bytes) = clusters.get(name.as_bytes())? else {
@@ -385,6 +401,7 @@ impl Store {
 
     /// Records that a recovering cluster runs every app Healthy again, `elapsed_ms` after it registered.
     pub async fn finish_recovery(&self, name: &str, elapsed_ms: i64) -> Result<()> {
+        let _gate = self.gate.read().await;
         self.clusters.transaction(|clusters| {
             if let Some(bytes) = clusters.get(name)? {
                 let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;

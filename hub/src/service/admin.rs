@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use flotilla_proto::v1::admin_server::Admin;
 use flotilla_proto::v1::{
-    App, AppCluster, AppRevision, ApplyAppRequest, AuditEntry, Cluster, CreateTokenRequest,
-    CreateTokenResponse, DeleteAppRequest, DeleteAppResponse, DeregisterClusterRequest,
-    DeregisterClusterResponse, FleetStatusRequest, FleetStatusResponse, GetAppRequest,
-    GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest, ListAppsResponse,
-    ListAuditRequest, ListAuditResponse, ListClustersRequest, ListClustersResponse,
-    RebuildClusterRequest, RebuildClusterResponse, RollbackAppRequest, RolloutActionRequest,
-    RolloutCluster, RolloutStatus,
+    App, AppCluster, AppRevision, ApplyAppRequest, AuditEntry, BackupChunk, BackupRequest, Cluster,
+    CreateTokenRequest, CreateTokenResponse, DeleteAppRequest, DeleteAppResponse,
+    DeregisterClusterRequest, DeregisterClusterResponse, FleetStatusRequest, FleetStatusResponse,
+    GetAppRequest, GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest,
+    ListAppsResponse, ListAuditRequest, ListAuditResponse, ListClustersRequest,
+    ListClustersResponse, RebuildClusterRequest, RebuildClusterResponse, RollbackAppRequest,
+    RolloutActionRequest, RolloutCluster, RolloutStatus,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
@@ -443,6 +443,36 @@ impl Admin for AdminService {
             .await?;
         self.hub.assignments_changed.send_modify(|v| *v += 1);
         Ok(Response::new(DeleteAppResponse {}))
+    }
+
+    type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<BackupChunk, Status>>;
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let actor = self.hub.auth.admin(&request)?;
+        let bytes = crate::backup::take(&self.hub, &request.get_ref().passphrase).await?;
+        let total = bytes.len() as u64;
+        self.hub
+            .audit
+            .record(&actor, "hub.backup", "hub", format!("{total} bytes"))
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.hub.tasks.spawn(async move {
+            for chunk in bytes.chunks(1024 * 1024) {
+                let msg = BackupChunk {
+                    data: chunk.to_vec(),
+                    total_size: total,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn rebuild_cluster(
