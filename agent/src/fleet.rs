@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::{Backoff, random_fraction};
 use crate::credentials::IdentityStore;
 use crate::engine::health::HealthState;
 use crate::engine::inventory::CachedBundle;
@@ -158,19 +159,39 @@ impl Fleet {
                 }
             }
         }
+        // A bundle that could not be fetched (hub busy or restarting) is tried again with jittered
+        // backoff, not only at the next assignment.
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 changed = assignments.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    let desired = assignments.borrow_and_update().clone();
-                    if let Some(desired) = desired
-                        && let Err(e) = self.apply_assignments(desired, &cancel).await
-                    {
-                        tracing::warn!(error = %e, "applying assignments; the next assignment or resync retries");
-                    }
+                    backoff.reset();
+                }
+                _ = retry => {}
+            }
+            retry_at = None;
+            let desired = assignments.borrow_and_update().clone();
+            let Some(desired) = desired else { continue };
+            match self.apply_assignments(desired, &cancel).await {
+                Ok(true) => backoff.reset(),
+                Ok(false) => {
+                    let delay = backoff.next_delay(random_fraction());
+                    tracing::info!(?delay, "some bundles could not be fetched; retrying");
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "applying assignments; the next assignment or resync retries");
                 }
             }
         }
@@ -179,11 +200,13 @@ impl Fleet {
         Ok(())
     }
 
+    /// Starts what changed and removes what left; `false` if some bundle could not be fetched.
     async fn apply_assignments(
         self: &Arc<Self>,
         desired: Vec<Assignment>,
         cancel: &CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        let mut complete = true;
         let wanted: BTreeMap<String, Assignment> =
             desired.into_iter().map(|a| (a.app.clone(), a)).collect();
         for (app, a) in &wanted {
@@ -203,6 +226,7 @@ impl Fleet {
                         message: e.to_string(),
                         ..AppStatus::default()
                     });
+                    complete = false;
                     continue;
                 }
             };
@@ -217,7 +241,7 @@ impl Fleet {
         for app in leaving {
             self.remove(&app).await;
         }
-        Ok(())
+        Ok(complete)
     }
 
     /// The bundle for an assignment: from the cache when the digest matches, else fetched.

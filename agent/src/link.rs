@@ -25,6 +25,9 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 pub struct HubLink {
     pub hub_url: String,
     pub ca_pem: Vec<u8>,
+    /// The open session's channel (by certificate): bundle fetches ride on its HTTP/2 connection
+    /// instead of paying for a TLS handshake each, which matters when a thousand agents reconnect.
+    session_channel: std::sync::Arc<std::sync::Mutex<Option<(String, Channel)>>>,
 }
 
 /// Why a session ended without an error.
@@ -37,6 +40,21 @@ pub enum SessionEnd {
 }
 
 impl HubLink {
+    pub fn new(hub_url: String, ca_pem: Vec<u8>) -> Self {
+        Self {
+            hub_url,
+            ca_pem,
+            session_channel: Default::default(),
+        }
+    }
+
+    fn cached_channel(&self) -> std::sync::MutexGuard<'_, Option<(String, Channel)>> {
+        // Each critical section is one assignment or clone: a poisoned lock still holds sound data.
+        self.session_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn channel(&self, creds: Option<&Credentials>) -> Result<Channel> {
         let tls = ClientTls {
             ca_pem: self.ca_pem.clone(),
@@ -93,7 +111,9 @@ impl HubLink {
     /// Opens a session: sends hello and waits for the hub's welcome. The session is not driven yet,
     /// so a caller can open a new session before dropping the old one (make before break).
     pub async fn open(&self, creds: &Credentials, running: Vec<AppDigest>) -> Result<OpenSession> {
-        let mut client = AgentClient::new(self.channel(Some(creds)).await?);
+        let channel = self.channel(Some(creds)).await?;
+        *self.cached_channel() = Some((creds.cert_pem.clone(), channel.clone()));
+        let mut client = AgentClient::new(channel);
         let (out, out_rx) = mpsc::channel(8);
         let hello = AgentMessage {
             kind: Some(agent_message::Kind::Hello(Hello {
@@ -196,7 +216,25 @@ impl HubLink {
 
     /// Fetches a bundle by digest (chunked) and verifies it.
     pub async fn fetch_bundle(&self, creds: &Credentials, digest: &str) -> Result<Vec<u8>> {
-        let mut client = AgentClient::new(self.channel(Some(creds)).await?);
+        let cached = self
+            .cached_channel()
+            .as_ref()
+            .filter(|(cert, _)| *cert == creds.cert_pem)
+            .map(|(_, channel)| channel.clone());
+        let channel = match cached {
+            Some(channel) => channel,
+            None => self.channel(Some(creds)).await?,
+        };
+        let result = Self::fetch_on(channel, digest).await;
+        if matches!(result, Err(Error::Unreachable(_))) {
+            // The connection may be dead; the next attempt dials afresh.
+            *self.cached_channel() = None;
+        }
+        result
+    }
+
+    async fn fetch_on(channel: Channel, digest: &str) -> Result<Vec<u8>> {
+        let mut client = AgentClient::new(channel);
         let mut stream = client
             .fetch_bundle(FetchBundleRequest {
                 digest: digest.to_string(),

@@ -154,10 +154,7 @@ async fn run_agent(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
         }
     };
     let opts = RunOptions {
-        link: HubLink {
-            hub_url: args.hub,
-            ca_pem,
-        },
+        link: HubLink::new(args.hub, ca_pem),
         data_dir: args.data_dir,
         cluster_name: args.cluster_name,
         token: args.token,

@@ -222,10 +222,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             ),
         ]);
         let opts = RunOptions {
-            link: HubLink {
-                hub_url: url.clone(),
-                ca_pem: ca_pem.clone(),
-            },
+            link: HubLink::new(url.clone(), ca_pem.clone()),
             data_dir: dir.path().join(format!("agent-{name}")),
             cluster_name: Some(name.clone()),
             token: Some(token),

@@ -4,6 +4,7 @@
 //! Entry points: [`pki::init`] creates a data directory, [`server::serve`] runs the hub on one.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod apps;
 pub mod appstore;
 pub mod audit;
@@ -41,6 +42,10 @@ pub struct Settings {
     pub cert_ttl: Duration,
     /// How often agents are asked to send a heartbeat.
     pub heartbeat_interval: Duration,
+    /// New connections (TLS handshakes) admitted per second, on average.
+    pub handshake_rate: u32,
+    /// New connections admitted at once before pacing starts.
+    pub handshake_burst: u32,
 }
 
 impl Default for Settings {
@@ -48,6 +53,8 @@ impl Default for Settings {
         Self {
             cert_ttl: Duration::from_secs(30 * 24 * 3600),
             heartbeat_interval: Duration::from_secs(10),
+            handshake_rate: 200,
+            handshake_burst: 50,
         }
     }
 }

@@ -45,6 +45,12 @@ enum Command {
         /// HTTP listener for git webhooks (and metrics).
         #[arg(long)]
         http_listen: Option<SocketAddr>,
+        /// New agent connections (TLS handshakes) admitted per second; more wait their turn.
+        #[arg(long, default_value_t = 200)]
+        max_handshakes_per_second: u32,
+        /// Connections admitted at once before pacing starts.
+        #[arg(long, default_value_t = 50)]
+        handshake_burst: u32,
         /// How often each git source is fetched (±10% jitter).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         poll_interval: Duration,
@@ -134,6 +140,8 @@ async fn main() -> anyhow::Result<()> {
             cert_ttl,
             heartbeat_interval,
             http_listen,
+            max_handshakes_per_second,
+            handshake_burst,
             poll_interval,
             webhook_secret_file,
             kustomize_bin,
@@ -182,6 +190,8 @@ async fn main() -> anyhow::Result<()> {
                 settings: Settings {
                     cert_ttl,
                     heartbeat_interval,
+                    handshake_rate: max_handshakes_per_second,
+                    handshake_burst,
                 },
                 http_listen,
                 sources: SourceOptions {

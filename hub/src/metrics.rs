@@ -32,6 +32,9 @@ pub struct Metrics {
     /// Render of a new bundle → the cluster reports it applied.
     pub propagation: Histogram,
     rendered_at: Mutex<HashMap<(String, String), Instant>>,
+    pub admissions: Counter,
+    pub admissions_delayed: Counter,
+    pub admissions_peak_per_second: Gauge,
 }
 
 impl Default for Metrics {
@@ -42,6 +45,24 @@ impl Default for Metrics {
         let bundle_bytes_served = Counter::default();
         let sync_reports = Family::<SyncLabels, Counter>::default();
         let propagation = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        let admissions = Counter::default();
+        let admissions_delayed = Counter::default();
+        let admissions_peak_per_second = Gauge::default();
+        registry.register(
+            "admissions",
+            "Connections admitted to the TLS listener",
+            admissions.clone(),
+        );
+        registry.register(
+            "admissions_delayed",
+            "Connections that waited for the handshake rate limit",
+            admissions_delayed.clone(),
+        );
+        registry.register(
+            "admissions_peak_per_second",
+            "Most connections admitted in one second since start",
+            admissions_peak_per_second.clone(),
+        );
         registry.register(
             "connected_agents",
             "Agent sessions open now",
@@ -71,6 +92,9 @@ impl Default for Metrics {
             sync_reports,
             propagation,
             rendered_at: Mutex::new(HashMap::new()),
+            admissions,
+            admissions_delayed,
+            admissions_peak_per_second,
         }
     }
 }

@@ -9,7 +9,6 @@ use flotilla_proto::v1::admin_server::AdminServer;
 use flotilla_proto::v1::agent_server::AgentServer;
 use flotilla_proto::v1::registration_server::RegistrationServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -133,6 +132,12 @@ pub async fn serve(
         });
     }
 
+    let incoming = crate::admission::paced(
+        listener,
+        hub.settings.handshake_rate,
+        hub.settings.handshake_burst,
+        Arc::clone(&hub),
+    );
     let served = Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
@@ -142,7 +147,7 @@ pub async fn serve(
         )))
         .add_service(AgentServer::new(AgentService::new(Arc::clone(&hub))))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&hub))))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+        .serve_with_incoming_shutdown(incoming, {
             let hub = Arc::clone(&hub);
             async move {
                 shutdown.cancelled().await;

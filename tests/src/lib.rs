@@ -240,13 +240,14 @@ impl Hub {
         self.process.kill9();
         let addr = self.addr.clone();
         // The port was just released; retry briefly in case the kernel has not let go of it yet.
-        let (process, _, _) = wait_for(Duration::from_secs(10), "hub restart", || {
+        let (process, _, http_addr) = wait_for(Duration::from_secs(10), "hub restart", || {
             match serve(&self.data_dir(), &addr, &self.opts, self.dir.path()) {
                 Ok(p) => Ok(Some(p)),
                 Err(e) => Err(e),
             }
         })?;
         self.process = process;
+        self.http_addr = http_addr;
         Ok(())
     }
 
@@ -957,10 +958,7 @@ pub fn spawn_agents_labelled(
     let ca = std::fs::read(hub.pki("ca.pem"))?;
     for (i, name) in names.iter().enumerate() {
         let opts = flotilla_agent::runner::RunOptions {
-            link: flotilla_agent::link::HubLink {
-                hub_url: hub.url.clone(),
-                ca_pem: ca.clone(),
-            },
+            link: flotilla_agent::link::HubLink::new(hub.url.clone(), ca.clone()),
             data_dir: data_dir.join(name),
             cluster_name: Some(name.clone()),
             token: Some(token.to_string()),

@@ -1,0 +1,135 @@
+//! Hub outages: 200 agents keep their clusters while the hub is gone; when it returns they come back
+//! on their own, paced by the hub's handshake admission (peak rate recorded), and status never shows
+//! a cluster Healthy before it has reported again.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, http_get, spawn_agents, wait_for};
+
+const CLUSTERS: usize = 200;
+const RATE: u64 = 40;
+const BURST: u64 = 20;
+
+fn metric(hub: &Hub, name: &str) -> Result<f64> {
+    let addr = hub.http_addr.as_deref().context("http listener")?;
+    let (_, body) = http_get(addr, "/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{name} not in /metrics"))
+}
+
+#[test]
+fn two_hundred_agents_ride_out_a_hub_restart_at_a_bounded_handshake_rate() -> Result<()> {
+    let names: Vec<String> = (0..CLUSTERS).map(|i| format!("c{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let clusters = SimCluster::start_many(&refs)?;
+    let mut hub = Hub::start(HubOptions {
+        http: true,
+        heartbeat_interval: "5s".into(),
+        extra_args: vec![
+            "--max-handshakes-per-second".into(),
+            RATE.to_string(),
+            "--handshake-burst".into(),
+            BURST.to_string(),
+        ],
+        ..HubOptions::default()
+    })?;
+    let token = hub.token(&["--uses", &CLUSTERS.to_string()])?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let dir = tempfile::tempdir()?;
+    spawn_agents(
+        &runtime,
+        &hub,
+        &clusters,
+        &names,
+        &token,
+        dir.path(),
+        &shutdown,
+    )?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write(
+        "web/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {v: \"1\"}\n",
+    )?;
+    let v1 = repo.commit("v1")?;
+    hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"{}\", path: web}}\n  targets: {{selector: {{matchExpressions: [{{key: region, operator: Exists}}]}}}}\n  rollout: {{steps: [{{selector: {{}}, maxUnavailable: \"100%\"}}]}}\n",
+        repo.url()
+    ))?;
+    let healthy = |hub: &Hub| -> Result<usize> {
+        Ok(hub
+            .status()?
+            .iter()
+            .filter(|r| r["revision"] == v1.as_str() && r["health"] == "Healthy")
+            .count())
+    };
+    wait_for(Duration::from_secs(120), "every cluster Healthy", || {
+        let n = healthy(&hub)?;
+        if n != CLUSTERS {
+            let rows = hub.status()?;
+            let bad: Vec<_> = rows
+                .iter()
+                .filter(|r| r["health"] != "Healthy")
+                .map(|r| {
+                    format!(
+                        "{} {} {} {}",
+                        r["cluster"], r["sync"], r["health"], r["message"]
+                    )
+                })
+                .collect();
+            let connected = hub
+                .cli_json(&["cluster", "list"])?
+                .as_array()
+                .map_or(0, |l| l.iter().filter(|c| c["connected"] == true).count());
+            anyhow::bail!(
+                "{n} Healthy of {} rows, {connected} connected; not Healthy: {bad:?}",
+                rows.len()
+            );
+        }
+        Ok(Some(()))
+    })?;
+
+    // The hub is gone for a while; clusters keep running what they have.
+    hub.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        clusters
+            .configmaps_in("c000", "default")?
+            .contains(&"web".to_string())
+    );
+    let restarted = Instant::now();
+    hub.restart()?;
+    // Right after the restart nobody has reported on this hub's sessions yet: no stale Healthy.
+    let rows = hub.status()?;
+    let stale: Vec<_> = rows
+        .iter()
+        .filter(|r| r["connected"] == false && r["health"] != "Unknown")
+        .collect();
+    ensure!(stale.is_empty(), "disconnected clusters shown as {stale:?}");
+    wait_for(
+        Duration::from_secs(120),
+        "every cluster back and Healthy",
+        || {
+            let n = healthy(&hub)?;
+            ensure!(n == CLUSTERS, "{n} Healthy");
+            Ok(Some(()))
+        },
+    )?;
+    let back = restarted.elapsed();
+    let peak = metric(&hub, "flotilla_hub_admissions_peak_per_second")?;
+    let delayed = metric(&hub, "flotilla_hub_admissions_delayed_total")?;
+    println!(
+        "{CLUSTERS} agents back and Healthy {back:?} after the hub restart; peak {peak} handshakes/s (limit {RATE}/s, burst {BURST}); {delayed} connections paced"
+    );
+    // A token bucket admits at most burst + rate in any one second (+1 for timer rounding).
+    ensure!(peak <= (RATE + BURST + 1) as f64, "peak {peak}");
+    shutdown.cancel();
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    Ok(())
+}
