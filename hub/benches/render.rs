@@ -55,7 +55,7 @@ async fn main() {
     let cache = dir.path().join("cache");
 
     let t = Instant::now();
-    git::fetch(&cache, &url).unwrap();
+    git::fetch(&cache, &url, None).unwrap();
     let fetch = t.elapsed();
     let t = Instant::now();
     let commit = git::resolve(&cache, &url, "main").unwrap();

@@ -192,6 +192,18 @@ impl AppDocument {
                 ),
             ));
         }
+        if let Some((_, rest)) = s.repo_url.split_once("://")
+            && rest
+                .split('/')
+                .next()
+                .is_some_and(|authority| authority.contains('@'))
+        {
+            // The URL is stored, shown and logged: a secret in it would leak everywhere.
+            return Err(field(
+                "spec.source.repoURL",
+                "must not carry credentials; configure them on the hub (--repo-credentials)",
+            ));
+        }
         if s.reference.trim().is_empty() {
             return Err(field("spec.source.ref", "must not be empty"));
         }

@@ -29,6 +29,21 @@ impl Default for TreeLimits {
     }
 }
 
+/// An error with its causes, "a: b: c" (gix's top-level messages alone rarely say what happened).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn git_err(context: impl std::fmt::Display) -> impl FnOnce(String) -> Error {
     move |e| Error::Source(format!("{context}: {e}"))
 }
@@ -43,8 +58,13 @@ pub fn cache_path(root: &Path, url: &str) -> PathBuf {
     root.join(hex)
 }
 
-/// Brings the cache of `url` up to date with its branches and tags.
-pub fn fetch(root: &Path, url: &str) -> Result<()> {
+/// Brings the cache of `url` up to date with its branches and tags, authenticating with
+/// `credential` when given.
+pub fn fetch(
+    root: &Path,
+    url: &str,
+    credential: Option<&crate::credentials::RepoCredential>,
+) -> Result<()> {
     let path = cache_path(root, url);
     let repo = if path.join("HEAD").exists() {
         gix::open(&path).map_err(|e| Error::Source(format!("opening the cache of {url}: {e}")))?
@@ -65,15 +85,37 @@ pub fn fetch(root: &Path, url: &str) -> Result<()> {
         )
         .map_err(|e| Error::Source(format!("{url}: {e}")))?;
     let interrupt = AtomicBool::new(false);
-    remote
+    let mut connection = remote
         .connect(gix::remote::Direction::Fetch)
-        .map_err(|e| e.to_string())
+        .map_err(|e| chain(&e))
         .map_err(git_err(format!("connecting to {url}")))?
+        // A server never prompts: no terminal, no credential helpers of the machine it runs on;
+        // only what --repo-credentials configures.
+        .with_credentials(|_| Ok(None));
+    if let Some(credential) = credential {
+        use gix::protocol::transport::client::blocking_io::http;
+        let mut options = repo
+            .transport_options(url, None)
+            .map_err(|e| Error::Source(format!("{url}: transport options: {e}")))?
+            .and_then(|o| o.downcast::<http::Options>().ok())
+            .ok_or_else(|| {
+                Error::Source(format!(
+                    "{url}: credentials are configured for it, but it is not an http(s) URL"
+                ))
+            })?;
+        options
+            .extra_headers
+            .push(credential.authorization_header());
+        // With a configured header gix refuses redirects anyway; say so explicitly.
+        options.follow_redirects = http::options::FollowRedirects::None;
+        connection = connection.with_transport_options(options);
+    }
+    connection
         .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| e.to_string())
+        .map_err(|e| chain(&e))
         .map_err(git_err(format!("fetching {url}")))?
         .receive(gix::progress::Discard, &interrupt)
-        .map_err(|e| e.to_string())
+        .map_err(|e| chain(&e))
         .map_err(git_err(format!("fetching {url}")))?;
     Ok(())
 }

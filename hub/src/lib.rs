@@ -10,6 +10,7 @@ pub mod appstore;
 pub mod audit;
 pub mod auth;
 pub mod backup;
+pub mod credentials;
 mod error;
 pub mod fsutil;
 pub mod git;

@@ -17,6 +17,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create a hub data directory: CA, serving certificate, admin client certificate.
@@ -63,6 +65,9 @@ enum Command {
         /// A git repository holding App documents: the fleet's own definition (GitOps-managed).
         #[arg(long)]
         fleet_repo: Option<String>,
+        /// YAML list of credentials for private repositories: {url, username, passwordFile}.
+        #[arg(long)]
+        repo_credentials: Option<PathBuf>,
         #[arg(long, default_value = "main")]
         fleet_ref: String,
         /// Directory in the fleet repository with the App documents.
@@ -146,9 +151,15 @@ async fn main() -> anyhow::Result<()> {
             webhook_secret_file,
             kustomize_bin,
             fleet_repo,
+            repo_credentials,
             fleet_ref,
             fleet_path,
         } => {
+            let credentials = match &repo_credentials {
+                Some(path) => flotilla_hub::credentials::RepoCredentials::load(path)
+                    .with_context(|| format!("--repo-credentials {}", path.display()))?,
+                None => Default::default(),
+            };
             flotilla_hub::apps::check_path(&fleet_path).context("--fleet-path")?;
             let fleet = fleet_repo.map(|url| flotilla_hub::sources::FleetRepo {
                 url,
@@ -199,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
                     kustomize_bin,
                     webhook_secret,
                     fleet,
+                    credentials,
                 },
             };
             serve(opts, shutdown, |addr, http| {

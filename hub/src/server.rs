@@ -42,6 +42,7 @@ pub struct SourceOptions {
     pub kustomize_bin: String,
     pub webhook_secret: Option<Vec<u8>>,
     pub fleet: Option<crate::sources::FleetRepo>,
+    pub credentials: crate::credentials::RepoCredentials,
 }
 
 impl Default for SourceOptions {
@@ -51,6 +52,7 @@ impl Default for SourceOptions {
             kustomize_bin: "kubectl".into(),
             webhook_secret: None,
             fleet: None,
+            credentials: Default::default(),
         }
     }
 }
@@ -93,6 +95,7 @@ pub async fn serve(
             poll_interval: opts.sources.poll_interval,
             webhook_secret: opts.sources.webhook_secret.clone(),
             fleet: opts.sources.fleet.clone(),
+            credentials: opts.sources.credentials.clone(),
         },
         sync: SyncState::new(MAX_CONCURRENT_FETCHES),
         auth: auth::Auth::new(Arc::clone(&ca), revoked),

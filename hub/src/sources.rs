@@ -29,6 +29,8 @@ pub struct SourceSettings {
     pub webhook_secret: Option<Vec<u8>>,
     /// A repository path holding App documents: the fleet's own definition, GitOps-managed.
     pub fleet: Option<FleetRepo>,
+    /// Credentials for private repositories, by URL prefix.
+    pub credentials: crate::credentials::RepoCredentials,
 }
 
 /// Where the fleet's App documents live.
@@ -108,7 +110,18 @@ pub async fn fetch_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
     let root = hub.source_settings.cache_root.clone();
     let url_owned = url.to_string();
     let started = Instant::now();
-    blocking(move || git::fetch(&root, &url_owned)).await?;
+    let credential = hub.source_settings.credentials.for_url(url).cloned();
+    let has_credential = credential.is_some();
+    blocking(move || git::fetch(&root, &url_owned, credential.as_ref()))
+        .await
+        .map_err(|e| match e {
+            Error::Source(msg) if !has_credential && msg.contains("credentials") => {
+                Error::Source(format!(
+                    "{msg} (the repository wants authentication; add its URL to --repo-credentials)"
+                ))
+            }
+            other => other,
+        })?;
     tracing::debug!(url, elapsed = ?started.elapsed(), "fetched");
     Ok(())
 }

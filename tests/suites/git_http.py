@@ -1,7 +1,12 @@
 """Smart HTTP git server for tests: git http-backend behind a tiny CGI bridge, on 127.0.0.1.
 
 Usage: git_http.py PROJECT_ROOT  -- prints the port, then serves until killed.
+
+Environment: GIT_HTTP_AUTH=user:password requires that HTTP Basic login (401 otherwise);
+GIT_HTTP_REDIRECT=URL answers every request with a redirect to URL + path;
+GIT_HTTP_LOG=FILE appends each request's path and Authorization header (or "-") to FILE.
 """
+import base64
 import http.server
 import os
 import subprocess
@@ -31,6 +36,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_any(self):
         path, _, query = self.path.partition("?")
         body = self.read_body()
+        auth = self.headers.get("Authorization")
+        if os.environ.get("GIT_HTTP_LOG"):
+            with open(os.environ["GIT_HTTP_LOG"], "a") as log:
+                log.write(f"{path} {auth or '-'}\n")
+        if os.environ.get("GIT_HTTP_REDIRECT"):
+            self.send_response(302)
+            self.send_header("Location", os.environ["GIT_HTTP_REDIRECT"] + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        wanted = os.environ.get("GIT_HTTP_AUTH")
+        if wanted and auth != "Basic " + base64.b64encode(wanted.encode()).decode():
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         env = dict(os.environ)
         env.update(
             GIT_PROJECT_ROOT=ROOT,

@@ -194,6 +194,118 @@ async fn branches_tags_pinned_commits_and_force_pushes() -> Result<()> {
     Ok(())
 }
 
+/// Serves the bare repositories under `root` over smart HTTP on 127.0.0.1 (see git_http.py for `env`).
+fn git_server(root: &std::path::Path, env: &[(&str, &str)]) -> Result<(Proc, u16)> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites/git_http.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(root)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    Ok((Proc::adopt(child), line.trim().parse()?))
+}
+
+/// A bare clone of `work` at `served/fleet.git`.
+fn serve_copy(work: &GitRepo, served: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(served)?;
+    let status = Command::new("git")
+        .args(["clone", "-q", "--bare"])
+        .arg(&work.path)
+        .arg(served.join("fleet.git"))
+        .status()?;
+    anyhow::ensure!(status.success(), "git clone --bare failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_repositories_use_hub_side_credentials_sent_to_their_host_only() -> Result<()> {
+    const SECRET: &str = "tok3n-never-to-be-logged";
+    let dir = tempfile::tempdir()?;
+    let work = GitRepo::init(&dir.path().join("work"))?;
+    work.write("apps/web/cm.yaml", CM)?;
+    let first = work.commit("first")?;
+    let served = dir.path().join("served");
+    serve_copy(&work, &served)?;
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let auth = format!("flotilla:{SECRET}");
+    let (_private, private) = git_server(
+        &served,
+        &[
+            ("GIT_HTTP_AUTH", &auth),
+            ("GIT_HTTP_LOG", &log("private").display().to_string()),
+        ],
+    )?;
+    let (_locked, locked) = git_server(&served, &[("GIT_HTTP_AUTH", &auth)])?;
+    let (_elsewhere, elsewhere) = git_server(
+        &served,
+        &[("GIT_HTTP_LOG", &log("elsewhere").display().to_string())],
+    )?;
+    let target = format!("http://127.0.0.1:{elsewhere}");
+    let (_bouncer, bouncer) = git_server(&served, &[("GIT_HTTP_REDIRECT", &target)])?;
+
+    std::fs::write(dir.path().join("token"), format!("{SECRET}\n"))?;
+    let token_file = dir.path().join("token").display().to_string();
+    std::fs::write(
+        dir.path().join("creds.yaml"),
+        format!(
+            "- {{url: \"http://127.0.0.1:{private}/\", username: flotilla, passwordFile: \"{token_file}\"}}\n- {{url: \"http://127.0.0.1:{bouncer}/\", username: flotilla, passwordFile: \"{token_file}\"}}\n"
+        ),
+    )?;
+    let hub = Hub::start(HubOptions {
+        extra_args: vec![
+            "--repo-credentials".into(),
+            dir.path().join("creds.yaml").display().to_string(),
+        ],
+        ..HubOptions::default()
+    })?;
+    fleet(&hub).await?;
+
+    // With credentials: fetched and rendered; the server saw Basic auth.
+    let url = |port: u16| format!("http://127.0.0.1:{port}/fleet.git");
+    hub.apply_app(&app_doc("web", &url(private), "main", "apps/web", ""))?;
+    hub.wait_revision("web", &first, T)?;
+    let seen = std::fs::read_to_string(log("private"))?;
+    assert!(seen.lines().all(|l| l.contains(" Basic ")), "{seen}");
+
+    // Without credentials for that host: a clear error, no secret anywhere.
+    hub.apply_app(&app_doc("locked", &url(locked), "main", "apps/web", ""))?;
+    // Redirected to another host: refused, and the other host never sees the secret.
+    hub.apply_app(&app_doc("bounced", &url(bouncer), "main", "apps/web", ""))?;
+    for name in ["locked", "bounced"] {
+        let app = flotilla_e2e::wait_for(T, &format!("{name} fails"), || {
+            let app = hub.app(name)?;
+            anyhow::ensure!(!app["last_error"].is_null(), "{app}");
+            Ok(Some(app))
+        })?;
+        println!("{name}: {}", app["last_error"]);
+        assert!(!app.to_string().contains(SECRET));
+    }
+    let elsewhere_log = std::fs::read_to_string(log("elsewhere")).unwrap_or_default();
+    assert!(
+        !elsewhere_log.contains("Basic"),
+        "credentials followed a redirect: {elsewhere_log}"
+    );
+
+    // Credentials in an App's URL are refused: App documents are shown and logged.
+    let bad = app_doc(
+        "leaky",
+        &format!("https://bot:{SECRET}@git.example.com/x.git"),
+        "main",
+        "",
+        "",
+    );
+    let err = hub.apply_app(&bad).unwrap_err().to_string();
+    assert!(err.contains("must not carry credentials"), "{err}");
+    let hub_log = hub.process.log_text();
+    assert!(!hub_log.contains(SECRET), "the hub logged the secret");
+    assert!(!hub_log.contains(&auth), "the hub logged the secret");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_repository_served_over_smart_http() -> Result<()> {
     let hub = Hub::start(HubOptions::default())?;
@@ -203,23 +315,9 @@ async fn a_repository_served_over_smart_http() -> Result<()> {
     work.write("apps/web/cm.yaml", CM)?;
     let first = work.commit("first")?;
     let served = dir.path().join("served");
-    std::fs::create_dir_all(&served)?;
-    Command::new("git")
-        .args(["clone", "-q", "--bare"])
-        .arg(&work.path)
-        .arg(served.join("fleet.git"))
-        .status()?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("suites/git_http.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(&served)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let server = Proc::adopt(child);
-    let url = format!("http://127.0.0.1:{}/fleet.git", line.trim());
+    serve_copy(&work, &served)?;
+    let (server, port) = git_server(&served, &[])?;
+    let url = format!("http://127.0.0.1:{port}/fleet.git");
     hub.apply_app(&app_doc("web", &url, "main", "apps/web", ""))?;
     hub.wait_revision("web", &first, T)?;
     drop(server);
