@@ -83,7 +83,7 @@ fn main() {
     repo.write("web/app.yaml", app).unwrap();
     let first = repo.commit("v1").unwrap();
     hub.apply_app(&format!(
-        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"{}\", path: web}}\n  targets: {{selector: {{matchExpressions: [{{key: region, operator: Exists}}]}}}}\n",
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"{}\", path: web}}\n  targets: {{selector: {{matchExpressions: [{{key: region, operator: Exists}}]}}}}\n  # Propagation, not staging: one step over the whole fleet, no cap.\n  rollout: {{steps: [{{selector: {{}}, maxUnavailable: \"100%\"}}]}}\n",
         repo.url()
     ))
     .unwrap();
