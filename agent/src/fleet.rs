@@ -328,7 +328,7 @@ impl Fleet {
         }
     }
 
-    async fn run_app(&self, bundle: CachedBundle, cancel: CancellationToken) {
+    async fn run_app(self: Arc<Self>, bundle: CachedBundle, cancel: CancellationToken) {
         let app = bundle.spec.clone();
         let status = |sync: &str, health: &str, message: String, drift: u64| AppStatus {
             app: app.name.clone(),
@@ -395,25 +395,31 @@ impl Fleet {
         publish(0, h);
         let drift2 = Arc::clone(&drift);
         let heals = self.metrics.drift_heals.clone();
-        let keep = self.engine.keep_in_sync(
-            &app,
-            &bundle.objects,
-            self.resync,
-            cancel.clone(),
-            move |r, n| {
-                tracing::info!(object = %r, drift = n, "healed drift");
-                heals.inc();
-                drift2.store(n, std::sync::atomic::Ordering::Relaxed);
-            },
-        );
+        // Its own task: a burst of watch events must never starve the health reports below.
+        let keep = {
+            let fleet = Arc::clone(&self);
+            let (app, objects, cancel) = (app.clone(), bundle.objects.clone(), cancel.clone());
+            self.tasks.spawn(async move {
+                fleet
+                    .engine
+                    .keep_in_sync(&app, &objects, fleet.resync, cancel, move |r, n| {
+                        tracing::info!(object = %r, drift = n, "healed drift");
+                        heals.inc();
+                        drift2.store(n, std::sync::atomic::Ordering::Relaxed);
+                    })
+                    .await
+            })
+        };
         tokio::pin!(keep);
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 result = &mut keep => {
-                    if let Err(e) = result {
-                        tracing::warn!(app = %app.name, error = %e, "drift watch ended");
+                    match result {
+                        Ok(Err(e)) => tracing::warn!(app = %app.name, error = %e, "drift watch ended"),
+                        Err(e) => tracing::warn!(app = %app.name, error = %e, "drift watch task failed"),
+                        Ok(Ok(())) => {}
                     }
                     cancel.cancelled().await;
                     return;

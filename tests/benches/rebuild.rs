@@ -12,7 +12,10 @@ use kubesim::cluster::Faults;
 fn slow_cluster(name: &str) -> SimCluster {
     let sim = SimCluster::start_many(&[name]).unwrap();
     sim.sim.cluster(name).unwrap().set_faults(Faults {
-        latency_ms: std::env::var("FLOTILLA_BENCH_LATENCY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(5),
+        latency_ms: std::env::var("FLOTILLA_BENCH_LATENCY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
         ..Faults::default()
     });
     sim
@@ -29,7 +32,10 @@ fn agent(hub: &Hub, token: &str, cluster: &SimCluster, labels: &str) -> Agent {
         Some("edge"),
         Some(token),
         labels,
-        &["--kubeconfig".into(), cluster.kubeconfig.display().to_string()],
+        &[
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+        ],
     )
     .unwrap()
 }
