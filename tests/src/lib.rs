@@ -410,6 +410,18 @@ impl Hub {
         )
     }
 
+    /// Waits until `n` clusters are listed as connected.
+    pub fn wait_all_connected(&self, n: usize, timeout: Duration) -> Result<()> {
+        wait_for(timeout, &format!("{n} clusters connected"), || {
+            let list = self.cli_json(&["cluster", "list"])?;
+            let connected = list
+                .as_array()
+                .map_or(0, |l| l.iter().filter(|c| c["connected"] == true).count());
+            ensure!(connected == n, "{connected} of {n} connected");
+            Ok(Some(()))
+        })
+    }
+
     /// `flotilla status -o json`.
     pub fn status(&self) -> Result<Vec<Value>> {
         let v = self.cli_json(&["status"])?;
@@ -752,6 +764,23 @@ pub mod grpc {
             identity,
         };
         Ok(endpoint(&hub.url, &tls)?.connect_lazy())
+    }
+
+    /// Opens an agent session with `identity` and returns the hub's refusal (an error if it is
+    /// accepted): for checking that revoked certificates stay revoked.
+    pub async fn session_refusal(hub: &Hub, identity: Identity) -> Result<tonic::Status> {
+        use flotilla_proto::v1::agent_client::AgentClient;
+        use flotilla_proto::v1::{AgentMessage, Hello, agent_message};
+        let hello = tokio_stream::once(AgentMessage {
+            kind: Some(agent_message::Kind::Hello(Hello::default())),
+        });
+        match AgentClient::new(channel(hub, Some(identity))?)
+            .session(hello)
+            .await
+        {
+            Ok(_) => anyhow::bail!("the hub accepted a session it should have refused"),
+            Err(status) => Ok(status),
+        }
     }
 
     /// The admin identity of `hub`.

@@ -5,10 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use flotilla_e2e::grpc::{agent_identity, channel};
+use flotilla_e2e::grpc::{agent_identity, session_refusal};
 use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, bin, wait_for};
-use flotilla_proto::v1::agent_client::AgentClient;
-use flotilla_proto::v1::{AgentMessage, Hello, agent_message};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -160,13 +158,7 @@ async fn restore_brings_back_the_hub_without_touching_the_fleet() -> Result<()> 
 
     // Revocations hold; the audit log came back and records the backup.
     ensure!(hub.cluster("gone")?.is_none());
-    let hello = tokio_stream::once(AgentMessage {
-        kind: Some(agent_message::Kind::Hello(Hello::default())),
-    });
-    let err = AgentClient::new(channel(&hub, Some(gone_identity))?)
-        .session(hello)
-        .await
-        .expect_err("a revoked certificate works after restore");
+    let err = session_refusal(&hub, gone_identity).await?;
     ensure!(err.code() == tonic::Code::Unauthenticated, "{err}");
     let audit = hub.cli_json(&["audit"])?;
     let actions: Vec<_> = audit

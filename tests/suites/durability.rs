@@ -4,10 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use flotilla_e2e::grpc::{agent_identity, channel, register};
+use flotilla_e2e::grpc::{agent_identity, register, session_refusal};
 use flotilla_e2e::{Hub, HubOptions};
-use flotilla_proto::v1::agent_client::AgentClient;
-use flotilla_proto::v1::{AgentMessage, Hello, agent_message};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -41,13 +39,7 @@ async fn deregister_drops_the_stream_within_5s_and_holds_after_kill_9() -> Resul
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("revoked"), "{log}");
 
-    let hello = tokio_stream::once(AgentMessage {
-        kind: Some(agent_message::Kind::Hello(Hello::default())),
-    });
-    let err = AgentClient::new(channel(&hub, Some(identity))?)
-        .session(hello)
-        .await
-        .expect_err("revoked identity reconnected after restart");
+    let err = session_refusal(&hub, identity).await?;
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     Ok(())
 }

@@ -5,10 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use flotilla_e2e::grpc::{agent_identity, channel};
+use flotilla_e2e::grpc::{agent_identity, session_refusal};
 use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
-use flotilla_proto::v1::agent_client::AgentClient;
-use flotilla_proto::v1::{AgentMessage, Hello, agent_message};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -91,13 +89,7 @@ async fn a_rebuilt_cluster_takes_over_its_identity_and_converges() -> Result<()>
     ensure!(log.contains("bound to cluster"), "{log}");
 
     // The old certificate is rejected.
-    let hello = tokio_stream::once(AgentMessage {
-        kind: Some(agent_message::Kind::Hello(Hello::default())),
-    });
-    let err = AgentClient::new(channel(&hub, Some(old_identity))?)
-        .session(hello)
-        .await
-        .expect_err("the lost cluster's certificate still works");
+    let err = session_refusal(&hub, old_identity).await?;
     ensure!(err.code() == tonic::Code::Unauthenticated, "{err}");
 
     // A new agent with no labels of its own registers as eu-1 and keeps eu-1's labels and apps.

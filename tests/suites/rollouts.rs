@@ -88,14 +88,7 @@ impl Fleet {
             shutdown,
             _dir: dir,
         };
-        wait_for(T, "every agent connected", || {
-            let list = fleet.hub.cli_json(&["cluster", "list"])?;
-            let n = list
-                .as_array()
-                .map_or(0, |l| l.iter().filter(|c| c["connected"] == true).count());
-            ensure!(n == fleet.names.len(), "{n} connected");
-            Ok(Some(()))
-        })?;
+        fleet.hub.wait_all_connected(fleet.names.len(), T)?;
         Ok(fleet)
     }
 

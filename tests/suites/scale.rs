@@ -34,14 +34,7 @@ fn two_hundred_clusters_register_at_once_and_converge_on_a_commit() -> Result<()
         &shutdown,
     )?;
     let started = Instant::now();
-    wait_for(Duration::from_secs(120), "all agents connected", || {
-        let list = hub.cli_json(&["cluster", "list"])?;
-        let connected = list
-            .as_array()
-            .map_or(0, |l| l.iter().filter(|c| c["connected"] == true).count());
-        ensure!(connected == CLUSTERS, "{connected} of {CLUSTERS} connected");
-        Ok(Some(()))
-    })?;
+    hub.wait_all_connected(CLUSTERS, Duration::from_secs(120))?;
     println!(
         "{CLUSTERS} agents registered and connected in {:?}",
         started.elapsed()
