@@ -208,3 +208,55 @@ async fn a_killed_agent_shows_unknown_and_never_stale_healthy() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// An app of 500 objects (50 Deployments) reports Healthy once the cluster has it all: the burst of
+/// watch events after applying it must not freeze the agent's health reports (it once did).
+#[test]
+fn a_large_app_reports_healthy_when_the_cluster_is() -> Result<()> {
+    let cluster = SimCluster::start()?;
+    let hub = Hub::start(HubOptions::default())?;
+    let token = hub.token(&[])?;
+    let data_dir = hub.dir.path().join("agent-big");
+    let _agent = flotilla_e2e::Agent::start_with(
+        &hub.url,
+        &hub.pki("ca.pem"),
+        &data_dir,
+        Some("big-1"),
+        Some(&token),
+        "",
+        &[
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+        ],
+    )?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    let mut manifests = String::new();
+    for i in 0..450 {
+        manifests.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}}}\ndata: {{k: \"{i}\"}}\n"
+        ));
+    }
+    for i in 0..50 {
+        manifests.push_str(&format!(
+            "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web-{i}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: web-{i}}}}}\n  template:\n    metadata: {{labels: {{app: web-{i}}}}}\n    spec: {{containers: [{{name: web, image: \"nginx:1.27\"}}]}}\n"
+        ));
+    }
+    repo.write("big/all.yaml", &manifests)?;
+    let rev = repo.commit("big")?;
+    hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: big}}\nspec:\n  source: {{repoURL: \"{}\", path: big}}\n  targets: {{clusters: [big-1]}}\n",
+        repo.url()
+    ))?;
+    wait_for(Duration::from_secs(60), "500 objects Healthy", || {
+        let rows = hub.status()?;
+        anyhow::ensure!(
+            rows.len() == 1
+                && rows[0]["revision"] == rev.as_str()
+                && rows[0]["health"] == "Healthy",
+            "{rows:?}"
+        );
+        Ok(Some(()))
+    })?;
+    Ok(())
+}
