@@ -144,12 +144,9 @@ impl RepoCredentials {
             .max_by_key(|c| c.prefix.len())
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// The configured URL prefixes (no secrets), for the hub's start-up log.
+    pub fn prefixes(&self) -> Vec<&str> {
+        self.entries.iter().map(|c| c.prefix.as_str()).collect()
     }
 }
 

@@ -110,12 +110,24 @@ pub fn fetch(
         options.follow_redirects = http::options::FollowRedirects::None;
         connection = connection.with_transport_options(options);
     }
+    // Our credential function answers every request for credentials with none: if one was asked
+    // for, the server wants authentication that --repo-credentials does not provide.
+    let explain = |e: &dyn std::error::Error| {
+        let text = chain(e);
+        if credential.is_none() && text.contains("credentials") {
+            format!(
+                "{text} (the repository wants authentication; add its URL to --repo-credentials)"
+            )
+        } else {
+            text
+        }
+    };
     connection
         .prepare_fetch(gix::progress::Discard, Default::default())
-        .map_err(|e| chain(&e))
+        .map_err(|e| explain(&e))
         .map_err(git_err(format!("fetching {url}")))?
         .receive(gix::progress::Discard, &interrupt)
-        .map_err(|e| chain(&e))
+        .map_err(|e| explain(&e))
         .map_err(git_err(format!("fetching {url}")))?;
     Ok(())
 }

@@ -156,8 +156,12 @@ async fn main() -> anyhow::Result<()> {
             fleet_path,
         } => {
             let credentials = match &repo_credentials {
-                Some(path) => flotilla_hub::credentials::RepoCredentials::load(path)
-                    .with_context(|| format!("--repo-credentials {}", path.display()))?,
+                Some(path) => {
+                    let credentials = flotilla_hub::credentials::RepoCredentials::load(path)
+                        .with_context(|| format!("--repo-credentials {}", path.display()))?;
+                    tracing::info!(prefixes = ?credentials.prefixes(), "repository credentials loaded");
+                    credentials
+                }
                 None => Default::default(),
             };
             flotilla_hub::apps::check_path(&fleet_path).context("--fleet-path")?;

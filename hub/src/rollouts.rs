@@ -9,28 +9,27 @@ use std::time::Duration;
 
 use crate::appstore::AppRecord;
 use crate::rollout::{ClusterView, Input, Phase, Rollout};
+use crate::store::ClusterRecord;
 use crate::{Error, Hub, Result, now_unix};
 
 /// How often rollouts are re-planned without a kick.
 const PLAN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What the planner needs to know about every registered cluster, for one app.
-fn views(hub: &Hub, app: &str) -> Result<BTreeMap<String, ClusterView>> {
-    Ok(hub
-        .store
-        .clusters()?
-        .into_iter()
+fn views(hub: &Hub, clusters: &[ClusterRecord], app: &str) -> BTreeMap<String, ClusterView> {
+    clusters
+        .iter()
         .map(|c| {
             let (connected, _) = hub.sessions.status(&c.name);
             let report = hub.reports.get(&c.name, app).map(|r| (r.digest, r.health));
             let view = ClusterView {
-                labels: c.labels,
+                labels: c.labels.clone(),
                 connected,
                 report,
             };
-            (c.name, view)
+            (c.name.clone(), view)
         })
-        .collect())
+        .collect()
 }
 
 /// One planning round for `record`: starts a rollout for a new target, advances the current one,
@@ -106,7 +105,12 @@ fn plan(record: &mut AppRecord, views: &BTreeMap<String, ClusterView>, now: i64)
 
 /// Plans one app and persists the outcome.
 pub async fn plan_app(hub: &Hub, name: &str) -> Result<()> {
-    let views = views(hub, name)?;
+    plan_app_with(hub, name, &hub.store.clusters()?).await
+}
+
+/// [`plan_app`] with the registered clusters already read (once per round for every app).
+async fn plan_app_with(hub: &Hub, name: &str, clusters: &[ClusterRecord]) -> Result<()> {
+    let views = views(hub, clusters, name);
     let now = now_unix();
     let mut changed = false;
     let mut newly = Vec::new();
@@ -148,8 +152,15 @@ pub async fn run(hub: Arc<Hub>) {
                 continue;
             }
         };
+        let clusters = match hub.store.clusters() {
+            Ok(clusters) => clusters,
+            Err(e) => {
+                tracing::error!(error = %e, "listing clusters for rollouts");
+                continue;
+            }
+        };
         for name in names {
-            if let Err(e) = plan_app(&hub, &name).await {
+            if let Err(e) = plan_app_with(&hub, &name, &clusters).await {
                 tracing::error!(app = %name, error = %e, "planning the rollout");
             }
         }

@@ -111,17 +111,7 @@ pub async fn fetch_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
     let url_owned = url.to_string();
     let started = Instant::now();
     let credential = hub.source_settings.credentials.for_url(url).cloned();
-    let has_credential = credential.is_some();
-    blocking(move || git::fetch(&root, &url_owned, credential.as_ref()))
-        .await
-        .map_err(|e| match e {
-            Error::Source(msg) if !has_credential && msg.contains("credentials") => {
-                Error::Source(format!(
-                    "{msg} (the repository wants authentication; add its URL to --repo-credentials)"
-                ))
-            }
-            other => other,
-        })?;
+    blocking(move || git::fetch(&root, &url_owned, credential.as_ref())).await?;
     tracing::debug!(url, elapsed = ?started.elapsed(), "fetched");
     Ok(())
 }

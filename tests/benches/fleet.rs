@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, spawn_agents};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, InProcessAgents, SimCluster};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -38,22 +38,8 @@ fn main() {
     .unwrap();
     let idle_hub = rss_kib(hub.process.pid());
     let token = hub.token(&["--uses", &n.to_string()]).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let dir = tempfile::tempdir().unwrap();
-    spawn_agents(
-        &runtime,
-        &hub,
-        &clusters,
-        &names,
-        &token,
-        dir.path(),
-        &shutdown,
-    )
-    .unwrap();
+    let agents = InProcessAgents::start(&hub, &clusters, &names, &token, dir.path()).unwrap();
     let started = Instant::now();
     loop {
         let list = hub.cli_json(&["cluster", "list"]).unwrap();
@@ -136,6 +122,5 @@ fn main() {
         (connected_hub.saturating_sub(idle_hub)) as f64 / n as f64,
         (loaded_hub.saturating_sub(idle_hub)) as f64 / n as f64
     );
-    shutdown.cancel();
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    drop(agents);
 }

@@ -24,12 +24,8 @@ fn slow_cluster(name: &str) -> SimCluster {
 /// An agent for `edge` with the default resync (the harness's 2 s resync would keep re-applying
 /// 1,000 objects at 5 ms each, which is not what a rebuild costs).
 fn agent(hub: &Hub, token: &str, cluster: &SimCluster, labels: &str) -> Agent {
-    let data_dir = tempfile::tempdir().unwrap().keep();
-    Agent::start_with(
-        &hub.url,
-        &hub.pki("ca.pem"),
-        &data_dir,
-        Some("edge"),
+    hub.agent_with_args(
+        "edge",
         Some(token),
         labels,
         &[

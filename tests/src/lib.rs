@@ -373,16 +373,7 @@ impl Hub {
         kubeconfig: &Path,
         labels: &str,
     ) -> Result<Agent> {
-        let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
-        Agent::start_with(
-            &self.url,
-            &self.pki("ca.pem"),
-            &data_dir,
-            Some(name),
-            token,
-            labels,
-            &cluster_args(kubeconfig),
-        )
+        self.agent_with_args(name, token, labels, &cluster_args(kubeconfig))
     }
 
     /// Like [`Hub::agent_with_cluster_labels`], serving the agent's metrics on `metrics`.
@@ -394,6 +385,19 @@ impl Hub {
         labels: &str,
         metrics: &str,
     ) -> Result<Agent> {
+        let mut args = cluster_args(kubeconfig);
+        args.extend(["--metrics-listen".into(), metrics.into()]);
+        self.agent_with_args(name, token, labels, &args)
+    }
+
+    /// An agent for `name` in a fresh data directory, with more `flotilla-agent run` arguments.
+    pub fn agent_with_args(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        labels: &str,
+        extra: &[String],
+    ) -> Result<Agent> {
         let data_dir = unique_log(self.dir.path(), &format!("agent-{name}")).with_extension("d");
         Agent::start_with(
             &self.url,
@@ -402,11 +406,7 @@ impl Hub {
             Some(name),
             token,
             labels,
-            &[
-                cluster_args(kubeconfig),
-                vec!["--metrics-listen".into(), metrics.into()],
-            ]
-            .concat(),
+            extra,
         )
     }
 
@@ -950,58 +950,74 @@ fn http_exchange(addr: &str, head: &[u8], body: &[u8]) -> Result<(u16, String)> 
     Ok((code, body))
 }
 
-/// Starts one in-process agent per cluster of `clusters` (labels `region` = eu/us/ap round-robin),
-/// registering with `token`, on `runtime`; they stop when `shutdown` is cancelled.
-pub fn spawn_agents(
-    runtime: &tokio::runtime::Runtime,
-    hub: &Hub,
-    clusters: &SimCluster,
-    names: &[String],
-    token: &str,
-    data_dir: &Path,
-    shutdown: &tokio_util::sync::CancellationToken,
-) -> Result<()> {
-    let regions = |i: usize, _: &str| {
-        std::collections::BTreeMap::from([(
-            "region".to_string(),
-            ["eu", "us", "ap"][i % 3].to_string(),
-        )])
-    };
-    spawn_agents_labelled(
-        runtime, hub, clusters, names, token, data_dir, shutdown, regions,
-    )
+/// In-process agents, one per cluster, on their own runtime; dropping this stops them.
+pub struct InProcessAgents {
+    runtime: Option<tokio::runtime::Runtime>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// [`spawn_agents`] with each cluster's labels chosen by `labels(index, name)`.
-#[allow(clippy::too_many_arguments)]
-pub fn spawn_agents_labelled(
-    runtime: &tokio::runtime::Runtime,
-    hub: &Hub,
-    clusters: &SimCluster,
-    names: &[String],
-    token: &str,
-    data_dir: &Path,
-    shutdown: &tokio_util::sync::CancellationToken,
-    labels: impl Fn(usize, &str) -> std::collections::BTreeMap<String, String>,
-) -> Result<()> {
-    let ca = std::fs::read(hub.pki("ca.pem"))?;
-    for (i, name) in names.iter().enumerate() {
-        let opts = flotilla_agent::runner::RunOptions {
-            link: flotilla_agent::link::HubLink::new(hub.url.clone(), ca.clone()),
-            data_dir: data_dir.join(name),
-            cluster_name: Some(name.clone()),
-            token: Some(token.to_string()),
-            labels: labels(i, name),
-            kubeconfig: Some(clusters.kubeconfig_of(name)),
-            resync: Duration::from_secs(600),
-            metrics_listen: None,
-        };
-        let cancel = shutdown.clone();
-        runtime.spawn(async move {
-            if let Err(e) = flotilla_agent::runner::run(opts, cancel).await {
-                eprintln!("agent: {e}");
-            }
-        });
+impl InProcessAgents {
+    /// One agent per cluster of `clusters` named in `names` (labels `region` = eu/us/ap
+    /// round-robin), registering with `token`, data under `data_dir`.
+    pub fn start(
+        hub: &Hub,
+        clusters: &SimCluster,
+        names: &[String],
+        token: &str,
+        data_dir: &Path,
+    ) -> Result<Self> {
+        Self::start_labelled(hub, clusters, names, token, data_dir, |i, _| {
+            std::collections::BTreeMap::from([(
+                "region".to_string(),
+                ["eu", "us", "ap"][i % 3].to_string(),
+            )])
+        })
     }
-    Ok(())
+
+    /// [`InProcessAgents::start`] with each cluster's labels chosen by `labels(index, name)`.
+    pub fn start_labelled(
+        hub: &Hub,
+        clusters: &SimCluster,
+        names: &[String],
+        token: &str,
+        data_dir: &Path,
+        labels: impl Fn(usize, &str) -> std::collections::BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let ca = std::fs::read(hub.pki("ca.pem"))?;
+        for (i, name) in names.iter().enumerate() {
+            let opts = flotilla_agent::runner::RunOptions {
+                link: flotilla_agent::link::HubLink::new(hub.url.clone(), ca.clone()),
+                data_dir: data_dir.join(name),
+                cluster_name: Some(name.clone()),
+                token: Some(token.to_string()),
+                labels: labels(i, name),
+                kubeconfig: Some(clusters.kubeconfig_of(name)),
+                resync: Duration::from_secs(600),
+                metrics_listen: None,
+            };
+            let cancel = shutdown.clone();
+            runtime.spawn(async move {
+                if let Err(e) = flotilla_agent::runner::run(opts, cancel).await {
+                    eprintln!("agent: {e}");
+                }
+            });
+        }
+        Ok(Self {
+            runtime: Some(runtime),
+            shutdown,
+        })
+    }
+}
+
+impl Drop for InProcessAgents {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
 }

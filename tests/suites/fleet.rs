@@ -216,12 +216,9 @@ fn a_large_app_reports_healthy_when_the_cluster_is() -> Result<()> {
     let cluster = SimCluster::start()?;
     let hub = Hub::start(HubOptions::default())?;
     let token = hub.token(&[])?;
-    let data_dir = hub.dir.path().join("agent-big");
-    let _agent = flotilla_e2e::Agent::start_with(
-        &hub.url,
-        &hub.pki("ca.pem"),
-        &data_dir,
-        Some("big-1"),
+    // The agent's default resync: the harness's 2 s one would keep re-applying 500 objects.
+    let _agent = hub.agent_with_args(
+        "big-1",
         Some(&token),
         "",
         &[

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, http_get, spawn_agents, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, InProcessAgents, SimCluster, http_get, wait_for};
 
 const CLUSTERS: usize = 200;
 const RATE: u64 = 40;
@@ -38,20 +38,8 @@ fn two_hundred_agents_ride_out_a_hub_restart_at_a_bounded_handshake_rate() -> Re
         ..HubOptions::default()
     })?;
     let token = hub.token(&["--uses", &CLUSTERS.to_string()])?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let dir = tempfile::tempdir()?;
-    spawn_agents(
-        &runtime,
-        &hub,
-        &clusters,
-        &names,
-        &token,
-        dir.path(),
-        &shutdown,
-    )?;
+    let _agents = InProcessAgents::start(&hub, &clusters, &names, &token, dir.path())?;
     let repo = GitRepo::init(&dir.path().join("repo"))?;
     repo.write(
         "web/cm.yaml",
@@ -129,7 +117,5 @@ fn two_hundred_agents_ride_out_a_hub_restart_at_a_bounded_handshake_rate() -> Re
     );
     // A token bucket admits at most burst + rate in any one second (+1 for timer rounding).
     ensure!(peak <= (RATE + BURST + 1) as f64, "peak {peak}");
-    shutdown.cancel();
-    runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
 }

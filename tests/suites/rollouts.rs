@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, spawn_agents_labelled, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, InProcessAgents, SimCluster, wait_for};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
@@ -32,13 +32,12 @@ fn app_doc(repo: &GitRepo, extra: &str) -> String {
 
 /// A hub, 21 clusters with agents, and a git repository.
 struct Fleet {
+    /// First, so the agents stop before the hub and the clusters they talk to.
+    _agents: InProcessAgents,
     hub: Hub,
     clusters: SimCluster,
     repo: GitRepo,
     names: Vec<String>,
-    /// Runs the agents; dropped (after `shutdown`) with the fleet.
-    _runtime: tokio::runtime::Runtime,
-    shutdown: tokio_util::sync::CancellationToken,
     _dir: tempfile::TempDir,
 }
 
@@ -54,20 +53,13 @@ impl Fleet {
             ..HubOptions::default()
         })?;
         let token = hub.token(&["--uses", &names.len().to_string()])?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let shutdown = tokio_util::sync::CancellationToken::new();
         let dir = tempfile::tempdir()?;
-        spawn_agents_labelled(
-            &runtime,
+        let agents = InProcessAgents::start_labelled(
             &hub,
             &clusters,
             &names,
             &token,
             dir.path(),
-            &shutdown,
             |i, _| {
                 let mut labels = BTreeMap::new();
                 let region = if i < CANARIES + EU { "eu" } else { "us" };
@@ -84,8 +76,7 @@ impl Fleet {
             clusters,
             repo,
             names,
-            _runtime: runtime,
-            shutdown,
+            _agents: agents,
             _dir: dir,
         };
         fleet.hub.wait_all_connected(fleet.names.len(), T)?;
@@ -148,12 +139,6 @@ impl Fleet {
             }
             Ok(Some(()))
         })
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, spawn_agents, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, InProcessAgents, SimCluster, wait_for};
 
 const CLUSTERS: usize = 200;
 
@@ -19,20 +19,8 @@ fn two_hundred_clusters_register_at_once_and_converge_on_a_commit() -> Result<()
         ..HubOptions::default()
     })?;
     let token = hub.token(&["--uses", &CLUSTERS.to_string()])?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let dir = tempfile::tempdir()?;
-    spawn_agents(
-        &runtime,
-        &hub,
-        &clusters,
-        &names,
-        &token,
-        dir.path(),
-        &shutdown,
-    )?;
+    let _agents = InProcessAgents::start(&hub, &clusters, &names, &token, dir.path())?;
     let started = Instant::now();
     hub.wait_all_connected(CLUSTERS, Duration::from_secs(120))?;
     println!(
@@ -76,7 +64,5 @@ fn two_hundred_clusters_register_at_once_and_converge_on_a_commit() -> Result<()
         "commit -> {CLUSTERS} clusters applied and Healthy in {:?}",
         t.elapsed()
     );
-    shutdown.cancel();
-    runtime.shutdown_timeout(Duration::from_secs(5));
     Ok(())
 }

@@ -107,6 +107,7 @@ impl Agent for AgentService {
                 Error::Unauthenticated(format!("cluster {name:?} is not registered")).into(),
             );
         };
+        let recovering_since = record.recovering_since_ms;
         let inbound = request.into_inner();
         let session = self.hub.sessions.open(&name, &self.hub.shutdown, now_ms());
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
@@ -124,9 +125,14 @@ impl Agent for AgentService {
         let _ = tx.try_send(Ok(welcome));
         tracing::info!(cluster = %name, serial = %peer.serial, "agent connected");
         let hub = Arc::clone(&self.hub);
-        self.hub
-            .tasks
-            .spawn(run_session(hub, session, peer, inbound, tx));
+        self.hub.tasks.spawn(run_session(
+            hub,
+            session,
+            peer,
+            recovering_since,
+            inbound,
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -135,6 +141,8 @@ async fn run_session(
     hub: Arc<Hub>,
     session: Session,
     peer: PeerCert,
+    // Set while this cluster is a rebuild converging: checked on its reports until it recovers.
+    mut recovering_since: Option<i64>,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<HubMessage, Status>>,
 ) {
@@ -153,7 +161,11 @@ async fn run_session(
         return;
     }
 
-    check_recovery(&hub, &name).await;
+    if let Some(since) = recovering_since
+        && recovered(&hub, &name, &sent, since).await
+    {
+        recovering_since = None;
+    }
 
     let end: Option<Status> = loop {
         tokio::select! {
@@ -191,7 +203,11 @@ async fn run_session(
                         // Recorded under the session's identity; the report names only the app.
                         hub.metrics.reported(&name, &status.digest, &status.sync, &status.health);
                         hub.reports.record(&name, status.clone());
-                        check_recovery(&hub, &name).await;
+                        if let Some(since) = recovering_since
+                            && recovered(&hub, &name, &sent, since).await
+                        {
+                            recovering_since = None;
+                        }
                     }
                     if let Some(reply) = handle(message)
                         && tx.send(Ok(reply)).await.is_err()
@@ -220,21 +236,16 @@ async fn run_session(
     drop(session);
 }
 
-/// A rebuilt cluster has recovered once it reports every assigned app at its digest, Healthy; the
-/// time from its registration is recorded for `cluster get`.
-async fn check_recovery(hub: &Hub, name: &str) {
-    let since = match hub.store.cluster(name) {
-        Ok(Some(record)) => record.recovering_since_ms,
-        _ => None,
-    };
-    let Some(since) = since else { return };
-    let recovered = assignments_of(hub, name).iter().all(|a| {
+/// A rebuilt cluster has recovered once it reports every app of `assigned` at its digest, Healthy;
+/// the time since its registration (`since`) is then recorded for `cluster get`.
+async fn recovered(hub: &Hub, name: &str, assigned: &[Assignment], since: i64) -> bool {
+    let healthy = assigned.iter().all(|a| {
         hub.reports
             .get(name, &a.app)
             .is_some_and(|r| r.digest == a.digest && r.health == "Healthy")
     });
-    if !recovered {
-        return;
+    if !healthy {
+        return false;
     }
     let elapsed = now_ms() - since;
     match hub.store.finish_recovery(name, elapsed).await {
@@ -245,6 +256,7 @@ async fn check_recovery(hub: &Hub, name: &str) {
         ),
         Err(e) => tracing::warn!(cluster = name, error = %e, "recording a recovery"),
     }
+    true
 }
 
 fn handle(message: AgentMessage) -> Option<HubMessage> {
