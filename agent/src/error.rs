@@ -37,11 +37,12 @@ pub enum Error {
     Bundle(String),
 
     /// The cluster does not serve a kind.
-    #[error("no resource for {api_version} {kind} in the cluster: {reason}")]
+    #[error("no API resource for {api_version} {kind} in {cluster} (is its CRD installed?)")]
     NoResource {
         api_version: String,
         kind: String,
-        reason: String,
+        /// "cluster eu-1", or "the cluster".
+        cluster: String,
     },
 
     /// A Kubernetes API call failed; `context` names the object.

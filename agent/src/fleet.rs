@@ -10,15 +10,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_proto::v1::{AppDigest, AppStatus, Assignment};
+use flotilla_proto::v1::{AppDigest, AppStatus, Assignment, SyncStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::{Backoff, random_fraction};
 use crate::credentials::IdentityStore;
-use crate::engine::health::HealthState;
+use crate::engine::health::{Health, HealthStatus};
 use crate::engine::inventory::CachedBundle;
+use crate::engine::plan::ObjRef;
 use crate::engine::{AppSpec, Engine, Outcome};
 use crate::link::HubLink;
 use crate::{Error, Result};
@@ -73,6 +74,17 @@ impl StatusBoard {
             map.insert(status.app.clone(), status.clone());
         }
         lock(&self.changed).insert(status.app.clone(), status);
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Publishes a status with a fresh time even when nothing else changed: every reconcile
+    /// attempt says when it was judged, so the hub can tell a live verdict from a stale one.
+    pub fn refresh(&self, mut status: AppStatus) {
+        status.at_unix_ms = now_ms();
+        let mut map = lock(&self.map);
+        map.insert(status.app.clone(), status.clone());
+        lock(&self.changed).insert(status.app.clone(), status);
+        drop(map);
         self.version.send_modify(|v| *v += 1);
     }
 
@@ -221,9 +233,9 @@ impl Fleet {
                         app: app.clone(),
                         revision: a.revision.clone(),
                         digest: current.unwrap_or_default(),
-                        sync: "OutOfSync".into(),
-                        health: "Unknown".into(),
-                        message: e.to_string(),
+                        sync: SyncStatus::OutOfSync.into(),
+                        health: HealthStatus::Unknown.into(),
+                        message: format!("fetching bundle {}: {e}", a.digest),
                         ..AppStatus::default()
                     });
                     complete = false;
@@ -251,6 +263,7 @@ impl Fleet {
             namespace: a.namespace.clone(),
             prune: a.prune,
             allow_empty: a.allow_empty,
+            create_namespace: a.create_namespace,
         };
         if let Some(cache) = self.engine.cache()
             && let Some(cached) = cache.bundle(&a.app)?
@@ -305,6 +318,7 @@ impl Fleet {
             namespace: "default".into(),
             prune: true,
             allow_empty: true,
+            create_namespace: false,
         };
         match self.engine.reconcile(&spec, &[], |_, _| {}).await {
             Ok(report) => {
@@ -330,16 +344,6 @@ impl Fleet {
 
     async fn run_app(self: Arc<Self>, bundle: CachedBundle, cancel: CancellationToken) {
         let app = bundle.spec.clone();
-        let status = |sync: &str, health: &str, message: String, drift: u64| AppStatus {
-            app: app.name.clone(),
-            revision: bundle.revision.clone(),
-            digest: bundle.digest.clone(),
-            sync: sync.into(),
-            health: health.into(),
-            message,
-            drift_count: drift,
-            ..AppStatus::default()
-        };
         // Cached first: an agent killed mid-apply comes back to this bundle, even without a hub.
         if let Some(cache) = self.engine.cache()
             && let Err(e) = cache
@@ -348,91 +352,129 @@ impl Fleet {
         {
             tracing::warn!(app = %app.name, error = %e, "caching the bundle");
         }
-        let result = self
-            .engine
-            .reconcile(&app, &bundle.objects, |_, _| {})
-            .await;
-        self.metrics
-            .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
-        let report = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.board
-                    .set(status("OutOfSync", "Unknown", e.to_string(), 0));
-                return;
-            }
-        };
-        let failed: Vec<String> = report
-            .objects
-            .iter()
-            .filter_map(|(r, o)| match o {
-                Outcome::Failed(e) => Some(format!("{r}: {e}")),
-                _ => None,
-            })
-            .collect();
-        let sync = if failed.is_empty() {
-            "Synced"
-        } else {
-            "OutOfSync"
-        };
-        let refs: Vec<_> = report
-            .objects
-            .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Applied))
-            .map(|(r, _)| r.clone())
-            .collect();
         let drift = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let publish = |drift: u64, health: crate::engine::health::Health| {
-            let message = if failed.is_empty() {
-                health.message.clone()
-            } else {
-                failed.join("; ")
-            };
-            self.board
-                .set(status(sync, &health.state.to_string(), message, drift));
+        let status = |sync: SyncStatus, health: &Health, failed: usize| AppStatus {
+            app: app.name.clone(),
+            revision: bundle.revision.clone(),
+            digest: bundle.digest.clone(),
+            sync: sync.into(),
+            health: health.state.into(),
+            message: health.message.clone(),
+            drift_count: drift.load(std::sync::atomic::Ordering::Relaxed),
+            failed_objects: u32::try_from(failed).unwrap_or(u32::MAX),
+            ..AppStatus::default()
         };
-        let (h, _) = self.engine.health(&app.name, &refs).await;
-        publish(0, h);
-        let drift2 = Arc::clone(&drift);
-        let heals = self.metrics.drift_heals.clone();
-        // Its own task: a burst of watch events must never starve the health reports below.
-        let keep = {
-            let fleet = Arc::clone(&self);
-            let (app, objects, cancel) = (app.clone(), bundle.objects.clone(), cancel.clone());
-            self.tasks.spawn(async move {
-                fleet
-                    .engine
-                    .keep_in_sync(&app, &objects, fleet.resync, cancel, move |r, n| {
-                        tracing::info!(object = %r, drift = n, "healed drift");
-                        heals.inc();
-                        drift2.store(n, std::sync::atomic::Ordering::Relaxed);
-                    })
-                    .await
-            })
-        };
-        tokio::pin!(keep);
-        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        // Objects that could not be applied are retried with jittered exponential backoff, not
+        // only at the periodic resync, so a fix made outside git (a namespace created by hand, a
+        // CRD installed by another app) converges on its own; a permanent failure costs one
+        // attempt every few minutes at most.
+        let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(120));
+        let mut watch: Option<(CancellationToken, Vec<ObjRef>)> = None;
+        let mut last_failures: Option<Vec<ObjRef>> = None;
         loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                result = &mut keep => {
-                    match result {
-                        Ok(Err(e)) => tracing::warn!(app = %app.name, error = %e, "drift watch ended"),
-                        Err(e) => tracing::warn!(app = %app.name, error = %e, "drift watch task failed"),
-                        Ok(Ok(())) => {}
+            let result = self
+                .engine
+                .reconcile(&app, &bundle.objects, |_, _| {})
+                .await;
+            self.metrics
+                .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
+            let report = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    let h = Health {
+                        state: HealthStatus::Unknown,
+                        message: format!("reconcile failed: {e}"),
+                    };
+                    self.board.refresh(status(SyncStatus::Unknown, &h, 0));
+                    let delay = backoff.next_delay(random_fraction());
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => continue,
                     }
-                    cancel.cancelled().await;
-                    return;
                 }
-                _ = ticker.tick() => {
-                    let (h, _) = self.engine.health(&app.name, &refs).await;
-                    let settled = h.state != HealthState::Progressing;
-                    publish(drift.load(std::sync::atomic::Ordering::Relaxed), h);
-                    if settled {
-                        ticker.reset_after(Duration::from_secs(2));
+            };
+            let objects = report.bundle_objects();
+            let failures: Vec<ObjRef> = objects
+                .iter()
+                .filter(|(_, e)| e.is_some())
+                .map(|(r, _)| r.clone())
+                .collect();
+            let sync = report.sync();
+            if last_failures.as_ref() != Some(&failures) {
+                // Logged once per change, not on every attempt.
+                match objects.iter().find_map(|(r, e)| e.as_ref().map(|e| (r, e))) {
+                    Some((r, e)) => {
+                        tracing::warn!(app = %app.name, failed = failures.len(), first = %r, error = %e, "objects could not be applied; retrying with backoff")
+                    }
+                    None => {
+                        tracing::info!(app = %app.name, objects = objects.len(), "every object applied")
+                    }
+                }
+            }
+            // The drift watch follows what is applied: a kind that was not served before (its CRD
+            // arrived) is watched from the pass that applied it.
+            if watch.as_ref().is_none_or(|(_, f)| *f != failures) {
+                if let Some((old, _)) = watch.take() {
+                    old.cancel();
+                }
+                let token = cancel.child_token();
+                self.spawn_drift_watch(&app, &bundle, token.clone(), Arc::clone(&drift));
+                watch = Some((token, failures.clone()));
+            }
+            last_failures = Some(failures.clone());
+            let (h, _) = self.engine.health(&app.name, &objects).await;
+            self.board.refresh(status(sync, &h, failures.len()));
+            let next = if failures.is_empty() {
+                backoff.reset();
+                self.resync
+            } else {
+                backoff.next_delay(random_fraction())
+            };
+            let attempt = tokio::time::sleep(next);
+            tokio::pin!(attempt);
+            let mut ticker = tokio::time::interval(Duration::from_millis(500));
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = &mut attempt => break,
+                    _ = ticker.tick() => {
+                        let (h, _) = self.engine.health(&app.name, &objects).await;
+                        let settled = h.state != HealthStatus::Progressing;
+                        self.board.set(status(sync, &h, failures.len()));
+                        if settled {
+                            ticker.reset_after(Duration::from_secs(2));
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Heals drift of `bundle` until `cancel`: its own task, so a burst of watch events can never
+    /// starve the health reports.
+    fn spawn_drift_watch(
+        self: &Arc<Self>,
+        app: &AppSpec,
+        bundle: &CachedBundle,
+        cancel: CancellationToken,
+        drift: Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        let fleet = Arc::clone(self);
+        let heals = self.metrics.drift_heals.clone();
+        let (app, objects) = (app.clone(), bundle.objects.clone());
+        self.tasks.spawn(async move {
+            let result = fleet
+                .engine
+                .keep_in_sync(&app, &objects, None, cancel, move |r, n| {
+                    tracing::info!(object = %r, drift = n, "healed drift");
+                    heals.inc();
+                    drift.store(n, std::sync::atomic::Ordering::Relaxed);
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::warn!(app = %app.name, error = %e, "drift watch ended; the next full pass restarts it");
+            }
+        });
     }
 }

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::health::HealthState;
+use crate::engine::health::HealthStatus;
 use crate::engine::inventory::LocalCache;
 use crate::engine::{AppSpec, Engine, Outcome};
 use crate::{Error, Result};
 use flotilla_bundle::manifest;
+use flotilla_proto::v1::SyncStatus;
 
 /// Options of `flotilla-agent apply`.
 pub struct ApplyOptions {
@@ -86,21 +87,17 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     if let Some(note) = &report.prune_note {
         println!("  note: {note}");
     }
-    let applied: Vec<_> = report
-        .objects
+    let objects_health = report.bundle_objects();
+    let (health, each) = engine
+        .wait_healthy(&app.name, &objects_health, opts.timeout)
+        .await;
+    for (r, h) in each
         .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Applied))
-        .map(|(r, _)| r.clone())
-        .collect();
-    let (health, each) = engine.wait_healthy(&app.name, &applied, opts.timeout).await;
-    for (r, h) in each.iter().filter(|(_, h)| h.state != HealthState::Healthy) {
+        .filter(|(_, h)| h.state != HealthStatus::Healthy)
+    {
         println!("  {:<8} {r}: {}", h.state.to_string(), h.message);
     }
-    let sync = if report.failed() == 0 {
-        "Synced"
-    } else {
-        "OutOfSync"
-    };
+    let sync = report.sync();
     println!(
         "app {}: {} applied, {} pruned, {} failed; {sync}; health {}{}; bundle {}",
         app.name,
@@ -115,11 +112,11 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
         },
         report.digest
     );
-    let healthy = health.state == HealthState::Healthy && report.failed() == 0;
+    let healthy = health.state == HealthStatus::Healthy && sync == SyncStatus::Synced;
     if opts.watch {
         println!("watching for drift (Ctrl-C to stop)");
         engine
-            .keep_in_sync(app, &objects, opts.resync, cancel, |r, n| {
+            .keep_in_sync(app, &objects, Some(opts.resync), cancel, |r, n| {
                 println!("  healed   {r} (drift #{n})")
             })
             .await?;

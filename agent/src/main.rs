@@ -81,6 +81,9 @@ struct ApplyArgs {
     /// Allow an empty bundle to prune everything the app had.
     #[arg(long)]
     allow_empty: bool,
+    /// Create namespaces the manifests need and do not define.
+    #[arg(long)]
+    create_namespace: bool,
     /// Local cache of inventories and bundles.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -126,6 +129,7 @@ async fn main() -> ExitCode {
                     namespace: args.namespace,
                     prune: !args.no_prune,
                     allow_empty: args.allow_empty,
+                    create_namespace: args.create_namespace,
                 },
                 dir: args.dir,
                 timeout: args.timeout,

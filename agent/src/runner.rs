@@ -66,7 +66,18 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
         Some(path) => {
             let client = crate::local::client(path).await?;
             let cache = LocalCache::open(&opts.data_dir)?;
-            let engine = Arc::new(Engine::new(client, Some(cache)));
+            let mut engine = Engine::new(client, Some(cache));
+            let name = opts.cluster_name.clone().or_else(|| {
+                IdentityStore::new(&opts.data_dir)
+                    .load()
+                    .ok()
+                    .flatten()
+                    .map(|c| c.cluster)
+            });
+            if let Some(name) = name {
+                engine = engine.for_cluster(&name);
+            }
+            let engine = Arc::new(engine);
             Some(Fleet::new(
                 engine,
                 opts.link.clone(),

@@ -249,11 +249,7 @@ async fn removed_manifests_are_pruned_but_empty_or_broken_bundles_prune_nothing(
     );
     let out = f.apply("cfg", &broken);
     assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
-    assert!(
-        stdout(&out).contains("a.yaml#2: invalid YAML"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("a.yaml#2 (line "), "{}", stdout(&out));
     assert_eq!(f.configmaps("default").await.len(), 3);
 
     // An object whose label was taken away is no longer ours: it is left alone, not pruned.
@@ -448,4 +444,55 @@ async fn kill_9_mid_apply_then_restart_finishes_without_loss_or_duplicates() {
     let before = cluster.resource_version();
     assert!(f.apply("many", &bundle).status.success());
     assert_eq!(cluster.resource_version(), before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn objects_that_cannot_be_applied_make_the_app_sync_failed_and_degraded() {
+    let f = fixture().await;
+    let bundle = f.bundle(
+        "b",
+        &[(
+            "a.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: fine}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: lost, namespace: ghost}\n---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: Gateway\nmetadata: {name: gw}\nspec: {}\n",
+        )],
+    );
+    let out = f.apply("partial", &bundle);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("2 failed; SyncFailed; health Degraded"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no API resource for gateway.networking.k8s.io/v1beta1 Gateway in the cluster (is its CRD installed?)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "namespace ghost does not exist; create it or set spec.syncPolicy.createNamespace"
+        ),
+        "{text}"
+    );
+    assert_eq!(f.configmaps("default").await, ["fine"]);
+
+    // With --create-namespace the namespace is made (labelled as ours) and only the CRD is missing.
+    let out = f
+        .apply_cmd("partial", &bundle, &["--create-namespace"])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("1 failed; SyncFailed"), "{text}");
+    assert_eq!(f.configmaps("ghost").await, ["lost"]);
+    let ns = f.kubectl(&[
+        "get",
+        "namespace",
+        "ghost",
+        "-o",
+        "jsonpath={.metadata.labels}",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&ns.stdout).contains("\"app.flotilla.dev/created-by\":\"partial\""),
+        "{}",
+        String::from_utf8_lossy(&ns.stdout)
+    );
 }

@@ -1,5 +1,6 @@
 //! Per-cluster customization: variables substituted into manifest text (`${cluster.name}`,
-//! `${cluster.labels.<key>}`, `${vars.<name>}`; `$${` for a literal `${`) and merge patches applied
+//! `${cluster.labels.<key>}`, `${vars.<name>}`; `$${cluster.…}` for a literal; every other `${…}`
+//! is the manifest's own and left alone) and merge patches applied
 //! to matching objects, from the customizations whose selector matches the cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -78,55 +79,84 @@ pub fn variables(
     vars
 }
 
-/// The placeholders `${...}` used in a text.
-pub fn placeholders(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("${") {
-        let escaped = i > 0 && rest.as_bytes()[i - 1] == b'$';
-        let after = &rest[i + 2..];
-        match after.find('}') {
-            Some(j) => {
-                if !escaped {
-                    out.insert(after[..j].trim().to_string());
-                }
-                rest = &after[j + 1..];
-            }
-            None => break,
+/// Whether a placeholder name is Flotilla's to substitute. Everything else (`${HOME}`, `${X:-0}`
+/// in a shell script, `${var}` in an nginx config) belongs to the manifest and is left verbatim.
+fn is_ours(name: &str) -> bool {
+    let name = name.trim();
+    name.starts_with("cluster.") || name.starts_with("vars.")
+}
+
+/// One `${...}` in a text: byte range of the whole placeholder and its (trimmed) name; `escaped`
+/// when written `$${...}` (a literal, for our placeholders only).
+struct Found<'a> {
+    start: usize,
+    end: usize,
+    name: &'a str,
+    escaped: bool,
+}
+
+/// Our placeholders in `text`, in order. Unterminated `${` and foreign placeholders are skipped.
+fn scan(text: &str) -> Vec<Found<'_>> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("${").map(|i| i + from) {
+        let after = i + 2;
+        let Some(j) = text[after..].find('}').map(|j| j + after) else {
+            break;
+        };
+        let name = &text[after..j];
+        // A foreign placeholder may contain `${` of its own: resume right after its opening.
+        if !is_ours(name) || name.contains("${") {
+            from = after;
+            continue;
         }
+        let escaped = i > 0 && text.as_bytes()[i - 1] == b'$';
+        out.push(Found {
+            start: if escaped { i - 1 } else { i },
+            end: j + 1,
+            name: name.trim(),
+            escaped,
+        });
+        from = j + 1;
     }
     out
 }
 
-/// Substitutes placeholders in `text` (from `source`); an unknown placeholder is an error.
+/// The 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+/// The placeholders `${cluster.…}` / `${vars.…}` a text uses.
+pub fn placeholders(text: &str) -> BTreeSet<String> {
+    scan(text)
+        .into_iter()
+        .filter(|f| !f.escaped)
+        .map(|f| f.name.to_string())
+        .collect()
+}
+
+/// Substitutes `${cluster.…}` and `${vars.…}` in `text` (from `source`); any other `${…}` stays
+/// exactly as written. An unknown placeholder of ours (a typo such as `${cluster.lables.x}`) is an
+/// error naming the file and line.
 pub fn substitute(source: &str, text: &str, vars: &BTreeMap<String, String>) -> Result<String> {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("${") {
-        if i > 0 && rest.as_bytes()[i - 1] == b'$' {
-            // `$${x}` is a literal `${x}`.
-            out.push_str(&rest[..i - 1]);
-            out.push_str("${");
-            rest = &rest[i + 2..];
+    let mut at = 0;
+    for f in scan(text) {
+        out.push_str(&text[at..f.start]);
+        at = f.end;
+        if f.escaped {
+            // `$${cluster.name}` is a literal `${cluster.name}`.
+            out.push_str(&text[f.start + 1..f.end]);
             continue;
         }
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 2..];
-        let Some(j) = after.find('}') else {
-            return Err(Error::Manifest {
-                origin: source.to_string(),
-                reason: "unterminated ${ placeholder".into(),
-            });
-        };
-        let name = after[..j].trim();
-        let value = vars.get(name).ok_or_else(|| Error::Manifest {
-            origin: source.to_string(),
-            reason: format!("unknown variable ${{{name}}} (known: cluster.name, cluster.labels.<key>, vars.<name> from customizations)"),
+        let value = vars.get(f.name).ok_or_else(|| Error::Manifest {
+            origin: format!("{source} line {}", line_of(text, f.start)),
+            reason: format!("unknown variable ${{{}}} (known: cluster.name, cluster.labels.<key>, vars.<name> from customizations)", f.name),
         })?;
         out.push_str(value);
-        rest = &after[j + 1..];
     }
-    out.push_str(rest);
+    out.push_str(&text[at..]);
     Ok(out)
 }
 
@@ -207,17 +237,57 @@ mod tests {
     #[test]
     fn substitution_uses_cluster_facts_and_matching_variables() {
         let vars = variables(&facts("eu-1", "eu"), &customs());
-        let out = substitute("a.yaml", "name: ${cluster.name}-${cluster.labels.region} r=${vars.replicas} t=${ vars.tier } $${literal}", &vars).unwrap();
-        assert_eq!(out, "name: eu-1-eu r=3 t=web ${literal}");
+        let out = substitute("a.yaml", "name: ${cluster.name}-${cluster.labels.region} r=${vars.replicas} t=${ vars.tier } $${cluster.name}", &vars).unwrap();
+        assert_eq!(out, "name: eu-1-eu r=3 t=web ${cluster.name}");
         let err = substitute(
             "a.yaml",
-            "x: ${vars.replicas}",
+            "a: 1\nx: ${vars.replicas}",
             &variables(&facts("us-1", "us"), &customs()),
         )
         .unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("a.yaml: unknown variable ${vars.replicas}"),
+                .starts_with("a.yaml line 2: unknown variable ${vars.replicas}"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_our_placeholders_are_touched() {
+        let vars = variables(&facts("eu-1", "eu"), &customs());
+        // Shell, nginx and envsubst text in ConfigMaps arrives exactly as written.
+        let verbatim = [
+            r#"echo "${HOME:-/root}""#,
+            "n=${X:-0}; echo $${PID} ${HOME}",
+            "set $x ${ upstream };",
+            "unterminated ${HOME",
+            "${clusterName} ${variables.x} ${cluster}",
+            "nested ${A:-${B}} and ${cluster.name}",
+        ];
+        let want = [
+            r#"echo "${HOME:-/root}""#,
+            "n=${X:-0}; echo $${PID} ${HOME}",
+            "set $x ${ upstream };",
+            "unterminated ${HOME",
+            "${clusterName} ${variables.x} ${cluster}",
+            "nested ${A:-${B}} and eu-1",
+        ];
+        for (text, want) in verbatim.iter().zip(want) {
+            assert_eq!(substitute("cm.yaml", text, &vars).unwrap(), want, "{text}");
+        }
+        assert_eq!(
+            placeholders("${HOME} ${X:-0} ${cluster.name} $${vars.x}"),
+            ["cluster.name".to_string()].into()
+        );
+        let err = substitute(
+            "cm.yaml",
+            "a: b\nc: d\nregion: ${cluster.lables.region}\n",
+            &vars,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("cm.yaml line 3: unknown variable ${cluster.lables.region}"),
             "{err}"
         );
     }

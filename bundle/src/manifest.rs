@@ -111,25 +111,49 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> 
     Ok(())
 }
 
+/// The line each document of a multi-document YAML text starts on (1-based), from its `---`
+/// separators: for messages that point at a document's first line.
+fn document_lines(text: &str) -> Vec<usize> {
+    let markers: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| *l == "---" || l.starts_with("--- ") || l.starts_with("---\t"))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let first_content = text
+        .lines()
+        .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|i| i + 1);
+    let mut starts = Vec::new();
+    if first_content.is_some_and(|c| markers.first() != Some(&c)) {
+        starts.push(1);
+    }
+    starts.extend(markers.iter().map(|m| m + 1));
+    starts
+}
+
 /// Parses the YAML (or JSON) documents of one file.
 pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
     let mut out = Vec::new();
+    let starts = document_lines(text);
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let source = format!("{name}#{}", i + 1);
+        // Errors point at the document's first line too; the manifest keeps the short name.
+        let at = match starts.get(i) {
+            Some(line) => format!("{source} (line {line})"),
+            None => source.clone(),
+        };
         let value: Value = serde::Deserialize::deserialize(doc)
-            .map_err(|e| bad(&source, format!("invalid YAML: {e}")))?;
+            .map_err(|e| bad(&at, format!("invalid YAML: {e}")))?;
         if depth(&value) > MAX_DEPTH {
-            return Err(bad(
-                &source,
-                format!("nested deeper than {MAX_DEPTH} levels"),
-            ));
+            return Err(bad(&at, format!("nested deeper than {MAX_DEPTH} levels")));
         }
         match value {
             Value::Null => continue,
             Value::Object(_) => {}
             _ => {
                 return Err(bad(
-                    &source,
+                    &at,
                     "a document must be a mapping (a Kubernetes object)",
                 ));
             }
@@ -138,7 +162,7 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
         if value["kind"] == "List" && value["items"].is_array() {
             for (j, item) in value["items"].as_array().into_iter().flatten().enumerate() {
                 let item_source = format!("{source}/items/{j}");
-                check_object(&item_source, item)?;
+                check_object(&format!("{at}/items/{j}"), item)?;
                 out.push(Manifest {
                     source: item_source,
                     object: item.clone(),
@@ -146,7 +170,7 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
             }
             continue;
         }
-        check_object(&source, &value)?;
+        check_object(&at, &value)?;
         out.push(Manifest {
             source,
             object: value,
@@ -156,6 +180,16 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
 }
 
 fn check_object(source: &str, v: &Value) -> Result<()> {
+    let meta = &v["metadata"];
+    if meta["name"].as_str().is_none_or(str::is_empty)
+        && meta["generateName"].as_str().is_some_and(|g| !g.is_empty())
+    {
+        return Err(bad(
+            source,
+            "metadata.generateName is not supported: the server would pick a new name on every \
+             apply, so the object could never be tracked, healed or pruned; give it a metadata.name",
+        ));
+    }
     for (field, value) in [
         ("apiVersion", &v["apiVersion"]),
         ("kind", &v["kind"]),
@@ -173,6 +207,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn errors_point_at_the_document_line_and_generate_name_is_refused() {
+        let text = "# comment\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Job\nmetadata: {generateName: migrate-}\n";
+        let err = parse_documents("hooks.yaml", text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("hooks.yaml#2 (line 6): metadata.generateName is not supported"),
+            "{err}"
+        );
+        let err = parse_documents("x.yaml", "---\nkind: ConfigMap\n---\nkind: Secret\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("x.yaml#1 (line 2): missing apiVersion"),
+            "{err}"
+        );
+        let err = parse_documents(
+            "y.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nb: [x\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("at line 6"), "{err}");
+        assert_eq!(document_lines("a: 1\n---\nb: 2\n--- \nc: 3\n"), [1, 3, 5]);
+    }
+
+    #[test]
     fn multi_document_files_with_errors_that_name_the_document() {
         let ok = parse_documents("a.yaml", "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n").unwrap();
         assert_eq!(
@@ -180,10 +239,11 @@ mod tests {
             ["a.yaml#1", "a.yaml#3"]
         );
         let err = parse_documents("b.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: Secret\nmetadata: {name: s}\n").unwrap_err();
-        assert_eq!(err.to_string(), "b.yaml#2: missing apiVersion");
+        assert_eq!(err.to_string(), "b.yaml#2 (line 5): missing apiVersion");
         let err = parse_documents("c.yaml", "a: [unclosed").unwrap_err();
         assert!(
-            err.to_string().starts_with("c.yaml#1: invalid YAML"),
+            err.to_string()
+                .starts_with("c.yaml#1 (line 1): invalid YAML"),
             "{err}"
         );
     }
@@ -193,7 +253,8 @@ mod tests {
         let bomb = "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\ni: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]\n";
         let err = parse_documents("bomb.yaml", bomb).unwrap_err();
         assert!(
-            err.to_string().starts_with("bomb.yaml#1: invalid YAML"),
+            err.to_string()
+                .starts_with("bomb.yaml#1 (line 1): invalid YAML"),
             "{err}"
         );
         let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));

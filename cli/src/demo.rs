@@ -6,6 +6,7 @@
 //! Everything runs in this process through the library entry points the binaries use, over real
 //! mTLS and the real Kubernetes HTTP API, so the demo exercises the real paths.
 
+use flotilla_proto::status::{Observed, Verdict};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -115,11 +116,28 @@ async fn wait_converged(
             .rows;
         let done = rows
             .iter()
-            .filter(|r| r.revision == revision && r.sync == "Synced" && r.health == "Healthy")
+            .filter(|r| {
+                r.revision == revision
+                    && Observed {
+                        digest: r.digest.clone(),
+                        sync: r.sync(),
+                        health: r.health(),
+                    }
+                    .verdict(&r.desired_digest)
+                        == Verdict::Done
+            })
             .count();
         let summary: Vec<String> = rows
             .iter()
-            .map(|r| format!("{}{}{}{}", r.cluster, r.revision, r.sync, r.health))
+            .map(|r| {
+                format!(
+                    "{}{}{}{}",
+                    r.cluster,
+                    r.revision,
+                    r.sync().word(),
+                    r.health().word()
+                )
+            })
             .collect();
         let summary = summary.join("|");
         if summary != last {

@@ -186,6 +186,7 @@ fn app_json(app: &App) -> Value {
         "observed_generation": app.observed_generation,
         "revision": app.revision,
         "last_error": if app.last_error.is_empty() { Value::Null } else { json!(app.last_error) },
+        "note": if app.note.is_empty() { Value::Null } else { json!(app.note) },
         "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest, "assigned": c.assigned_digest})).collect::<Vec<_>>(),
         "history": app.history.iter().map(|h| json!({
             "revision": h.revision,
@@ -256,6 +257,9 @@ pub fn app(format: Format, app: &App) {
             if !app.last_error.is_empty() {
                 println!("{:<14}{}", "Error:", app.last_error);
             }
+            if !app.note.is_empty() {
+                println!("{:<14}{}", "Note:", app.note);
+            }
             println!();
             table(
                 &["CLUSTER", "BUNDLE", "ASSIGNED NOW"],
@@ -300,8 +304,8 @@ fn status_json(r: &FleetStatusRow) -> Value {
         "digest": r.digest,
         "desired_revision": r.desired_revision,
         "desired_digest": r.desired_digest,
-        "sync": r.sync,
-        "health": r.health,
+        "sync": r.sync().word(),
+        "health": r.health().word(),
         "message": r.message,
         "drift_count": r.drift_count,
         "reported_at": rfc3339_ms(r.reported_at_unix_ms),
@@ -315,7 +319,7 @@ fn paint(text: &str) -> String {
     let code = match text {
         "Healthy" | "Synced" => "32",
         "Progressing" => "33",
-        "Degraded" | "Missing" | "OutOfSync" => "31",
+        "Degraded" | "Missing" | "OutOfSync" | "SyncFailed" => "31",
         _ => "90",
     };
     format!("\x1b[{code}m{text}\x1b[0m")
@@ -328,7 +332,13 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
             // Padding is computed on the plain text; colors are added after.
             let mut widths = [7usize, 3, 8, 4, 6];
             for r in rows {
-                let cells = [&r.cluster, &r.app, &short(&r.revision), &r.sync, &r.health];
+                let cells = [
+                    r.cluster.as_str(),
+                    &r.app,
+                    &short(&r.revision),
+                    r.sync().word(),
+                    r.health().word(),
+                ];
                 for (w, c) in widths.iter_mut().zip(cells) {
                     *w = (*w).max(c.len());
                 }
@@ -352,11 +362,15 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
                 };
                 println!(
                     "{:<w0$}   {:<w1$}   {:<w2$}   {}   {}   {}",
-                    r.cluster,
+                    if r.cluster.is_empty() {
+                        "-"
+                    } else {
+                        &r.cluster
+                    },
                     r.app,
                     short(&r.revision),
-                    pad(&r.sync, widths[3]),
-                    pad(&r.health, widths[4]),
+                    pad(r.sync().word(), widths[3]),
+                    pad(r.health().word(), widths[4]),
                     r.message,
                     w0 = widths[0],
                     w1 = widths[1],

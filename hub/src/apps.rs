@@ -97,6 +97,10 @@ pub struct SyncPolicy {
     pub self_heal: bool,
     #[serde(default)]
     pub allow_empty: bool,
+    /// Create the namespaces the bundle's objects need and it does not define (labelled
+    /// `app.flotilla.dev/created-by`, never pruned).
+    #[serde(default)]
+    pub create_namespace: bool,
 }
 
 fn yes() -> bool {
@@ -109,6 +113,7 @@ impl Default for SyncPolicy {
             prune: true,
             self_heal: true,
             allow_empty: false,
+            create_namespace: false,
         }
     }
 }

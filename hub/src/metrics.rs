@@ -1,5 +1,6 @@
 //! Prometheus metrics of the hub, served at `/metrics` on the HTTP listener.
 
+use flotilla_proto::v1::{HealthStatus, SyncStatus};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -113,14 +114,15 @@ impl Metrics {
     }
 
     /// A cluster reported running a digest.
-    pub fn reported(&self, cluster: &str, digest: &str, sync: &str, health: &str) {
+    pub fn reported(&self, cluster: &str, digest: &str, sync: SyncStatus, health: HealthStatus) {
+        // Label values from a closed set (the enums' words), never text an agent chose.
         self.sync_reports
             .get_or_create(&SyncLabels {
-                sync: sync.into(),
-                health: health.into(),
+                sync: sync.word().into(),
+                health: health.word().into(),
             })
             .inc();
-        if sync == "Synced"
+        if sync == SyncStatus::Synced
             && let Some(at) = self
                 .lock()
                 .remove(&(cluster.to_string(), digest.to_string()))

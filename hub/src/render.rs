@@ -134,9 +134,62 @@ pub fn variant(
     Ok(flotilla_bundle::normalize(objects))
 }
 
+/// The words of a render error, without the `render:` prefix its display adds (the caller adds
+/// its own context once).
+pub fn reason(e: Error) -> String {
+    match e {
+        Error::Render(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// One message for the clusters whose variant failed, out of `targeted`: the error alone when every
+/// targeted cluster failed the same way (it does not depend on the cluster), else the first
+/// failing cluster's, naming it and how many more failed. `None` when nothing failed.
+pub fn summarize_failures(failures: &[(String, String)], targeted: usize) -> Option<String> {
+    let (first_cluster, first) = failures.first()?;
+    if failures.len() == targeted && failures.iter().all(|(_, why)| why == first) {
+        return Some(first.clone());
+    }
+    let more = match failures.len() - 1 {
+        0 => String::new(),
+        n => format!(" (and {n} more cluster(s))"),
+    };
+    Some(format!("cluster {first_cluster}: {first}{more}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn render_failures_are_reported_once_unless_they_depend_on_the_cluster() {
+        let f = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(c, w)| (c.to_string(), w.to_string()))
+                .collect()
+        };
+        assert_eq!(summarize_failures(&[], 3), None);
+        let same = f(&[(
+            "eu-1",
+            "a.yaml line 3: unknown variable ${cluster.lables.x}",
+        ); 3]);
+        assert_eq!(
+            summarize_failures(&same, 3).unwrap(),
+            "a.yaml line 3: unknown variable ${cluster.lables.x}"
+        );
+        let some = f(&[("ap-1", "unknown variable ${cluster.labels.region}")]);
+        assert_eq!(
+            summarize_failures(&some, 3).unwrap(),
+            "cluster ap-1: unknown variable ${cluster.labels.region}"
+        );
+        let mixed = f(&[("ap-1", "x"), ("ap-2", "y")]);
+        assert_eq!(
+            summarize_failures(&mixed, 2).unwrap(),
+            "cluster ap-1: x (and 1 more cluster(s))"
+        );
+    }
 
     #[tokio::test]
     async fn plain_sources_render_per_cluster_and_errors_name_the_file() {
@@ -161,7 +214,7 @@ mod tests {
         };
         let err = variant(&base, &none, &[], false).unwrap_err().to_string();
         assert!(
-            err.contains("a.yaml: unknown variable ${cluster.labels.region}"),
+            err.contains("a.yaml line 4: unknown variable ${cluster.labels.region}"),
             "{err}"
         );
     }

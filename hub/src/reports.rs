@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use flotilla_proto::v1::{AppStatus, Assignment, FleetStatusRow};
+use flotilla_proto::v1::{AppStatus, Assignment, FleetStatusRow, HealthStatus, SyncStatus};
 use prost::Message;
 
 use crate::Result;
@@ -92,9 +92,57 @@ pub fn assignments_for(cluster: &str, apps: &[AppRecord]) -> Vec<Assignment> {
                 prune: a.doc.spec.sync_policy.prune,
                 self_heal: a.doc.spec.sync_policy.self_heal,
                 allow_empty: a.doc.spec.sync_policy.allow_empty,
+                create_namespace: a.doc.spec.sync_policy.create_namespace,
             })
         })
         .collect()
+}
+
+/// Why an app reaches no cluster at all, in words; `None` when some cluster is targeted. Shown by
+/// `app get` and as the app's one row in `flotilla status`, so an app never silently vanishes.
+pub fn unreached(record: &AppRecord) -> Option<String> {
+    let s = &record.status;
+    if s.revision.is_none() {
+        return Some(match &s.last_error {
+            Some(e) => format!("never rendered: {e}"),
+            None => "not rendered yet".into(),
+        });
+    }
+    if !s.target.is_empty() || !s.assignments.is_empty() {
+        return None;
+    }
+    let t = &record.doc.spec.targets;
+    let mut what = Vec::new();
+    if let Some(sel) = &t.selector {
+        what.push(format!(
+            "selector {}",
+            serde_json::to_string(sel).unwrap_or_default()
+        ));
+    }
+    if !t.clusters.is_empty() {
+        what.push(format!("clusters [{}]", t.clusters.join(", ")));
+    }
+    let what = if what.is_empty() {
+        "it names no targets".to_string()
+    } else {
+        what.join(" and ")
+    };
+    let mut note = format!("its targets select no registered cluster ({what})");
+    if let Some(e) = &s.last_error {
+        note.push_str(&format!("; last render failed: {e}"));
+    }
+    Some(note)
+}
+
+/// The row of an app that reaches no cluster: no cluster, Unknown, and why.
+pub fn unreached_row(app: &str, note: String) -> FleetStatusRow {
+    FleetStatusRow {
+        app: app.to_string(),
+        sync: SyncStatus::Unknown.into(),
+        health: HealthStatus::Unknown.into(),
+        message: note,
+        ..FleetStatusRow::default()
+    }
 }
 
 /// One fleet-status row: the hub's desire next to the cluster's report. A cluster that is not
@@ -111,8 +159,8 @@ pub fn row(
         connected,
         desired_revision: desired.revision.clone(),
         desired_digest: desired.digest.clone(),
-        sync: "Unknown".into(),
-        health: "Unknown".into(),
+        sync: SyncStatus::Unknown.into(),
+        health: HealthStatus::Unknown.into(),
         ..FleetStatusRow::default()
     };
     let Some(report) = report else {
@@ -130,16 +178,17 @@ pub fn row(
     if !connected {
         row.message = format!(
             "cluster not connected; last reported {} / {}",
-            report.sync, report.health
+            report.sync(),
+            report.health()
         );
         return row;
     }
-    row.health = report.health.clone();
+    row.health = report.health;
     row.message = report.message.clone();
     row.sync = if report.digest != desired.digest {
-        "OutOfSync".into()
+        SyncStatus::OutOfSync.into()
     } else {
-        report.sync.clone()
+        report.sync
     };
     if report.digest != desired.digest && row.message.is_empty() {
         row.message = "applying the new revision".into();
@@ -161,25 +210,77 @@ mod tests {
     }
 
     #[test]
+    fn apps_that_reach_no_cluster_say_why() {
+        let doc = crate::apps::AppDocument::parse(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {name: web}\nspec:\n  source: {repoURL: \"file:///r\"}\n  targets: {clusters: [nope]}\n",
+        )
+        .unwrap();
+        let mut record = AppRecord {
+            doc,
+            origin: "api".into(),
+            generation: 1,
+            status: crate::appstore::AppStatus::default(),
+        };
+        assert_eq!(unreached(&record).unwrap(), "not rendered yet");
+        record.status.last_error = Some("render: a.yaml line 3: unknown variable".into());
+        assert_eq!(
+            unreached(&record).unwrap(),
+            "never rendered: render: a.yaml line 3: unknown variable"
+        );
+        record.status.revision = Some("abc".into());
+        record.status.last_error = None;
+        assert_eq!(
+            unreached(&record).unwrap(),
+            "its targets select no registered cluster (clusters [nope])"
+        );
+        record.status.target.insert(
+            "eu-1".into(),
+            crate::rollout::Assigned {
+                digest: "d".into(),
+                revision: "abc".into(),
+            },
+        );
+        assert_eq!(unreached(&record), None);
+    }
+
+    #[test]
     fn rows_never_show_stale_health() {
         let healthy = AppStatus {
             app: "web".into(),
             digest: "sha256:new".into(),
-            sync: "Synced".into(),
-            health: "Healthy".into(),
+            sync: SyncStatus::Synced.into(),
+            health: HealthStatus::Healthy.into(),
             ..AppStatus::default()
         };
         let r = row("a", true, &desired(), Some(&healthy));
-        assert_eq!((r.sync.as_str(), r.health.as_str()), ("Synced", "Healthy"));
+        assert_eq!(
+            (r.sync(), r.health()),
+            (SyncStatus::Synced, HealthStatus::Healthy)
+        );
         let r = row("a", false, &desired(), Some(&healthy));
-        assert_eq!((r.sync.as_str(), r.health.as_str()), ("Unknown", "Unknown"));
+        assert_eq!(
+            (r.sync(), r.health()),
+            (SyncStatus::Unknown, HealthStatus::Unknown)
+        );
         let old = AppStatus {
             digest: "sha256:old".into(),
-            ..healthy
+            ..healthy.clone()
         };
         let r = row("a", true, &desired(), Some(&old));
-        assert_eq!(r.sync, "OutOfSync");
+        assert_eq!(r.sync(), SyncStatus::OutOfSync);
         let r = row("a", true, &desired(), None);
-        assert_eq!(r.health, "Unknown");
+        assert_eq!(r.health(), HealthStatus::Unknown);
+        let failed = AppStatus {
+            sync: SyncStatus::Failed.into(),
+            health: HealthStatus::Degraded.into(),
+            message: "ConfigMap ghost/c: not applied: namespace ghost does not exist".into(),
+            ..healthy
+        };
+        let r = row("a", true, &desired(), Some(&failed));
+        assert_eq!(
+            (r.sync(), r.health()),
+            (SyncStatus::Failed, HealthStatus::Degraded)
+        );
+        assert!(r.message.contains("ghost"), "{}", r.message);
     }
 }

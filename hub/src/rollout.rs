@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_bundle::selector::LabelSelector;
+use flotilla_proto::status::{Observed, Verdict};
+use flotilla_proto::v1::SyncStatus;
 use serde::{Deserialize, Serialize};
 
 /// A count of clusters or a percentage of a group ("25%").
@@ -318,8 +320,8 @@ pub struct Rollout {
 pub struct ClusterView {
     pub labels: BTreeMap<String, String>,
     pub connected: bool,
-    /// The digest and health it last reported for this app.
-    pub report: Option<(String, String)>,
+    /// What it last reported for this app.
+    pub report: Option<Observed>,
 }
 
 /// Everything the planner reads.
@@ -513,43 +515,41 @@ impl Rollout {
             let view = input.clusters.get(name);
             let connected = view.is_some_and(|v| v.connected);
             let report = view.and_then(|v| v.report.as_ref());
-            let on_new = report.filter(|(digest, _)| *digest == c.to.digest);
+            let verdict = report.map_or(Verdict::Waiting, |o| o.verdict(&c.to.digest));
+            let failed_why = || match report {
+                Some(o) if o.sync == SyncStatus::Failed => {
+                    "objects of the new bundle could not be applied (SyncFailed)"
+                }
+                _ => "turned Degraded on the new bundle",
+            };
             match c.state {
-                ClusterState::Updating => match on_new.map(|(_, h)| h.as_str()) {
-                    Some("Healthy") => Self::set(c, ClusterState::Healthy, now, ""),
-                    Some("Degraded") => Self::set(
-                        c,
-                        ClusterState::Failed,
-                        now,
-                        "turned Degraded on the new bundle",
-                    ),
-                    _ if !connected
-                        && now - c.since > strategy.offline_timeout_secs
-                        && strategy.offline_action == OfflineAction::Wait =>
+                ClusterState::Updating => match verdict {
+                    Verdict::Done => Self::set(c, ClusterState::Healthy, now, ""),
+                    Verdict::Failed => Self::set(c, ClusterState::Failed, now, failed_why()),
+                    Verdict::Waiting
+                        if !connected
+                            && now - c.since > strategy.offline_timeout_secs
+                            && strategy.offline_action == OfflineAction::Wait =>
                     {
                         let why =
                             format!("offline for more than {}s", strategy.offline_timeout_secs);
                         Self::set(c, ClusterState::Failed, now, why)
                     }
-                    _ if connected && now - c.since > strategy.progress_deadline_secs => {
+                    Verdict::Waiting
+                        if connected && now - c.since > strategy.progress_deadline_secs =>
+                    {
                         let why = format!(
-                            "not Healthy on the new bundle within its {}s progress deadline",
+                            "not Synced and Healthy on the new bundle within its {}s progress deadline",
                             strategy.progress_deadline_secs
                         );
                         Self::set(c, ClusterState::Failed, now, why)
                     }
-                    _ => {}
+                    Verdict::Waiting => {}
                 },
                 ClusterState::Healthy
-                    if c.step <= self.current_step
-                        && on_new.is_some_and(|(_, h)| h == "Degraded") =>
+                    if c.step <= self.current_step && verdict == Verdict::Failed =>
                 {
-                    Self::set(
-                        c,
-                        ClusterState::Failed,
-                        now,
-                        "turned Degraded on the new bundle",
-                    );
+                    Self::set(c, ClusterState::Failed, now, failed_why());
                 }
                 _ => {}
             }
@@ -776,6 +776,15 @@ impl Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_proto::v1::HealthStatus;
+
+    fn obs(digest: &str, sync: SyncStatus, health: HealthStatus) -> Observed {
+        Observed {
+            digest: digest.into(),
+            sync,
+            health,
+        }
+    }
 
     fn assigned(d: &str) -> Assigned {
         Assigned {
@@ -827,7 +836,7 @@ onFailure: rollback
                             .map(|(k, v)| (k.to_string(), v.to_string()))
                             .collect(),
                         connected: true,
-                        report: Some(("old".into(), "Healthy".into())),
+                        report: Some(obs("old", SyncStatus::Synced, HealthStatus::Healthy)),
                     },
                 );
             }
@@ -848,13 +857,18 @@ onFailure: rollback
             Rollout::start(1, "r2", 1, &self.input(), None)
         }
 
-        /// Agents do what they are told: clusters assigned the new bundle report it with `health`.
-        fn agents_apply(&mut self, r: &Rollout, health: &str) {
+        /// Agents do what they are told: clusters assigned the new bundle report it Synced, with
+        /// `health`.
+        fn agents_apply(&mut self, r: &Rollout, health: HealthStatus) {
+            self.agents_report(r, SyncStatus::Synced, health);
+        }
+
+        fn agents_report(&mut self, r: &Rollout, sync: SyncStatus, health: HealthStatus) {
             for (name, a) in r.assignments() {
                 if let (Some(a), Some(v)) = (a, self.views.get_mut(&name))
                     && v.connected
                 {
-                    v.report = Some((a.digest, health.into()));
+                    v.report = Some(obs(&a.digest, sync, health));
                 }
             }
         }
@@ -920,11 +934,11 @@ onFailure: rollback
         // Nobody outside the canary step has the new bundle yet.
         let a = r.assignments();
         assert_eq!(a["e1"].as_ref().unwrap().digest, "old");
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(W::updating(&r), ["e1", "e2"], "eu: maxUnavailable 2");
-        w.agents_apply(&r, "Progressing");
+        w.agents_apply(&r, HealthStatus::Progressing);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(
@@ -932,11 +946,11 @@ onFailure: rollback
             ["e1", "e2"],
             "no room until one is Healthy"
         );
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(W::updating(&r), ["e3"]);
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert!(W::updating(&r).is_empty());
@@ -947,14 +961,14 @@ onFailure: rollback
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(W::updating(&r), ["u1"], "us: 50% of 2");
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(W::updating(&r), ["x1"], "unmatched clusters go last");
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::Succeeded);
@@ -972,7 +986,7 @@ onFailure: rollback
     fn failing_canary_rolls_back_and_nobody_else_sees_the_revision() {
         let mut w = fleet();
         let mut r = w.start();
-        w.agents_apply(&r, "Degraded");
+        w.agents_apply(&r, HealthStatus::Degraded);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::RolledBack);
@@ -991,11 +1005,104 @@ onFailure: rollback
     }
 
     #[test]
+    fn an_apply_failure_on_the_new_bundle_fails_the_cluster_like_degraded() {
+        // (what the canary reports on the new bundle) → its state after one round.
+        let table = [
+            (
+                SyncStatus::Failed,
+                HealthStatus::Healthy,
+                ClusterState::RolledBack,
+            ),
+            (
+                SyncStatus::Failed,
+                HealthStatus::Missing,
+                ClusterState::RolledBack,
+            ),
+            (
+                SyncStatus::Synced,
+                HealthStatus::Degraded,
+                ClusterState::RolledBack,
+            ),
+            // Neither done nor failed: waits (the progress deadline decides).
+            (
+                SyncStatus::OutOfSync,
+                HealthStatus::Healthy,
+                ClusterState::Updating,
+            ),
+            (
+                SyncStatus::Unknown,
+                HealthStatus::Healthy,
+                ClusterState::Updating,
+            ),
+            (
+                SyncStatus::Synced,
+                HealthStatus::Unknown,
+                ClusterState::Updating,
+            ),
+            (
+                SyncStatus::Synced,
+                HealthStatus::Missing,
+                ClusterState::Updating,
+            ),
+            (
+                SyncStatus::Synced,
+                HealthStatus::Healthy,
+                ClusterState::Healthy,
+            ),
+        ];
+        for (sync, health, want) in table {
+            let mut w = fleet();
+            let mut r = w.start();
+            w.agents_report(&r, sync, health);
+            w.now += 1;
+            r.advance(&w.input());
+            assert_eq!(r.clusters["c1"].state, want, "{sync} {health}");
+            if want == ClusterState::RolledBack {
+                assert_eq!(r.phase, Phase::RolledBack, "{sync} {health}");
+                // The other steps' clusters never saw the new bundle.
+                assert!(
+                    r.assignments()
+                        .values()
+                        .all(|a| a.as_ref().unwrap().digest == "old")
+                );
+            }
+        }
+        // Synced and Healthy, then an apply failure on the same bundle while its step runs: failed.
+        let mut w = fleet();
+        let mut r = w.start();
+        w.agents_apply(&r, HealthStatus::Healthy);
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(r.clusters["c1"].state, ClusterState::Healthy);
+        w.views.get_mut("c1").unwrap().report =
+            Some(obs("new", SyncStatus::Failed, HealthStatus::Degraded));
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(r.clusters["c1"].state, ClusterState::RolledBack);
+        assert!(r.message.contains("c1"), "{}", r.message);
+    }
+
+    #[test]
+    fn a_cluster_that_never_reports_synced_and_healthy_fails_at_its_deadline() {
+        let mut w = fleet();
+        let mut r = w.start();
+        w.agents_report(&r, SyncStatus::OutOfSync, HealthStatus::Healthy);
+        w.now += w.strategy.progress_deadline_secs + 1;
+        r.advance(&w.input());
+        assert_eq!(r.phase, Phase::RolledBack);
+        assert!(
+            r.clusters["c1"].reason.contains("rolled back"),
+            "{}",
+            r.clusters["c1"].reason
+        );
+    }
+
+    #[test]
     fn pause_policy_waits_and_abort_rolls_back() {
         let mut w = fleet();
         w.strategy.on_failure = OnFailure::Pause;
         let mut r = w.start();
-        w.agents_apply(&r, "Degraded");
+        w.agents_apply(&r, HealthStatus::Degraded);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(
@@ -1020,11 +1127,12 @@ onFailure: rollback
         let mut w = fleet();
         w.strategy.on_failure = OnFailure::Pause;
         let mut r = w.start();
-        w.agents_apply(&r, "Degraded");
+        w.agents_apply(&r, HealthStatus::Degraded);
         w.now += 1;
         r.advance(&w.input());
         r.resume().unwrap();
-        w.views.get_mut("c1").unwrap().report = Some(("new".into(), "Degraded".into()));
+        w.views.get_mut("c1").unwrap().report =
+            Some(obs("new", SyncStatus::Synced, HealthStatus::Degraded));
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::Progressing);
@@ -1032,7 +1140,7 @@ onFailure: rollback
         assert_eq!(r.current_step, 1);
         assert_eq!(W::updating(&r), ["e1", "e2"]);
         // A new failure beyond the tolerated one triggers the policy again.
-        w.agents_apply(&r, "Degraded");
+        w.agents_apply(&r, HealthStatus::Degraded);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::Paused);
@@ -1044,7 +1152,7 @@ onFailure: rollback
         let mut w = fleet();
         w.strategy.progress_deadline_secs = 60;
         let mut r = w.start();
-        w.agents_apply(&r, "Progressing");
+        w.agents_apply(&r, HealthStatus::Progressing);
         w.now += 60;
         r.advance(&w.input());
         assert_eq!(r.clusters["c1"].state, ClusterState::Updating);
@@ -1076,7 +1184,7 @@ onFailure: rollback
         assert_eq!(r.assignments()["c1"].as_ref().unwrap().digest, "old");
         assert_eq!(W::updating(&r), ["e1", "e2"]);
         for _ in 0..10 {
-            w.agents_apply(&r, "Healthy");
+            w.agents_apply(&r, HealthStatus::Healthy);
             w.now += 1;
             r.advance(&w.input());
         }
@@ -1089,7 +1197,7 @@ onFailure: rollback
         let mut w = fleet();
         w.strategy.steps[0].pause = true;
         let mut r = w.start();
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(
@@ -1102,7 +1210,7 @@ onFailure: rollback
         assert_eq!(r.current_step, 1);
         assert_eq!(W::updating(&r), ["e1", "e2"]);
         for _ in 0..3 {
-            w.agents_apply(&r, "Healthy");
+            w.agents_apply(&r, HealthStatus::Healthy);
             w.now += 1;
             r.advance(&w.input());
         }
@@ -1118,7 +1226,7 @@ onFailure: rollback
         let mut w = fleet();
         let mut r = w.start();
         r.pause().unwrap();
-        w.agents_apply(&r, "Healthy");
+        w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.current_step, 0);
@@ -1191,7 +1299,7 @@ onFailure: rollback
         let mut w = fleet();
         w.current.clear();
         let mut r = w.start();
-        w.agents_apply(&r, "Degraded");
+        w.agents_apply(&r, HealthStatus::Degraded);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::Failed);
@@ -1206,7 +1314,7 @@ onFailure: rollback
         w.strategy.steps[0].max_concurrent = None;
         // 7 clusters: 30% = 2 failures needed; one canary failing is not enough.
         let mut r = w.start();
-        w.agents_apply(&r, "Degraded");
+        w.agents_apply(&r, HealthStatus::Degraded);
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::Progressing);

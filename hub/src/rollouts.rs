@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_proto::status::Observed;
+
 use crate::appstore::AppRecord;
 use crate::rollout::{ClusterView, Input, Phase, Rollout};
 use crate::store::ClusterRecord;
@@ -21,7 +23,7 @@ fn views(hub: &Hub, clusters: &[ClusterRecord], app: &str) -> BTreeMap<String, C
         .iter()
         .map(|c| {
             let (connected, _) = hub.sessions.status(&c.name);
-            let report = hub.reports.get(&c.name, app).map(|r| (r.digest, r.health));
+            let report = hub.reports.get(&c.name, app).map(|r| Observed::of(&r));
             let view = ClusterView {
                 labels: c.labels.clone(),
                 connected,

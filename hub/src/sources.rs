@@ -184,21 +184,32 @@ async fn render_app(
 
     let mut variants: HashMap<String, String> = HashMap::new();
     let mut assignments = BTreeMap::new();
+    // (cluster, why) of every cluster whose variant failed: reported once for the app when it
+    // does not depend on the cluster, else naming the clusters.
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let mut targeted = 0usize;
     for cluster in facts(hub)? {
         if !record.doc.targets(&cluster.name, &cluster.labels) {
             continue;
         }
+        targeted += 1;
         let key = customize::variant_key(&base.used, &cluster, &spec.customizations);
         let digest = match variants.get(&key) {
             Some(d) => d.clone(),
             None => {
-                let objects = render::variant(
+                let rendered = render::variant(
                     &base,
                     &cluster,
                     &spec.customizations,
                     spec.sync_policy.allow_empty,
-                )
-                .map_err(|e| Error::Render(format!("cluster {}: {e}", cluster.name)))?;
+                );
+                let objects = match rendered {
+                    Ok(objects) => objects,
+                    Err(e) => {
+                        failures.push((cluster.name.clone(), render::reason(e)));
+                        continue;
+                    }
+                };
                 let bytes = flotilla_bundle::canonical_bytes(&objects);
                 let digest = flotilla_bundle::digest_bytes(&bytes);
                 hub.apps.put_bundle(&digest, &bytes)?;
@@ -207,6 +218,9 @@ async fn render_app(
             }
         };
         assignments.insert(cluster.name, digest);
+    }
+    if let Some(message) = render::summarize_failures(&failures, targeted) {
+        return Err(Error::Render(message));
     }
     Ok((commit, assignments))
 }
@@ -257,14 +271,19 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
             hub.rollouts_kick.notify_one();
         }
         Err(err) => {
-            tracing::warn!(app = name, error = %err, "app render failed; keeping the last good bundles");
+            let message = err.to_string();
+            // Once per change of the error, not on every poll of an unchanged broken revision.
+            if record.status.last_error.as_deref() == Some(message.as_str()) {
+                tracing::debug!(app = name, error = %err, "app render still failing");
+            } else {
+                tracing::warn!(app = name, error = %err, "app render failed; keeping the last good bundles");
+            }
             hub.metrics
                 .renders
                 .get_or_create(&crate::metrics::ResultLabel {
                     result: "error".into(),
                 })
                 .inc();
-            let message = err.to_string();
             hub.apps
                 .update_status(name, |r| {
                     r.status.last_error = Some(message.clone());

@@ -720,6 +720,34 @@ impl SimCluster {
             .collect())
     }
 
+    /// Runs kubectl (an independent client) against cluster `cluster`, with `stdin` as its input;
+    /// fails with kubectl's stderr unless it succeeds.
+    pub fn kubectl(&self, cluster: &str, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig_of(cluster))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl (1.32 is required by the suites)")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Deletes a ConfigMap, as an operator would by hand.
     pub fn delete_configmap(&self, namespace: &str, name: &str) -> Result<()> {
         let rt = kubesim::resources::builtins()

@@ -409,11 +409,11 @@ async fn bad_sources_give_clear_errors_and_keep_the_last_good_bundle() -> Result
             }),
         ),
         (
-            "bomb.yaml#1: invalid YAML",
+            "bomb.yaml#1 (line 1): invalid YAML",
             Box::new(move |r: &GitRepo| r.write("app/bomb.yaml", bomb)),
         ),
         (
-            "broken.yaml#1: invalid YAML",
+            "broken.yaml#1 (line 1): invalid YAML",
             Box::new(|r: &GitRepo| r.write("app/broken.yaml", "kind: [oops")),
         ),
     ];

@@ -1,53 +1,34 @@
 //! Health of objects and of an app, judged from live objects alone (pure).
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use flotilla_proto::v1::HealthStatus;
 
 use super::plan::ObjRef;
 
-/// Health of one object or of an app, worst last.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum HealthState {
-    Healthy,
-    Progressing,
-    Degraded,
-    Missing,
-}
-
-impl std::fmt::Display for HealthState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            HealthState::Healthy => "Healthy",
-            HealthState::Progressing => "Progressing",
-            HealthState::Degraded => "Degraded",
-            HealthState::Missing => "Missing",
-        })
-    }
-}
-
 /// A health verdict with the reason in words.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    pub state: HealthState,
+    pub state: HealthStatus,
     pub message: String,
 }
 
 impl Health {
-    fn healthy() -> Self {
+    pub fn healthy() -> Self {
         Self {
-            state: HealthState::Healthy,
+            state: HealthStatus::Healthy,
             message: String::new(),
         }
     }
     fn progressing(m: impl Into<String>) -> Self {
         Self {
-            state: HealthState::Progressing,
+            state: HealthStatus::Progressing,
             message: m.into(),
         }
     }
-    fn degraded(m: impl Into<String>) -> Self {
+    pub fn degraded(m: impl Into<String>) -> Self {
         Self {
-            state: HealthState::Degraded,
+            state: HealthStatus::Degraded,
             message: m.into(),
         }
     }
@@ -78,7 +59,7 @@ fn observed(obj: &Value) -> bool {
 pub fn assess(live: Option<&Value>) -> Health {
     let Some(obj) = live else {
         return Health {
-            state: HealthState::Missing,
+            state: HealthStatus::Missing,
             message: "not found in the cluster".into(),
         };
     };
@@ -210,12 +191,23 @@ pub fn assess(live: Option<&Value>) -> Health {
     }
 }
 
-/// An app's health: the worst of its objects, with a message naming that object.
+/// Health of one object of the bundle: an object whose last apply failed is Degraded with the
+/// apply error, whatever its live copy looks like (it is not what the bundle says); otherwise it
+/// is judged from the live object.
+pub fn of_object(apply_error: Option<&str>, live: Option<&Value>) -> Health {
+    match apply_error {
+        Some(e) => Health::degraded(format!("not applied: {e}")),
+        None => assess(live),
+    }
+}
+
+/// An app's health: the worst of its objects (by [`HealthStatus::severity`]), with a message
+/// naming that object. An app with no objects is Healthy (nothing to be unhealthy).
 pub fn aggregate(objects: &[(ObjRef, Health)]) -> Health {
-    let worst = objects.iter().max_by_key(|(_, h)| h.state);
+    let worst = objects.iter().max_by_key(|(_, h)| h.state.severity());
     match worst {
         None => Health::healthy(),
-        Some((_, h)) if h.state == HealthState::Healthy => Health::healthy(),
+        Some((_, h)) if h.state == HealthStatus::Healthy => Health::healthy(),
         Some((r, h)) => {
             let others = objects.iter().filter(|(_, o)| o.state == h.state).count() - 1;
             let more = if others > 0 {
@@ -244,22 +236,22 @@ mod tests {
     #[test]
     fn deployment_health_table() {
         let table = [
-            (json!({}), HealthState::Progressing),
+            (json!({}), HealthStatus::Progressing),
             (
                 json!({"observedGeneration": 1, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
-                HealthState::Progressing,
+                HealthStatus::Progressing,
             ),
             (
                 json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 2}),
-                HealthState::Progressing,
+                HealthStatus::Progressing,
             ),
             (
                 json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3}),
-                HealthState::Healthy,
+                HealthStatus::Healthy,
             ),
             (
                 json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "boom"}]}),
-                HealthState::Degraded,
+                HealthStatus::Degraded,
             ),
         ];
         for (status, want) in table {
@@ -269,7 +261,7 @@ mod tests {
                 "{status}"
             );
         }
-        assert_eq!(assess(None).state, HealthState::Missing);
+        assert_eq!(assess(None).state, HealthStatus::Missing);
     }
 
     #[test]
@@ -278,12 +270,57 @@ mod tests {
             json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
                                        "status": {"conditions": [{"type": cond, "status": "True", "reason": "BackoffLimitExceeded"}]}})
         };
-        assert_eq!(assess(Some(&job("Complete"))).state, HealthState::Healthy);
-        assert_eq!(assess(Some(&job("Failed"))).state, HealthState::Degraded);
+        assert_eq!(assess(Some(&job("Complete"))).state, HealthStatus::Healthy);
+        assert_eq!(assess(Some(&job("Failed"))).state, HealthStatus::Degraded);
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "p"}, "status": {"phase": "Pending"}});
-        assert_eq!(assess(Some(&pvc)).state, HealthState::Progressing);
+        assert_eq!(assess(Some(&pvc)).state, HealthStatus::Progressing);
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}});
-        assert_eq!(assess(Some(&cm)).state, HealthState::Healthy);
+        assert_eq!(assess(Some(&cm)).state, HealthStatus::Healthy);
+    }
+
+    #[test]
+    fn apply_failures_count_in_the_app_health() {
+        let r = |n: &str| ObjRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: "ghost".into(),
+            name: n.into(),
+        };
+        let cm = |n: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": n, "namespace": "ghost"}});
+        let missing_ns = "namespace ghost does not exist; create it or set createNamespace";
+        // (apply error, live object) per object → the app's state.
+        type Objects<'a> = &'a [(Option<&'a str>, Option<Value>)];
+        let table: [(Objects, HealthStatus); 6] = [
+            (&[(None, Some(cm("a")))], HealthStatus::Healthy),
+            (&[(Some(missing_ns), None)], HealthStatus::Degraded),
+            // An object that failed to apply is Degraded even if an old copy lives on.
+            (
+                &[(Some("field is immutable"), Some(cm("a")))],
+                HealthStatus::Degraded,
+            ),
+            (
+                &[(None, Some(cm("a"))), (None, None)],
+                HealthStatus::Missing,
+            ),
+            (
+                &[(None, None), (Some("boom"), None)],
+                HealthStatus::Degraded,
+            ),
+            (&[], HealthStatus::Healthy),
+        ];
+        for (objects, want) in table {
+            let each: Vec<(ObjRef, Health)> = objects
+                .iter()
+                .enumerate()
+                .map(|(i, (err, live))| (r(&format!("c{i}")), of_object(*err, live.as_ref())))
+                .collect();
+            assert_eq!(aggregate(&each).state, want, "{objects:?}");
+        }
+        let each = [(r("a"), of_object(Some(missing_ns), None))];
+        assert_eq!(
+            aggregate(&each).message,
+            format!("ConfigMap ghost/a: not applied: {missing_ns}")
+        );
     }
 
     #[test]
@@ -299,7 +336,7 @@ mod tests {
             (r("b"), Health::degraded("ProgressDeadlineExceeded: crash")),
             (r("c"), Health::progressing("1 of 2")),
         ]);
-        assert_eq!(h.state, HealthState::Degraded);
+        assert_eq!(h.state, HealthStatus::Degraded);
         assert_eq!(
             h.message,
             "Deployment shop/b: ProgressDeadlineExceeded: crash"

@@ -6,7 +6,7 @@ pub mod health;
 pub mod inventory;
 pub mod plan;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -19,7 +19,8 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
-use health::{Health, HealthState};
+use flotilla_proto::v1::SyncStatus;
+use health::{Health, HealthStatus};
 use inventory::{Inventory, LocalCache};
 use plan::{ObjRef, PruneDecision};
 
@@ -34,12 +35,16 @@ pub struct AppSpec {
     pub namespace: String,
     pub prune: bool,
     pub allow_empty: bool,
+    /// Create the namespaces the bundle's objects need and the bundle does not define.
+    #[serde(default)]
+    pub create_namespace: bool,
 }
 
 /// What happened to one object.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Applied,
+    /// Why it could not be applied (or pruned), in words that do not repeat the object's name.
     Failed(String),
     Pruned,
     /// Left alone: in the old inventory but no longer labelled as ours.
@@ -53,6 +58,10 @@ pub struct Report {
     pub objects: Vec<(ObjRef, Outcome)>,
     /// Set when pruning was refused (empty bundle) or disabled, in words.
     pub prune_note: Option<String>,
+    /// How many of `objects` (the first ones) are the bundle's; the rest are prunes.
+    pub bundle_len: usize,
+    /// Namespaces created for the bundle (`createNamespace`).
+    pub created_namespaces: Vec<String>,
 }
 
 impl Report {
@@ -65,6 +74,36 @@ impl Report {
     pub fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
         self.objects.iter().filter(|(_, o)| pred(o)).count()
     }
+
+    /// The bundle's objects (what was applied or failed to, not what was pruned), each with its
+    /// apply error: what the app's health is computed over.
+    pub fn bundle_objects(&self) -> Vec<(ObjRef, Option<String>)> {
+        self.objects
+            .iter()
+            .take(self.bundle_len)
+            .map(|(r, o)| {
+                let err = match o {
+                    Outcome::Failed(e) => Some(e.clone()),
+                    _ => None,
+                };
+                (r.clone(), err)
+            })
+            .collect()
+    }
+
+    /// Synced when every object of the bundle was applied; Failed otherwise.
+    pub fn sync(&self) -> SyncStatus {
+        let failed = self
+            .objects
+            .iter()
+            .take(self.bundle_len)
+            .any(|(_, o)| matches!(o, Outcome::Failed(_)));
+        if failed {
+            SyncStatus::Failed
+        } else {
+            SyncStatus::Synced
+        }
+    }
 }
 
 pub use flotilla_bundle::digest;
@@ -74,6 +113,13 @@ pub struct Engine {
     client: kube::Client,
     resources: Mutex<HashMap<String, (ApiResource, ApiCapabilities)>>,
     cache: Option<LocalCache>,
+    /// How messages name the cluster ("cluster eu-1").
+    cluster: String,
+}
+
+/// The message for an object whose namespace is missing and will not be created.
+pub fn missing_namespace(ns: &str) -> String {
+    format!("namespace {ns} does not exist; create it or set spec.syncPolicy.createNamespace")
 }
 
 fn gvk_of(obj: &Value) -> GroupVersionKind {
@@ -88,7 +134,14 @@ impl Engine {
             client,
             resources: Mutex::new(HashMap::new()),
             cache,
+            cluster: "the cluster".into(),
         }
+    }
+
+    /// Names the cluster in messages ("no API resource for ... in cluster eu-1").
+    pub fn for_cluster(mut self, name: &str) -> Self {
+        self.cluster = format!("cluster {name}");
+        self
     }
 
     pub fn cache(&self) -> Option<&LocalCache> {
@@ -102,19 +155,27 @@ impl Engine {
         if let Some(found) = self.resources.lock().await.get(&key) {
             return Ok(found.clone());
         }
-        let found = kube::discovery::pinned_kind(&self.client, gvk)
-            .await
-            .map_err(|e| Error::NoResource {
-                kind: gvk.kind.clone(),
-                api_version: if gvk.group.is_empty() {
-                    gvk.version.clone()
-                } else {
-                    format!("{}/{}", gvk.group, gvk.version)
-                },
-                reason: e.to_string(),
-            })?;
+        let found = match kube::discovery::pinned_kind(&self.client, gvk).await {
+            Ok(found) => found,
+            // The group version is not served, or it is but has no such kind: a missing CRD.
+            Err(kube::Error::Api(s)) if s.code == 404 => return Err(self.no_resource(gvk)),
+            Err(kube::Error::Discovery(_)) => return Err(self.no_resource(gvk)),
+            Err(e) => return Err(Error::kube("discovery", e)),
+        };
         self.resources.lock().await.insert(key, found.clone());
         Ok(found)
+    }
+
+    fn no_resource(&self, gvk: &GroupVersionKind) -> Error {
+        Error::NoResource {
+            kind: gvk.kind.clone(),
+            api_version: if gvk.group.is_empty() {
+                gvk.version.clone()
+            } else {
+                format!("{}/{}", gvk.group, gvk.version)
+            },
+            cluster: self.cluster.clone(),
+        }
     }
 
     fn api(&self, ar: &ApiResource, caps: &ApiCapabilities, namespace: &str) -> Api<DynamicObject> {
@@ -198,15 +259,21 @@ impl Engine {
 
         let mut report = Report {
             digest: digest.clone(),
+            bundle_len: desired.len(),
             ..Report::default()
         };
+        let (blocked, created) = self.preflight(app, &desired_refs).await?;
+        report.created_namespaces = created;
         let values: Vec<Value> = desired.iter().map(|(v, _)| v.clone()).collect();
         let mut final_refs = Vec::with_capacity(desired.len());
         for i in plan::apply_order(&values) {
-            let (obj, _) = &desired[i];
-            let (outcome, r) = match self.apply_one(app, obj).await {
-                Ok(r) => (Outcome::Applied, r),
-                Err(e) => (Outcome::Failed(e.to_string()), ObjRef::of(obj)),
+            let (obj, r) = &desired[i];
+            let (outcome, r) = match blocked.get(r) {
+                Some(why) => (Outcome::Failed(why.clone()), r.clone()),
+                None => match self.apply_one(app, obj).await {
+                    Ok(r) => (Outcome::Applied, r),
+                    Err(e) => (Outcome::Failed(e.to_string()), ObjRef::of(obj)),
+                },
             };
             progress(&r, &outcome);
             final_refs.push(r.clone());
@@ -261,6 +328,128 @@ impl Engine {
         Ok(report)
     }
 
+    /// Decides, before anything is written, which objects cannot be applied and why: objects in a
+    /// namespace that does not exist (created instead with `createNamespace`), and objects another
+    /// Flotilla app owns. One GET per namespace and one labelled LIST per kind.
+    async fn preflight(
+        &self,
+        app: &AppSpec,
+        refs: &[ObjRef],
+    ) -> Result<(HashMap<ObjRef, String>, Vec<String>)> {
+        let mut blocked = HashMap::new();
+        let mut created = Vec::new();
+        let in_bundle: BTreeSet<&str> = refs
+            .iter()
+            .filter(|r| r.group().is_empty() && r.kind == "Namespace")
+            .map(|r| r.name.as_str())
+            .collect();
+        let needed: BTreeSet<&str> = refs
+            .iter()
+            .map(|r| r.namespace.as_str())
+            .filter(|ns| !ns.is_empty() && !in_bundle.contains(ns))
+            .collect();
+        let namespaces: Api<DynamicObject> = Api::all_with(
+            self.client.clone(),
+            &ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
+        );
+        for ns in needed {
+            let why = match namespaces.get_opt(ns).await {
+                Ok(Some(_)) => continue,
+                // Not allowed to read namespaces (a namespaced install): let the apply tell.
+                Err(kube::Error::Api(s)) if s.code == 403 => continue,
+                Err(e) => Error::kube(&format!("reading namespace {ns}"), e).to_string(),
+                Ok(None) if !app.create_namespace => missing_namespace(ns),
+                Ok(None) => match self.create_namespace(&namespaces, app, ns).await {
+                    Ok(()) => {
+                        created.push(ns.to_string());
+                        continue;
+                    }
+                    Err(e) => format!("creating namespace {ns} (createNamespace): {e}"),
+                },
+            };
+            for r in refs.iter().filter(|r| r.namespace == ns) {
+                blocked.insert(r.clone(), why.clone());
+            }
+        }
+        for (r, owner) in self.owned_elsewhere(app, refs).await? {
+            blocked.entry(r).or_insert_with(|| {
+                format!(
+                    "already owned by app {owner} (label {}={owner}); an object belongs to one app: remove it from one of them",
+                    plan::APP_LABEL
+                )
+            });
+        }
+        Ok((blocked, created))
+    }
+
+    /// A namespace for the bundle, labelled as created by Flotilla for `app`. It carries no app
+    /// label, so it is never part of an inventory and never pruned with the app.
+    async fn create_namespace(
+        &self,
+        api: &Api<DynamicObject>,
+        app: &AppSpec,
+        ns: &str,
+    ) -> Result<()> {
+        let obj = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {plan::CREATED_BY_LABEL: app.name}},
+        });
+        api.patch(ns, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&obj))
+            .await
+            .map_err(|e| Error::kube("server-side apply", e))?;
+        tracing::info!(app = %app.name, namespace = ns, "created namespace (createNamespace)");
+        Ok(())
+    }
+
+    /// Objects of the bundle that carry another app's label, with that app's name.
+    async fn owned_elsewhere(
+        &self,
+        app: &AppSpec,
+        refs: &[ObjRef],
+    ) -> Result<Vec<(ObjRef, String)>> {
+        let selector = format!("{0},{0}!={1}", plan::APP_LABEL, app.name);
+        let mut kinds: Vec<(&str, &str)> = refs
+            .iter()
+            .map(|r| (r.api_version.as_str(), r.kind.as_str()))
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        let mut out = Vec::new();
+        for (api_version, kind) in kinds {
+            let gvk = gvk_of(&serde_json::json!({"apiVersion": api_version, "kind": kind}));
+            // Not served yet (its CRD comes in this bundle): nobody can own one.
+            let Ok((ar, _)) = self.resolve(&gvk).await else {
+                continue;
+            };
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let list = api
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| Error::kube(&format!("listing {kind} owned by other apps"), e))?;
+            for item in list.items {
+                let owner = item
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(plan::APP_LABEL))
+                    .cloned()
+                    .unwrap_or_default();
+                let namespace = item.metadata.namespace.clone().unwrap_or_default();
+                let name = item.metadata.name.clone().unwrap_or_default();
+                if let Some(r) = refs.iter().find(|r| {
+                    r.kind == kind
+                        && r.api_version == api_version
+                        && r.namespace == namespace
+                        && r.name == name
+                }) {
+                    out.push((r.clone(), owner));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn apply_one(&self, _app: &AppSpec, obj: &Value) -> Result<ObjRef> {
         let gvk = gvk_of(obj);
         let (ar, caps) = self.resolve(&gvk).await?;
@@ -273,7 +462,7 @@ impl Engine {
                 &Patch::Apply(obj),
             )
             .await
-            .map_err(|e| Error::kube(&format!("applying {r}"), e))?;
+            .map_err(|e| Error::kube("server-side apply", e))?;
         if gvk.group == "apiextensions.k8s.io" && gvk.kind == "CustomResourceDefinition" {
             self.wait_established(&api, &r, &applied).await?;
         }
@@ -322,12 +511,12 @@ impl Engine {
         let live = match api.get_opt(&r.name).await {
             Ok(Some(live)) => live,
             Ok(None) => return Outcome::Pruned,
-            Err(e) => return Outcome::Failed(Error::kube(&format!("reading {r}"), e).to_string()),
+            Err(e) => return Outcome::Failed(Error::kube("reading it for prune", e).to_string()),
         };
         let live_value = serde_json::to_value(&live).unwrap_or_default();
         if !plan::owned_by(&live_value, &app.name) {
             return Outcome::Skipped(format!(
-                "{r} no longer carries {}={}; left alone",
+                "no longer carries {}={}; left alone",
                 plan::APP_LABEL,
                 app.name
             ));
@@ -335,32 +524,48 @@ impl Engine {
         match api.delete(&r.name, &DeleteParams::background()).await {
             Ok(_) => Outcome::Pruned,
             Err(kube::Error::Api(s)) if s.code == 404 => Outcome::Pruned,
-            Err(e) => Outcome::Failed(Error::kube(&format!("deleting {r}"), e).to_string()),
+            Err(e) => Outcome::Failed(Error::kube("deleting it", e).to_string()),
         }
     }
 
-    /// Health of each object of the app and of the app. One labelled LIST per kind, not one GET
-    /// per object, so judging a thousand objects costs a handful of requests.
-    pub async fn health(&self, app: &str, refs: &[ObjRef]) -> (Health, Vec<(ObjRef, Health)>) {
+    /// Health of each object of the bundle and of the app, given each object's apply error (an
+    /// object that could not be applied is Degraded). One labelled LIST per kind, not one GET per
+    /// object, so judging a thousand objects costs a handful of requests.
+    pub async fn health(
+        &self,
+        app: &str,
+        objects: &[(ObjRef, Option<String>)],
+    ) -> (Health, Vec<(ObjRef, Health)>) {
         let selector = format!("{}={app}", plan::APP_LABEL);
         let mut live: HashMap<(String, String, String, String), Value> = HashMap::new();
-        let mut kinds: Vec<(String, String)> = refs
+        let mut kinds: Vec<(String, String)> = objects
             .iter()
-            .map(|r| (r.api_version.clone(), r.kind.clone()))
+            .filter(|(_, err)| err.is_none())
+            .map(|(r, _)| (r.api_version.clone(), r.kind.clone()))
             .collect();
         kinds.sort();
         kinds.dedup();
+        let mut unjudged: HashMap<(String, String), String> = HashMap::new();
         for (api_version, kind) in kinds {
             let gvk = gvk_of(&serde_json::json!({"apiVersion": api_version, "kind": kind}));
-            let Ok((ar, _)) = self.resolve(&gvk).await else {
-                continue;
+            let ar = match self.resolve(&gvk).await {
+                Ok((ar, _)) => ar,
+                Err(e) => {
+                    unjudged.insert((api_version, kind), e.to_string());
+                    continue;
+                }
             };
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-            let Ok(list) = api
+            let list = match api
                 .list(&kube::api::ListParams::default().labels(&selector))
                 .await
-            else {
-                continue;
+            {
+                Ok(list) => list,
+                Err(e) => {
+                    let why = Error::kube("listing for health", e).to_string();
+                    unjudged.insert((api_version, kind), why);
+                    continue;
+                }
             };
             for item in list.items {
                 let mut value = serde_json::to_value(&item).unwrap_or_default();
@@ -378,16 +583,26 @@ impl Engine {
                 );
             }
         }
-        let each: Vec<(ObjRef, Health)> = refs
+        let each: Vec<(ObjRef, Health)> = objects
             .iter()
-            .map(|r| {
+            .map(|(r, err)| {
+                // A kind that could not be read is not known to be anything, least of all Healthy.
+                if err.is_none()
+                    && let Some(why) = unjudged.get(&(r.api_version.clone(), r.kind.clone()))
+                {
+                    let h = Health {
+                        state: HealthStatus::Unknown,
+                        message: why.clone(),
+                    };
+                    return (r.clone(), h);
+                }
                 let key = (
                     r.group().to_string(),
                     r.kind.clone(),
                     r.namespace.clone(),
                     r.name.clone(),
                 );
-                (r.clone(), health::assess(live.get(&key)))
+                (r.clone(), health::of_object(err.as_deref(), live.get(&key)))
             })
             .collect();
         (health::aggregate(&each), each)
@@ -397,14 +612,16 @@ impl Engine {
     pub async fn wait_healthy(
         &self,
         app: &str,
-        refs: &[ObjRef],
+        objects: &[(ObjRef, Option<String>)],
         timeout: Duration,
     ) -> (Health, Vec<(ObjRef, Health)>) {
         let deadline = Instant::now() + timeout;
         loop {
-            let (overall, each) = self.health(app, refs).await;
-            if matches!(overall.state, HealthState::Healthy | HealthState::Degraded)
-                || Instant::now() >= deadline
+            let (overall, each) = self.health(app, objects).await;
+            if matches!(
+                overall.state,
+                HealthStatus::Healthy | HealthStatus::Degraded
+            ) || Instant::now() >= deadline
             {
                 return (overall, each);
             }
@@ -413,13 +630,14 @@ impl Engine {
     }
 
     /// Keeps `objects` in place until cancelled: watches the app's kinds (by label) and re-applies an
-    /// object that was changed or deleted; a full re-apply every `resync` is the safety net.
+    /// object that was changed or deleted; a full re-apply every `resync` (when given) is the safety
+    /// net. The fleet passes none: it runs the full passes itself, so their outcome is reported.
     /// `on_heal` is told about each healed object with the running drift count.
     pub async fn keep_in_sync(
         &self,
         app: &AppSpec,
         objects: &[Value],
-        resync: Duration,
+        resync: Option<Duration>,
         cancel: CancellationToken,
         mut on_heal: impl FnMut(&ObjRef, u64),
     ) -> Result<()> {
@@ -439,12 +657,12 @@ impl Engine {
         });
         let mut events = futures::stream::select_all(streams);
         let mut drift: u64 = 0;
-        let mut ticker = tokio::time::interval(resync);
+        let mut ticker = tokio::time::interval(resync.unwrap_or(Duration::from_secs(3600)));
         ticker.tick().await;
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                _ = ticker.tick() => {
+                _ = ticker.tick(), if resync.is_some() => {
                     self.reconcile(app, objects, |_, _| {}).await?;
                     continue;
                 }

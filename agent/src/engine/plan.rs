@@ -8,6 +8,9 @@ use serde_json::Value;
 
 /// The label every object applied for an app carries.
 pub const APP_LABEL: &str = "app.flotilla.dev/name";
+/// The label on a namespace the agent created for an app (`createNamespace`); such namespaces are
+/// not part of any app's inventory and are never pruned.
+pub const CREATED_BY_LABEL: &str = "app.flotilla.dev/created-by";
 /// Annotation that overrides the default ordering: lower waves first.
 pub const WAVE_ANNOTATION: &str = "flotilla.dev/sync-wave";
 

@@ -136,7 +136,9 @@ impl AdminService {
     }
 
     fn app_to_proto(record: AppRecord) -> App {
+        let note = crate::reports::unreached(&record).unwrap_or_default();
         App {
+            note,
             name: record.doc.metadata.name.clone(),
             spec_json: serde_json::to_string(&record.doc).unwrap_or_default(),
             origin: record.origin,
@@ -374,6 +376,11 @@ impl Admin for AdminService {
                     &desired,
                     report.as_ref(),
                 ));
+            }
+        }
+        for app in &apps {
+            if let Some(note) = crate::reports::unreached(app) {
+                rows.push(crate::reports::unreached_row(&app.doc.metadata.name, note));
             }
         }
         Ok(Response::new(FleetStatusResponse { rows }))

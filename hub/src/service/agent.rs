@@ -2,6 +2,7 @@
 //! ends it when the cluster is deregistered, when the certificate it was opened with expires, when
 //! heartbeats stop, or at shutdown.
 
+use flotilla_proto::status::{Observed, Verdict};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,7 +202,7 @@ async fn run_session(
                     hub.sessions.touch(&name, now_ms());
                     if let Some(agent_message::Kind::Status(status)) = &message.kind {
                         // Recorded under the session's identity; the report names only the app.
-                        hub.metrics.reported(&name, &status.digest, &status.sync, &status.health);
+                        hub.metrics.reported(&name, &status.digest, status.sync(), status.health());
                         hub.reports.record(&name, status.clone());
                         if let Some(since) = recovering_since
                             && recovered(&hub, &name, &sent, since).await
@@ -236,13 +237,14 @@ async fn run_session(
     drop(session);
 }
 
-/// A rebuilt cluster has recovered once it reports every app of `assigned` at its digest, Healthy;
+/// A rebuilt cluster has recovered once it reports every app of `assigned` at its digest, Synced
+/// and Healthy;
 /// the time since its registration (`since`) is then recorded for `cluster get`.
 async fn recovered(hub: &Hub, name: &str, assigned: &[Assignment], since: i64) -> bool {
     let healthy = assigned.iter().all(|a| {
         hub.reports
             .get(name, &a.app)
-            .is_some_and(|r| r.digest == a.digest && r.health == "Healthy")
+            .is_some_and(|r| Observed::of(&r).verdict(&a.digest) == Verdict::Done)
     });
     if !healthy {
         return false;
