@@ -104,6 +104,23 @@ impl StatusBoard {
     }
 }
 
+/// The objects of a fetched bundle (its digest already verified): a JSON array of Kubernetes
+/// objects, each with an apiVersion, a kind and a name. Anything else is refused whole, so a
+/// corrupt or hostile bundle never reaches the cluster.
+pub fn decode_bundle(digest: &str, bytes: &[u8]) -> Result<Vec<serde_json::Value>> {
+    let objects: Vec<serde_json::Value> = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Bundle(format!("bundle {digest}: {e}")))?;
+    for (i, o) in objects.iter().enumerate() {
+        let named = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
+        if !(named(&o["apiVersion"]) && named(&o["kind"]) && named(&o["metadata"]["name"])) {
+            return Err(Error::Bundle(format!(
+                "bundle {digest}: object {i} lacks an apiVersion, kind or metadata.name"
+            )));
+        }
+    }
+    Ok(objects)
+}
+
 struct Running {
     digest: String,
     cancel: CancellationToken,
@@ -276,8 +293,7 @@ impl Fleet {
             .load()?
             .ok_or_else(|| Error::NeedsOperator("no identity to fetch bundles with".into()))?;
         let bytes = self.link.fetch_bundle(&creds, &a.digest).await?;
-        let objects: Vec<serde_json::Value> = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Bundle(format!("bundle {}: {e}", a.digest)))?;
+        let objects = decode_bundle(&a.digest, &bytes)?;
         Ok(CachedBundle {
             spec,
             objects,

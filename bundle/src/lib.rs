@@ -5,6 +5,7 @@
 
 pub mod customize;
 pub mod manifest;
+pub mod nesting;
 pub mod selector;
 
 use serde_json::Value;

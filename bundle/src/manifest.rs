@@ -111,6 +111,18 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> 
     Ok(())
 }
 
+/// Refuses text that may nest past the limit before any YAML parser sees it (a linear scan; the
+/// parser's cost grows faster than linearly with depth). The scan over-estimates, so it allows
+/// twice the limit; the exact check runs on the parsed value.
+pub fn refuse_deep(name: &str, text: &str) -> Result<()> {
+    crate::nesting::check(text, 2 * MAX_DEPTH).map_err(|line| {
+        bad(
+            &format!("{name} line {line}"),
+            format!("nested deeper than {MAX_DEPTH} levels"),
+        )
+    })
+}
+
 /// The line each document of a multi-document YAML text starts on (1-based), from its `---`
 /// separators: for messages that point at a document's first line.
 fn document_lines(text: &str) -> Vec<usize> {
@@ -134,6 +146,7 @@ fn document_lines(text: &str) -> Vec<usize> {
 
 /// Parses the YAML (or JSON) documents of one file.
 pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
+    refuse_deep(name, text)?;
     let mut out = Vec::new();
     let starts = document_lines(text);
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {

@@ -5,10 +5,12 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::conn_limits::{Guarded, Limiter};
 
 /// A token bucket: `rate` admissions per second on average, up to `burst` at once.
 #[derive(Debug, Clone)]
@@ -67,13 +69,15 @@ impl PeakRate {
     }
 }
 
-/// Accepts from `listener` at most `rate` per second (bursts of `burst`) until `shutdown`.
+/// Accepts from `listener` at most `rate` per second (bursts of `burst`) until `shutdown`; past the
+/// connection caps a connection is closed at once, and every admitted one closes when idle.
 pub fn paced(
     listener: TcpListener,
     rate: u32,
     burst: u32,
+    limiter: Limiter,
     hub: std::sync::Arc<crate::Hub>,
-) -> ReceiverStream<std::io::Result<TcpStream>> {
+) -> ReceiverStream<std::io::Result<Guarded>> {
     let (tx, rx) = mpsc::channel(16);
     let shutdown: CancellationToken = hub.shutdown.clone();
     let owner = hub.tasks.clone();
@@ -86,12 +90,20 @@ pub fn paced(
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accepting a connection");
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let permit = match limiter.admit(peer.ip()) {
+                Ok(permit) => permit,
+                Err(refusal) => {
+                    metrics.connection_refused("grpc", refusal.label());
+                    drop(stream);
                     continue;
                 }
             };
@@ -108,7 +120,7 @@ pub fn paced(
             metrics
                 .admissions_peak_per_second
                 .set(i64::try_from(p).unwrap_or(i64::MAX));
-            if tx.send(Ok(stream)).await.is_err() {
+            if tx.send(Ok(limiter.guard(stream, permit))).await.is_err() {
                 return;
             }
         }

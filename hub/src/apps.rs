@@ -118,6 +118,12 @@ impl Default for SyncPolicy {
     }
 }
 
+/// Refuses App text nested past the manifest limit before the YAML parser sees it.
+fn refuse_deep(text: &str) -> Result<()> {
+    flotilla_bundle::manifest::refuse_deep("app document", text)
+        .map_err(|e| field("app document", e.to_string()))
+}
+
 fn field(field: &'static str, reason: impl Into<String>) -> Error {
     Error::invalid(field, reason)
 }
@@ -142,6 +148,7 @@ pub fn check_path(path: &str) -> Result<()> {
 impl AppDocument {
     /// Parses one App document (YAML or JSON) and validates it.
     pub fn parse(text: &str) -> Result<Self> {
+        refuse_deep(text)?;
         let doc: AppDocument =
             serde_yaml_ng::from_str(text).map_err(|e| field("app document", e.to_string()))?;
         doc.validate()?;
@@ -150,6 +157,7 @@ impl AppDocument {
 
     /// Parses a multi-document stream of Apps; errors name the document.
     pub fn parse_all(text: &str) -> Result<Vec<Self>> {
+        refuse_deep(text)?;
         let mut out = Vec::new();
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let value: serde_json::Value = serde::Deserialize::deserialize(doc)

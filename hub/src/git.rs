@@ -17,7 +17,13 @@ pub struct TreeLimits {
     pub max_file_bytes: u64,
     pub max_files: usize,
     pub max_depth: usize,
+    /// Bytes of every file read, counted once per path (a blob that many paths name is rendered
+    /// once per path, so it costs once per path), checked before the blob is loaded.
+    pub max_total_bytes: u64,
 }
+
+/// The render budget, in bytes, of one source tree (and of one rendered bundle).
+pub const MAX_RENDER_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for TreeLimits {
     fn default() -> Self {
@@ -25,8 +31,16 @@ impl Default for TreeLimits {
             max_file_bytes: 8 * 1024 * 1024,
             max_files: 10_000,
             max_depth: 32,
+            max_total_bytes: MAX_RENDER_BYTES,
         }
     }
+}
+
+/// What a walk has read so far: the byte budget, and each blob loaded once by id.
+#[derive(Default)]
+struct Budget {
+    bytes: u64,
+    blobs: std::collections::HashMap<ObjectId, std::sync::Arc<Vec<u8>>>,
 }
 
 /// An error with its causes, "a: b: c" (gix's top-level messages alone rarely say what happened).
@@ -58,6 +72,37 @@ pub fn cache_path(root: &Path, url: &str) -> PathBuf {
     root.join(hex)
 }
 
+/// Removes `*.lock` files under a cache repository; returns how many. Only this hub writes its
+/// caches, and it fetches each repository one at a time, so a lock that exists before a fetch
+/// starts was left by a fetch that was killed (`kill -9`, power loss); left alone it would fail
+/// every later fetch and freeze the repository at its last revision.
+fn remove_stale_locks(repo: &Path) -> usize {
+    let mut removed = 0;
+    let mut dirs = vec![(repo.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() {
+                // Objects are immutable and hold no locks; refs nest as deep as branch names.
+                if depth < 64 && entry.file_name() != "objects" {
+                    dirs.push((path, depth + 1));
+                }
+            } else if path.extension().is_some_and(|e| e == "lock")
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 /// Brings the cache of `url` up to date with its branches and tags, authenticating with
 /// `credential` when given.
 pub fn fetch(
@@ -66,6 +111,14 @@ pub fn fetch(
     credential: Option<&crate::credentials::RepoCredential>,
 ) -> Result<()> {
     let path = cache_path(root, url);
+    let stale = remove_stale_locks(&path);
+    if stale > 0 {
+        tracing::warn!(
+            url,
+            locks = stale,
+            "removed stale lock files from the cache (a fetch was killed)"
+        );
+    }
     let repo = if path.join("HEAD").exists() {
         gix::open(&path).map_err(|e| Error::Source(format!("opening the cache of {url}: {e}")))?
     } else {
@@ -196,12 +249,21 @@ pub fn read_tree(
             .map_err(|e| Error::Source(e.to_string()))?
     };
     let mut files = Vec::new();
-    walk(&repo, &start, String::new(), 0, limits, &mut files)?;
+    let mut budget = Budget::default();
+    walk(
+        &repo,
+        &start,
+        String::new(),
+        0,
+        limits,
+        &mut budget,
+        &mut files,
+    )?;
     // Resolve symlinks against the collected files (targets must stay inside `path`).
     let mut out = Vec::with_capacity(files.len());
     for entry in &files {
         match entry {
-            Walked::File(p, data) => out.push((p.clone(), data.clone())),
+            Walked::File(p, data) => out.push((p.clone(), data.to_vec())),
             Walked::Link(p, target) => {
                 let resolved = resolve_link(p, target).ok_or_else(|| {
                     Error::Source(format!(
@@ -211,7 +273,7 @@ pub fn read_tree(
                 let data = files
                     .iter()
                     .find_map(|f| match f {
-                        Walked::File(fp, d) if *fp == resolved => Some(d.clone()),
+                        Walked::File(fp, d) if *fp == resolved => Some(d.to_vec()),
                         _ => None,
                     })
                     .ok_or_else(|| {
@@ -219,6 +281,10 @@ pub fn read_tree(
                             "symlink {p} -> {target} does not point to a file in the source path"
                         ))
                     })?;
+                budget.bytes += data.len() as u64;
+                if budget.bytes > limits.max_total_bytes {
+                    return Err(over_budget(limits));
+                }
                 out.push((p.clone(), data));
             }
         }
@@ -228,8 +294,15 @@ pub fn read_tree(
 }
 
 enum Walked {
-    File(String, Vec<u8>),
+    File(String, std::sync::Arc<Vec<u8>>),
     Link(String, String),
+}
+
+fn over_budget(limits: TreeLimits) -> Error {
+    Error::Source(format!(
+        "the source tree holds more than {} bytes to render (every path that names a file counts)",
+        limits.max_total_bytes
+    ))
 }
 
 fn walk(
@@ -238,6 +311,7 @@ fn walk(
     prefix: String,
     depth: usize,
     limits: TreeLimits,
+    budget: &mut Budget,
     out: &mut Vec<Walked>,
 ) -> Result<()> {
     if depth > limits.max_depth {
@@ -259,7 +333,7 @@ fn walk(
             let sub = repo
                 .find_tree(entry.oid().to_owned())
                 .map_err(|e| Error::Source(e.to_string()))?;
-            walk(repo, &sub, path, depth + 1, limits, out)?;
+            walk(repo, &sub, path, depth + 1, limits, budget, out)?;
             continue;
         }
         if mode.is_commit() {
@@ -275,16 +349,29 @@ fn walk(
                 limits.max_file_bytes
             )));
         }
-        let blob = repo
-            .find_blob(entry.oid().to_owned())
-            .map_err(|e| Error::Source(e.to_string()))?;
+        budget.bytes += header.size();
+        if budget.bytes > limits.max_total_bytes {
+            return Err(over_budget(limits));
+        }
+        let oid = entry.oid().to_owned();
+        let data = match budget.blobs.get(&oid) {
+            Some(data) => std::sync::Arc::clone(data),
+            None => {
+                let blob = repo
+                    .find_blob(oid)
+                    .map_err(|e| Error::Source(e.to_string()))?;
+                let data = std::sync::Arc::new(blob.data.clone());
+                budget.blobs.insert(oid, std::sync::Arc::clone(&data));
+                data
+            }
+        };
         if mode.is_link() {
             out.push(Walked::Link(
                 path,
-                String::from_utf8_lossy(&blob.data).into_owned(),
+                String::from_utf8_lossy(&data).into_owned(),
             ));
         } else {
-            out.push(Walked::File(path, blob.data.clone()));
+            out.push(Walked::File(path, data));
         }
         if out.len() > limits.max_files {
             return Err(Error::Source(format!(
@@ -318,6 +405,31 @@ fn resolve_link(link: &str, target: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_locks_are_removed_but_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let refs = dir.path().join("refs/remotes/origin/feature");
+        std::fs::create_dir_all(&refs).unwrap();
+        std::fs::create_dir_all(dir.path().join("objects/pack")).unwrap();
+        for f in [
+            "refs/remotes/origin/main.lock",
+            "refs/remotes/origin/feature/x.lock",
+            "packed-refs.lock",
+            "HEAD",
+            "refs/remotes/origin/main",
+            "objects/pack/p.pack",
+        ] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        assert_eq!(remove_stale_locks(dir.path()), 3);
+        assert!(
+            dir.path().join("HEAD").exists()
+                && dir.path().join("refs/remotes/origin/main").exists()
+        );
+        assert!(!dir.path().join("packed-refs.lock").exists());
+        assert_eq!(remove_stale_locks(dir.path()), 0);
+    }
 
     #[test]
     fn symlink_targets_must_stay_inside() {

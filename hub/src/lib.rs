@@ -10,13 +10,16 @@ pub mod appstore;
 pub mod audit;
 pub mod auth;
 pub mod backup;
+pub mod conn_limits;
 pub mod credentials;
 mod error;
 pub mod fsutil;
 pub mod git;
+pub(crate) mod kustomize_paths;
 pub mod metrics;
 pub mod pki;
 pub mod render;
+pub(crate) mod report_gate;
 pub mod reports;
 pub mod rollout;
 pub mod rollouts;
@@ -25,6 +28,7 @@ pub mod service;
 pub mod sessions;
 pub mod sources;
 pub mod store;
+pub(crate) mod untrusted;
 pub mod validate;
 pub mod webhook;
 
@@ -47,6 +51,10 @@ pub struct Settings {
     pub handshake_rate: u32,
     /// New connections admitted at once before pacing starts.
     pub handshake_burst: u32,
+    /// Open connections at most, per listener (keep it below the process's open-file limit).
+    pub max_connections: usize,
+    /// Open connections at most from one source address, per listener.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for Settings {
@@ -56,6 +64,8 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_secs(10),
             handshake_rate: 200,
             handshake_burst: 50,
+            max_connections: 20_000,
+            max_connections_per_address: 5_000,
         }
     }
 }

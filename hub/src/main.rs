@@ -53,6 +53,12 @@ enum Command {
         /// Connections admitted at once before pacing starts.
         #[arg(long, default_value_t = 50)]
         handshake_burst: u32,
+        /// Open connections at most, per listener; more are refused (keep it below `ulimit -n`).
+        #[arg(long, default_value_t = 20_000)]
+        max_connections: usize,
+        /// Open connections at most from one source address, per listener.
+        #[arg(long, default_value_t = 5_000)]
+        max_connections_per_address: usize,
         /// How often each git source is fetched (±10% jitter).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         poll_interval: Duration,
@@ -147,6 +153,8 @@ async fn main() -> anyhow::Result<()> {
             http_listen,
             max_handshakes_per_second,
             handshake_burst,
+            max_connections,
+            max_connections_per_address,
             poll_interval,
             webhook_secret_file,
             kustomize_bin,
@@ -207,6 +215,8 @@ async fn main() -> anyhow::Result<()> {
                     heartbeat_interval,
                     handshake_rate: max_handshakes_per_second,
                     handshake_burst,
+                    max_connections,
+                    max_connections_per_address,
                 },
                 http_listen,
                 sources: SourceOptions {

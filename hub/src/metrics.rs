@@ -18,6 +18,12 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub listener: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
     pub sync: String,
     pub health: String,
@@ -30,6 +36,8 @@ pub struct Metrics {
     pub renders: Family<ResultLabel, Counter>,
     pub bundle_bytes_served: Counter,
     pub sync_reports: Family<SyncLabels, Counter>,
+    pub reports_refused: Family<ResultLabel, Counter>,
+    pub connections_refused: Family<RefusalLabels, Counter>,
     /// Render of a new bundle → the cluster reports it applied.
     pub propagation: Histogram,
     rendered_at: Mutex<HashMap<(String, String), Instant>>,
@@ -45,6 +53,8 @@ impl Default for Metrics {
         let renders = Family::<ResultLabel, Counter>::default();
         let bundle_bytes_served = Counter::default();
         let sync_reports = Family::<SyncLabels, Counter>::default();
+        let reports_refused = Family::<ResultLabel, Counter>::default();
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
         let propagation = Histogram::new(exponential_buckets(0.05, 2.0, 12));
         let admissions = Counter::default();
         let admissions_delayed = Counter::default();
@@ -81,6 +91,16 @@ impl Default for Metrics {
             sync_reports.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Connections refused at the caps (max_connections, max_per_address)",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "reports_refused",
+            "Agent reports dropped: unassigned app, over the rate, malformed",
+            reports_refused.clone(),
+        );
+        registry.register(
             "assignment_propagation_seconds",
             "From rendering a new bundle for a cluster to the cluster reporting it applied",
             propagation.clone(),
@@ -91,6 +111,8 @@ impl Default for Metrics {
             renders,
             bundle_bytes_served,
             sync_reports,
+            reports_refused,
+            connections_refused,
             propagation,
             rendered_at: Mutex::new(HashMap::new()),
             admissions,
@@ -111,6 +133,25 @@ impl Metrics {
         self.lock()
             .entry((cluster.to_string(), digest.to_string()))
             .or_insert_with(Instant::now);
+    }
+
+    /// A connection was refused or closed by the connection caps (`listener`, `reason` closed sets).
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels {
+                listener: listener.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A report was dropped at the gate (`reason` from a closed set).
+    pub fn report_refused(&self, reason: &'static str) {
+        self.reports_refused
+            .get_or_create(&ResultLabel {
+                result: reason.into(),
+            })
+            .inc();
     }
 
     /// A cluster reported running a digest.

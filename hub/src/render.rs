@@ -64,6 +64,7 @@ async fn kustomize(
     bin: &str,
     scratch: &Path,
 ) -> Result<String> {
+    crate::kustomize_paths::check(&files)?;
     for (file, data) in &files {
         let target = scratch.join(file);
         if let Some(parent) = target.parent() {
@@ -91,20 +92,43 @@ async fn kustomize(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = cmd.spawn().map_err(|e| {
+    let mut child = cmd.spawn().map_err(|e| {
         Error::Render(format!("cannot run {bin:?} for a kustomize source: {e} (install kubectl or kustomize, or set --kustomize-bin)"))
     })?;
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(Error::Internal("kustomize pipes were not captured".into()));
+    };
+    // Output past the render budget is refused without holding more than the budget in memory.
+    let limit = crate::git::MAX_RENDER_BYTES;
+    let run = async {
+        use tokio::io::AsyncReadExt;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut stdout, mut stderr) = (stdout.take(limit + 1), stderr.take(64 * 1024));
+        let (o, e) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        o.and(e)?;
+        if out.len() as u64 > limit {
+            return Ok(None);
+        }
+        let status = child.wait().await?;
+        Ok::<_, std::io::Error>(Some((status, out, err)))
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
         .await
         .map_err(|_| Error::Render("kustomize build took longer than 60s".into()))?
-        .map_err(|e| Error::Render(format!("kustomize build: {e}")))?;
-    if !out.status.success() {
+        .map_err(|e| Error::Render(format!("kustomize build: {e}")))?
+        .ok_or_else(|| {
+            Error::Render(format!(
+                "kustomize build printed more than {limit} bytes (the render budget)"
+            ))
+        })?;
+    let (status, stdout, stderr) = out;
+    if !status.success() {
         return Err(Error::Render(format!(
             "kustomize build failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&stderr).trim()
         )));
     }
-    String::from_utf8(out.stdout).map_err(|_| Error::Render("kustomize output is not UTF-8".into()))
+    String::from_utf8(stdout).map_err(|_| Error::Render("kustomize output is not UTF-8".into()))
 }
 
 /// Renders the variant of a cluster: substitute, parse, patch, normalize.
@@ -132,6 +156,38 @@ pub fn variant(
         ));
     }
     Ok(flotilla_bundle::normalize(objects))
+}
+
+/// The checks of a base that hold for every cluster: no text nests past the limit (a linear scan,
+/// before any parser).
+pub fn check_base(base: &Base) -> Result<()> {
+    for (source, text) in &base.texts {
+        manifest::refuse_deep(source, text).map_err(|e| Error::Render(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// At most this many objects in one bundle.
+pub const MAX_OBJECTS: usize = 10_000;
+
+/// The canonical bytes of a rendered bundle, refused past the object and byte budgets (a source
+/// can amplify: a kustomize generator, a patch on every object).
+pub fn bounded_bytes(objects: &[Value]) -> Result<Vec<u8>> {
+    if objects.len() > MAX_OBJECTS {
+        return Err(Error::Render(format!(
+            "the bundle has {} objects, over the limit of {MAX_OBJECTS}",
+            objects.len()
+        )));
+    }
+    let bytes = flotilla_bundle::canonical_bytes(objects);
+    if bytes.len() as u64 > crate::git::MAX_RENDER_BYTES {
+        return Err(Error::Render(format!(
+            "the bundle is {} bytes, over the limit of {}",
+            bytes.len(),
+            crate::git::MAX_RENDER_BYTES
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The words of a render error, without the `render:` prefix its display adds (the caller adds

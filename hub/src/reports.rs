@@ -11,10 +11,25 @@ use prost::Message;
 use crate::Result;
 use crate::appstore::AppRecord;
 
+/// How often an unchanged report is written through to sled at most: reports that only refresh
+/// their time or message live in memory, so a chatty agent costs no disk.
+const PERSIST_UNCHANGED_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The latest report of one cluster × app, and when (and as what) it was last persisted.
+struct Latest {
+    status: AppStatus,
+    persisted_at: std::time::Instant,
+    persisted: (String, i32, i32),
+}
+
+fn decision(status: &AppStatus) -> (String, i32, i32) {
+    (status.digest.clone(), status.sync, status.health)
+}
+
 /// Reports by (cluster, app).
 pub struct Reports {
     tree: sled::Tree,
-    latest: Mutex<BTreeMap<(String, String), AppStatus>>,
+    latest: Mutex<BTreeMap<(String, String), Latest>>,
 }
 
 fn key(cluster: &str, app: &str) -> String {
@@ -25,6 +40,7 @@ impl Reports {
     pub fn open(db: &sled::Db) -> Result<Self> {
         let tree = db.open_tree("reports")?;
         let mut latest = BTreeMap::new();
+        let now = std::time::Instant::now();
         for entry in tree.iter() {
             let (k, v) = entry?;
             let Some((cluster, app)) = std::str::from_utf8(&k).ok().and_then(|k| k.split_once('/'))
@@ -32,7 +48,15 @@ impl Reports {
                 continue;
             };
             if let Ok(status) = AppStatus::decode(&v[..]) {
-                latest.insert((cluster.to_string(), app.to_string()), status);
+                let persisted = decision(&status);
+                latest.insert(
+                    (cluster.to_string(), app.to_string()),
+                    Latest {
+                        status,
+                        persisted_at: now,
+                        persisted,
+                    },
+                );
             }
         }
         Ok(Self {
@@ -41,22 +65,38 @@ impl Reports {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), AppStatus>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Latest>> {
         // Each critical section is a single map operation: a poisoned lock still holds sound data.
         self.latest.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a report from `cluster` (the identity of the session, never a field of the report).
+    /// Written through to sled when what a rollout decides on changed, else at most every 30 s.
     pub fn record(&self, cluster: &str, status: AppStatus) {
         let k = key(cluster, &status.app);
+        let map_key = (cluster.to_string(), status.app.clone());
         if status.removed {
             let _ = self.tree.remove(k.as_bytes());
-            self.lock().remove(&(cluster.to_string(), status.app));
+            self.lock().remove(&map_key);
             return;
         }
-        let _ = self.tree.insert(k.as_bytes(), status.encode_to_vec());
-        self.lock()
-            .insert((cluster.to_string(), status.app.clone()), status);
+        let now = std::time::Instant::now();
+        let mut latest = self.lock();
+        let persist = latest.get(&map_key).is_none_or(|l| {
+            l.persisted != decision(&status)
+                || now.duration_since(l.persisted_at) >= PERSIST_UNCHANGED_EVERY
+        });
+        let entry = latest.entry(map_key).or_insert_with(|| Latest {
+            status: status.clone(),
+            persisted_at: now,
+            persisted: decision(&status),
+        });
+        if persist {
+            let _ = self.tree.insert(k.as_bytes(), status.encode_to_vec());
+            entry.persisted_at = now;
+            entry.persisted = decision(&status);
+        }
+        entry.status = status;
     }
 
     /// Forgets a cluster (deregistered).
@@ -75,7 +115,7 @@ impl Reports {
     pub fn get(&self, cluster: &str, app: &str) -> Option<AppStatus> {
         self.lock()
             .get(&(cluster.to_string(), app.to_string()))
-            .cloned()
+            .map(|l| l.status.clone())
     }
 }
 

@@ -22,6 +22,15 @@ use crate::{Error, Hub, Result, Settings, auth, sessions, store};
 /// Fetches of different repositories that may run at once.
 const MAX_CONCURRENT_FETCHES: usize = 4;
 
+/// A gRPC connection silent this long is closed. The server pings every 20 s (HTTP/2 keepalive) and
+/// live peers answer, so only a peer that stopped talking (or never started: no HTTP/2 preface
+/// after the TLS handshake, itself bounded at 10 s) reaches it.
+const GRPC_IDLE: Duration = Duration::from_secs(30);
+/// HTTP (webhooks, metrics) connections: silent this long, or open this long, are closed; a request
+/// whose headers or body stall cannot hold a connection longer.
+const HTTP_IDLE: Duration = Duration::from_secs(10);
+const HTTP_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// How long open streams get to finish after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -128,17 +137,39 @@ pub async fn serve(
     hub.tasks.spawn(crate::rollouts::run(Arc::clone(&hub)));
     if let Some(listener) = http {
         let hub2 = Arc::clone(&hub);
+        let limiter = crate::conn_limits::Limiter::new(
+            crate::conn_limits::Caps {
+                max_total: hub.settings.max_connections,
+                max_per_address: hub.settings.max_connections_per_address,
+                idle: HTTP_IDLE,
+                max_age: Some(HTTP_MAX_AGE),
+            },
+            "http",
+            hub.metrics.connections_refused.clone(),
+        );
         hub.tasks.spawn(async move {
-            if let Err(e) = crate::webhook::serve(hub2, listener).await {
+            if let Err(e) = crate::webhook::serve(hub2, listener, limiter).await {
                 tracing::error!(error = %e, "http listener failed");
             }
         });
     }
 
+    let caps = |idle, max_age| crate::conn_limits::Caps {
+        max_total: hub.settings.max_connections,
+        max_per_address: hub.settings.max_connections_per_address,
+        idle,
+        max_age,
+    };
+    let grpc_limiter = crate::conn_limits::Limiter::new(
+        caps(GRPC_IDLE, None),
+        "grpc",
+        hub.metrics.connections_refused.clone(),
+    );
     let incoming = crate::admission::paced(
         listener,
         hub.settings.handshake_rate,
         hub.settings.handshake_burst,
+        grpc_limiter,
         Arc::clone(&hub),
     );
     let served = Server::builder()

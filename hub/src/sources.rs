@@ -174,6 +174,15 @@ async fn render_app(
                 )
                 .await?,
             );
+            // What does not depend on a cluster is checked once, whether or not any cluster is
+            // targeted yet: an app never looks fine only because nothing rendered it.
+            let checked = Arc::clone(&base);
+            crate::untrusted::run(
+                "checking the manifests",
+                crate::untrusted::PARSE_BUDGET,
+                move || render::check_base(&checked),
+            )
+            .await?;
             lock(&hub.sync.bases).insert(
                 name.clone(),
                 (commit.clone(), record.generation, Arc::clone(&base)),
@@ -197,20 +206,28 @@ async fn render_app(
         let digest = match variants.get(&key) {
             Some(d) => d.clone(),
             None => {
-                let rendered = render::variant(
-                    &base,
-                    &cluster,
-                    &spec.customizations,
+                let (b, c, custom, allow_empty) = (
+                    Arc::clone(&base),
+                    cluster.clone(),
+                    spec.customizations.clone(),
                     spec.sync_policy.allow_empty,
                 );
-                let objects = match rendered {
-                    Ok(objects) => objects,
+                let rendered = crate::untrusted::run(
+                    &format!("rendering for cluster {}", cluster.name),
+                    crate::untrusted::RENDER_BUDGET,
+                    move || {
+                        let objects = render::variant(&b, &c, &custom, allow_empty)?;
+                        render::bounded_bytes(&objects)
+                    },
+                )
+                .await;
+                let bytes = match rendered {
+                    Ok(bytes) => bytes,
                     Err(e) => {
                         failures.push((cluster.name.clone(), render::reason(e)));
                         continue;
                     }
                 };
-                let bytes = flotilla_bundle::canonical_bytes(&objects);
                 let digest = flotilla_bundle::digest_bytes(&bytes);
                 hub.apps.put_bundle(&digest, &bytes)?;
                 variants.insert(key, digest.clone());
@@ -316,8 +333,12 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         }
         let text = String::from_utf8(data)
             .map_err(|_| Error::Render(format!("fleet {file}: not UTF-8")))?;
-        let parsed = crate::apps::AppDocument::parse_all(&text)
-            .map_err(|e| Error::Render(format!("fleet {file}: {e}")))?;
+        let what = format!("fleet {file}");
+        let parsed = crate::untrusted::run(&what, crate::untrusted::PARSE_BUDGET, move || {
+            crate::apps::AppDocument::parse_all(&text)
+        })
+        .await
+        .map_err(|e| Error::Render(format!("fleet {file}: {}", render::reason(e))))?;
         docs.extend(parsed);
     }
     let existing = hub.apps.list()?;

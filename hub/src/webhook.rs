@@ -137,15 +137,45 @@ async fn metrics(
     )
 }
 
+/// A request (body included) must be read and answered within this long.
+const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Answers 408 to a request whose body has not arrived (or whose handling has not finished)
+/// within [`REQUEST_DEADLINE`]: a stalled body never holds a handler.
+async fn request_deadline(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            "request not received in time\n",
+        )
+            .into_response(),
+    }
+}
+
 /// Serves the HTTP endpoints on `listener` until shutdown.
-pub async fn serve(hub: Arc<Hub>, listener: tokio::net::TcpListener) -> Result<()> {
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: tokio::net::TcpListener,
+    limiter: crate::conn_limits::Limiter,
+) -> Result<()> {
     let shutdown = hub.shutdown.clone();
+    let guarded = crate::conn_limits::GuardedListener {
+        listener,
+        limiter,
+        hub: Arc::clone(&hub),
+    };
     let app = Router::new()
         .route("/webhooks/git", post(git_webhook))
         .route("/metrics", axum::routing::get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(request_deadline))
         .with_state(hub);
-    axum::serve(listener, app)
+    axum::serve(guarded, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(|e| Error::Internal(format!("http listener: {e}")))

@@ -177,7 +177,15 @@ fn watch(fleet: &Fleet, revision: &str, until: &[&str]) -> Result<(Observed, Val
             started.elapsed() < T,
             "rollout of {revision} did not finish: {seen:?}"
         );
-        let r = fleet.rollout()?;
+        let r = match fleet.rollout() {
+            Ok(r) => r,
+            // Applied a moment ago and not rendered yet.
+            Err(e) if e.to_string().contains("has no rollout yet") => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if r["revision"] != revision {
             std::thread::sleep(Duration::from_millis(100));
             continue;

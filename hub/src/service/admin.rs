@@ -251,7 +251,13 @@ impl AdminService {
     }
 
     async fn apply_app(&self, req: ApplyAppRequest) -> Result<App> {
-        let doc = AppDocument::parse(&req.document)?;
+        let text = req.document;
+        let doc = crate::untrusted::run(
+            "the App document",
+            crate::untrusted::PARSE_BUDGET,
+            move || AppDocument::parse(&text),
+        )
+        .await?;
         if let Some(existing) = self.hub.apps.get(&doc.metadata.name)?
             && existing.origin == "fleet"
         {

@@ -154,6 +154,7 @@ async fn run_session(
     tokio::pin!(expiry);
     let mut changes = hub.assignments_changed.subscribe();
     let mut sent = assignments_of(&hub, &name);
+    let mut gate = crate::report_gate::ReportGate::new(std::time::Instant::now());
     if tx
         .send(Ok(assignments_message(sent.clone())))
         .await
@@ -198,9 +199,15 @@ async fn run_session(
             next = tokio::time::timeout(silence_limit, inbound.message()) => match next {
                 Err(_) => break Some(Status::deadline_exceeded(format!(
                     "no message from the agent for {}s", silence_limit.as_secs()))),
-                Ok(Ok(Some(message))) => {
+                Ok(Ok(Some(mut message))) => {
                     hub.sessions.touch(&name, now_ms());
-                    if let Some(agent_message::Kind::Status(status)) = &message.kind {
+                    if let Some(agent_message::Kind::Status(status)) = &mut message.kind {
+                        // Only this cluster's assigned apps, bounded in size and rate.
+                        if let Err(refusal) = gate.admit(status, &sent, std::time::Instant::now()) {
+                            hub.metrics.report_refused(refusal.label());
+                            tracing::debug!(cluster = %name, app = %status.app, reason = refusal.label(), "report dropped");
+                            continue;
+                        }
                         // Recorded under the session's identity; the report names only the app.
                         hub.metrics.reported(&name, &status.digest, status.sync(), status.health());
                         hub.reports.record(&name, status.clone());
