@@ -356,3 +356,43 @@ async fn a_stale_lock_left_by_a_killed_fetch_recovers_by_itself() -> Result<()> 
         .map_err(|e| anyhow!("the cache stayed wedged: {e}"))?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_caps_are_refused_and_counted() -> Result<()> {
+    let hub = Hub::start(HubOptions {
+        http: true,
+        extra_args: vec!["--max-connections-per-address".into(), "40".into()],
+        ..HubOptions::default()
+    })?;
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(std::net::TcpStream::connect(&hub.addr)?);
+    }
+    // The 40 past the cap are closed at once; the first 40 are held (until the TLS timeout).
+    use std::io::Read;
+    let closed = wait_for(Duration::from_secs(5), "40 connections refused", || {
+        let mut closed = 0;
+        for conn in &mut held {
+            conn.set_read_timeout(Some(Duration::from_millis(5)))?;
+            let mut b = [0u8; 1];
+            let waiting = matches!(conn.read(&mut b), Err(ref e)
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+            if !waiting {
+                closed += 1;
+            }
+        }
+        ensure!(closed >= 40, "{closed} closed");
+        Ok(Some(closed))
+    })?;
+    assert!(closed < 80, "every connection was closed");
+    let http = hub.http_addr.clone().context("http listener")?;
+    let (_, metrics) = http_get(&http, "/metrics")?;
+    assert!(
+        metrics
+            .contains("connections_refused_total{listener=\"grpc\",reason=\"max_per_address\"} 40"),
+        "{metrics}"
+    );
+    drop(held);
+    hub.cli_json(&["cluster", "list"])?;
+    Ok(())
+}
