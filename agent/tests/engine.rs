@@ -346,6 +346,29 @@ async fn edits_and_deletions_are_healed_within_two_seconds_and_counted() {
             .status
             .success()
     );
+
+    // The app label removed by hand: the object leaves the agent's label-selected watch (a
+    // DELETED event, as a real API server sends) and is healed, label and all.
+    let unlabelled = Instant::now();
+    assert!(
+        f.kubectl(&["label", "configmap", "settings", "app.flotilla.dev/name-"])
+            .status
+            .success()
+    );
+    assert!(
+        wait_for("(drift #3)", Duration::from_secs(2)),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    println!("label removal healed after {:?}", unlabelled.elapsed());
+    let label = f.kubectl(&[
+        "get",
+        "configmap",
+        "settings",
+        "-o",
+        "jsonpath={.metadata.labels.app\\.flotilla\\.dev/name}",
+    ]);
+    assert_eq!(stdout(&label), "drift");
     let _ = child.kill();
     let _ = child.wait();
 }

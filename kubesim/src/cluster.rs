@@ -52,6 +52,83 @@ pub struct Faults {
     pub unresponsive: bool,
 }
 
+/// The annotation the Deployment controller numbers ReplicaSets (and its Deployment) with.
+const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+
+/// A pod template's hash, in the alphabet Kubernetes uses for generated names (FNV-1a over the
+/// template's JSON, whose keys serde_json keeps sorted).
+fn template_hash(template: &Value) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    // Absent, null and empty are one thing to the real controller (it hashes a Go struct).
+    fn normalize(v: &mut Value) {
+        if let Value::Object(m) = v {
+            m.remove("creationTimestamp");
+            m.values_mut().for_each(normalize);
+            m.retain(|_, x| !x.is_null() && x.as_object().is_none_or(|o| !o.is_empty()));
+        } else if let Value::Array(items) = v {
+            items.iter_mut().for_each(normalize);
+        }
+    }
+    let mut t = template.clone();
+    normalize(&mut t);
+    if let Some(labels) = t["metadata"]["labels"].as_object_mut() {
+        labels.remove("pod-template-hash");
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in t.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..10)
+        .map(|i| {
+            let digit = (h >> (i * 6)) as usize % ALPHABET.len();
+            char::from(ALPHABET[digit])
+        })
+        .collect()
+}
+
+/// Simulated nodes per cluster.
+const NODES: usize = 3;
+
+/// Simulated node `i` (1-based): Ready, with capacity, in zone a, b or c.
+fn node(i: usize) -> Value {
+    let name = format!("kubesim-node-{i}");
+    let zone = ["a", "b", "c"][(i - 1) % 3];
+    let now = meta::now();
+    let capacity =
+        json!({"cpu": "4", "memory": "16Gi", "pods": "110", "ephemeral-storage": "100Gi"});
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "topology.kubernetes.io/zone": format!("zone-{zone}"),
+            "topology.kubernetes.io/region": "kubesim",
+        }},
+        "spec": {},
+        "status": {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady",
+                 "message": "kubelet is posting ready status (simulated)",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now},
+                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+                 "message": "kubelet has sufficient memory available",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now},
+            ],
+            "addresses": [{"type": "InternalIP", "address": format!("10.0.0.{}", 10 + i)},
+                          {"type": "Hostname", "address": name}],
+            "nodeInfo": {"kubeletVersion": "v1.32.0", "containerRuntimeVersion": "kubesim://0",
+                         "osImage": "kubesim", "operatingSystem": "linux", "architecture": "amd64",
+                         "kernelVersion": "-", "kubeProxyVersion": "v1.32.0",
+                         "machineID": "", "systemUUID": "", "bootID": ""},
+        },
+    })
+}
+
 /// One change, as watchers see it.
 #[derive(Debug)]
 pub struct WatchEvent {
@@ -61,6 +138,9 @@ pub struct WatchEvent {
     pub namespace: String,
     pub kind: &'static str,
     pub object: Value,
+    /// For MODIFIED: the object before the change, so a selector watch can tell an object that
+    /// stopped (or started) matching, as the API server's watch cache does.
+    pub prev: Option<Value>,
 }
 
 /// Where a watch starts.
@@ -144,6 +224,22 @@ impl Cluster {
             // Creating a built-in namespace in an empty cluster cannot fail.
             let _ = cluster.create(&rt, None, body, &opts);
         }
+        // A few Ready nodes across zones, so `get nodes` and topology spread make sense. Nothing
+        // runs on them: kubesim simulates workload status, not containers.
+        if let Some(rt) = cluster.resolve("", "v1", "nodes") {
+            let status = WriteOptions {
+                manager: "kubelet".into(),
+                subresource: Some("status".into()),
+                ..Default::default()
+            };
+            for i in 1..=NODES {
+                let n = node(i);
+                let name = format!("kubesim-node-{i}");
+                // Both cannot fail in an empty cluster: the kubelet registers, then reports.
+                let _ = cluster.create(&rt, None, n.clone(), &opts);
+                let _ = cluster.update(&rt, None, &name, n, &status);
+            }
+        }
         cluster
     }
 
@@ -218,10 +314,11 @@ impl Cluster {
         state.rv += 1;
         let rv = state.rv;
         tracing::debug!(cluster = %self.name, rv, kind, group = %key.0, resource = %key.1, namespace = %key.2, name = %key.3, "commit");
+        let mut prev = None;
         let mut shown = match object {
             Some(mut obj) => {
                 obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-                state.objects.insert(key.clone(), obj.clone());
+                prev = state.objects.insert(key.clone(), obj.clone());
                 obj
             }
             None => {
@@ -239,6 +336,7 @@ impl Cluster {
             namespace: key.2.clone(),
             kind,
             object: shown.clone(),
+            prev: if kind == "MODIFIED" { prev } else { None },
         });
         state.history.push_back(Arc::clone(&event));
         while state.history.len() > self.settings.history {
@@ -348,6 +446,7 @@ impl Cluster {
                         namespace: n.clone(),
                         kind: "ADDED",
                         object: obj.clone(),
+                        prev: None,
                     })
                 })
                 .collect(),
@@ -509,6 +608,9 @@ impl Cluster {
         {
             o.remove("status");
         }
+        if resources::is_builtin(&rt.group, &rt.plural) {
+            meta::drop_nulls(&mut obj);
+        }
         controllers::default_object(&rt.kind, &mut obj, state.rv);
         controllers::validate(&rt.kind, None, &obj)?;
         Ok(obj)
@@ -660,6 +762,7 @@ impl Cluster {
                 {
                     return Err(ApiError::unsupported_media_type(
                         "application/strategic-merge-patch+json",
+                        &crate::http::CUSTOM_PATCH_TYPES,
                     ));
                 }
                 let mut patched = old.clone();
@@ -725,6 +828,9 @@ impl Cluster {
         }
         new["apiVersion"] = json!(rt.api_version());
         new["kind"] = json!(rt.kind);
+        if resources::is_builtin(&rt.group, &rt.plural) {
+            meta::drop_nulls(&mut new);
+        }
         controllers::default_object(&rt.kind, &mut new, state.rv);
         controllers::validate(&rt.kind, Some(&old), &new)?;
         if rt.generation && spec_part(&old) != spec_part(&new) {
@@ -1002,6 +1108,10 @@ impl Cluster {
             if let Some(spec_patch) = &outcome.spec_patch {
                 patch::merge_patch(&mut new, spec_patch);
             }
+            if key.1 == "deployments" && key.0 == "apps" {
+                let revision = self.sync_replica_sets(&mut state, &key, &obj);
+                new["metadata"]["annotations"][REVISION_ANNOTATION] = json!(revision.to_string());
+            }
             if new != obj {
                 let time = meta::now();
                 let api_version = new["apiVersion"].as_str().unwrap_or("").to_string();
@@ -1040,6 +1150,102 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// The Deployment controller's ReplicaSets: one per distinct pod template, named by the
+    /// template's hash, owned by the Deployment and numbered by `deployment.kubernetes.io/revision`
+    /// (a template seen before — `kubectl rollout undo` — becomes the newest revision again); the
+    /// current one runs the replicas, older ones are scaled to zero. Returns the current revision.
+    fn sync_replica_sets(&self, state: &mut State, key: &ObjKey, deploy: &Value) -> u64 {
+        let Some(rt) = state
+            .types
+            .iter()
+            .find(|t| t.group == "apps" && t.plural == "replicasets")
+            .cloned()
+        else {
+            return 0;
+        };
+        let ns = key.2.clone();
+        let uid = deploy["metadata"]["uid"].clone();
+        let mut template = deploy["spec"]["template"].clone();
+        let hash = template_hash(&template);
+        template["metadata"]["labels"]["pod-template-hash"] = json!(hash);
+        let owned: Vec<(ObjKey, Value)> = state
+            .objects
+            .iter()
+            .filter(|((g, p, n, _), o)| {
+                g == "apps"
+                    && p == "replicasets"
+                    && *n == ns
+                    && o["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+            })
+            .map(|(k, o)| (k.clone(), o.clone()))
+            .collect();
+        let revision_of = |o: &Value| -> u64 {
+            o["metadata"]["annotations"][REVISION_ANNOTATION]
+                .as_str()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0)
+        };
+        let newest = owned.iter().map(|(_, o)| revision_of(o)).max().unwrap_or(0);
+        let replicas = deploy["spec"]["replicas"].as_i64().unwrap_or(1);
+        let name = format!("{}-{hash}", key.3);
+        let current = owned.iter().find(|(k, _)| k.3 == name);
+        let revision = match current {
+            Some((_, o)) if revision_of(o) == newest => newest,
+            _ => newest + 1,
+        };
+        let time = meta::now();
+        let writer = Writer {
+            manager: "kube-controller-manager",
+            api_version: "apps/v1",
+            time: &time,
+            subresource: "",
+        };
+        for (k, o) in &owned {
+            let mut updated = o.clone();
+            if k.3 == name {
+                updated["spec"]["replicas"] = json!(replicas);
+                updated["spec"]["template"] = template.clone();
+                updated["metadata"]["annotations"][REVISION_ANNOTATION] =
+                    json!(revision.to_string());
+            } else {
+                updated["spec"]["replicas"] = json!(0);
+            }
+            if updated != *o {
+                ssa::record_update(Some(o), &mut updated, &writer, true);
+                self.commit(state, k.clone(), Some(updated), "MODIFIED", None);
+                self.schedule(state, k);
+            }
+        }
+        if current.is_none() {
+            let mut selector = deploy["spec"]["selector"].clone();
+            selector["matchLabels"]["pod-template-hash"] = json!(hash);
+            let mut labels = template["metadata"]["labels"].clone();
+            labels["pod-template-hash"] = json!(hash);
+            let rs = json!({
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {
+                    "name": name,
+                    "namespace": ns,
+                    "labels": labels,
+                    "annotations": {REVISION_ANNOTATION: revision.to_string()},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                        "name": key.3, "uid": uid, "controller": true, "blockOwnerDeletion": true}],
+                },
+                "spec": {"replicas": replicas, "selector": selector, "template": template},
+            });
+            if let Ok(mut obj) = self.prepare_new(state, &rt, rs) {
+                ssa::record_update(None, &mut obj, &writer, true);
+                let ckey = Self::key(&rt, Some(&ns), &name);
+                self.commit(state, ckey.clone(), Some(obj), "ADDED", None);
+                self.schedule(state, &ckey);
+            }
+        }
+        revision
     }
 
     /// Whether `key`'s ready delay has passed since its last spec change.

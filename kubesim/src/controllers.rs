@@ -216,7 +216,40 @@ fn check_containers(kind: &str, obj: &Value, path: &str, spec: &Value) -> Result
             "Required value",
         ));
     };
+    let mut names = std::collections::BTreeSet::new();
     for (i, c) in containers.iter().enumerate() {
+        for (which, quantities) in [
+            ("limits", &c["resources"]["limits"]),
+            ("requests", &c["resources"]["requests"]),
+        ] {
+            for (resource, q) in quantities.as_object().into_iter().flatten() {
+                let text = q
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| q.to_string());
+                if !is_quantity(&text) {
+                    return Err(invalid(
+                        kind,
+                        obj,
+                        &format!("{path}.containers[{i}].resources.{which}[{resource}]"),
+                        &format!(
+                            "Invalid value: \"{text}\": quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(name) = c["name"].as_str()
+            && !name.is_empty()
+            && !names.insert(name)
+        {
+            return Err(invalid(
+                kind,
+                obj,
+                &format!("{path}.containers[{i}].name"),
+                &format!("Duplicate value: \"{name}\""),
+            ));
+        }
         if c["name"].as_str().is_none_or(str::is_empty) {
             return Err(invalid(
                 kind,
@@ -232,6 +265,89 @@ fn check_containers(kind: &str, obj: &Value, path: &str, spec: &Value) -> Result
                 &format!("{path}.containers[{i}].image"),
                 "Required value",
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `text` is a Kubernetes quantity: a signed decimal number and an optional suffix — binary
+/// (Ki … Ei), decimal SI (n, u, m, k, M … E) or a decimal exponent (e3, E-2).
+fn is_quantity(text: &str) -> bool {
+    let s = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number_ok = !number.is_empty() && number != "." && number.matches('.').count() <= 1;
+    let suffix_ok = match suffix {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T"
+        | "P" | "E" => true,
+        exp => exp
+            .strip_prefix(['e', 'E'])
+            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+            .is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())),
+    };
+    number_ok && suffix_ok
+}
+
+/// Service ports as the API server checks them: names required when there are several, unique
+/// names, node ports only on NodePort/LoadBalancer Services, in 30000-32767, unique.
+fn check_service_ports(obj: &Value) -> Result<(), ApiError> {
+    let kind = "Service";
+    let ports: Vec<&Value> = obj["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let node_ports_allowed = matches!(
+        obj["spec"]["type"].as_str(),
+        Some("NodePort" | "LoadBalancer")
+    );
+    let mut names = std::collections::BTreeSet::new();
+    let mut node_ports = std::collections::BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let name = p["name"].as_str().unwrap_or("");
+        if ports.len() > 1 && name.is_empty() {
+            return Err(invalid(
+                kind,
+                obj,
+                &format!("spec.ports[{i}].name"),
+                "Required value",
+            ));
+        }
+        if !name.is_empty() && !names.insert(name) {
+            return Err(invalid(
+                kind,
+                obj,
+                &format!("spec.ports[{i}].name"),
+                &format!("Duplicate value: \"{name}\""),
+            ));
+        }
+        if let Some(np) = p["nodePort"].as_i64().filter(|n| *n != 0) {
+            let at = format!("spec.ports[{i}].nodePort");
+            if !node_ports_allowed {
+                let t = obj["spec"]["type"].as_str().unwrap_or("ClusterIP");
+                return Err(invalid(
+                    kind,
+                    obj,
+                    &at,
+                    &format!("Forbidden: may not be used when `type` is '{t}'"),
+                ));
+            }
+            if !(30000..=32767).contains(&np) {
+                return Err(invalid(
+                    kind,
+                    obj,
+                    &at,
+                    &format!(
+                        "Invalid value: {np}: provided port is not in the valid range. The range of valid ports is 30000-32767"
+                    ),
+                ));
+            }
+            let protocol = p["protocol"].as_str().unwrap_or("TCP");
+            if !node_ports.insert((np, protocol)) {
+                return Err(invalid(kind, obj, &at, &format!("Duplicate value: {np}")));
+            }
         }
     }
     Ok(())
@@ -296,6 +412,7 @@ pub fn validate(kind: &str, old: Option<&Value>, obj: &Value) -> Result<(), ApiE
             if old.is_some_and(|o| !o["spec"]["clusterIP"].is_null()) {
                 immutable(kind, old, obj, "clusterIP")?;
             }
+            check_service_ports(obj)?;
             for (i, p) in obj["spec"]["ports"]
                 .as_array()
                 .into_iter()

@@ -102,6 +102,11 @@ pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Opti
             resources.push(json!({"name": format!("{}/status", t.plural), "singularName": "",
                                   "namespaced": t.namespaced, "kind": t.kind, "verbs": ["get", "patch", "update"]}));
         }
+        if crate::scale::scalable(t) {
+            resources.push(json!({"name": format!("{}/scale", t.plural), "singularName": "",
+                                  "namespaced": t.namespaced, "group": "autoscaling", "version": "v1",
+                                  "kind": "Scale", "verbs": ["get", "patch", "update"]}));
+        }
     }
     let gv = if group.is_empty() {
         version.to_string()

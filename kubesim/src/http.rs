@@ -30,7 +30,7 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
-fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = code;
     response.headers_mut().insert(
@@ -147,7 +147,7 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<(HeaderMap, Bytes), ApiError> {
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<(HeaderMap, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     let bytes = Limited::new(body, MAX_BODY)
         .collect()
@@ -157,10 +157,26 @@ async fn read_body(req: Request<Incoming>) -> Result<(HeaderMap, Bytes), ApiErro
     Ok((parts.headers, bytes))
 }
 
-fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
+/// What a create, update or delete body may be.
+pub(crate) const BODY_TYPES: [&str; 2] = ["application/json", "application/yaml"];
+/// What a patch body may be, for built-in kinds and for custom resources (no strategic merge).
+pub(crate) const PATCH_TYPES: [&str; 4] = [
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/apply-patch+yaml",
+];
+pub(crate) const CUSTOM_PATCH_TYPES: [&str; 3] = [
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/apply-patch+yaml",
+];
+
+pub(crate) fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
     if bytes.first() == Some(&0x6b) && bytes.starts_with(b"k8s\x00") {
         return Err(ApiError::unsupported_media_type(
-            "application/vnd.kubernetes.protobuf (kubesim accepts JSON and YAML only)",
+            "application/vnd.kubernetes.protobuf",
+            &BODY_TYPES,
         ));
     }
     if bytes.is_empty() {
@@ -175,7 +191,7 @@ fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
     }
 }
 
-fn content_type(headers: &HeaderMap) -> String {
+pub(crate) fn content_type(headers: &HeaderMap) -> String {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -194,7 +210,7 @@ fn wants_table(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("as=Table"))
 }
 
-fn manager(query: &HashMap<String, String>, headers: &HeaderMap) -> String {
+pub(crate) fn manager(query: &HashMap<String, String>, headers: &HeaderMap) -> String {
     if let Some(m) = query.get("fieldManager").filter(|m| !m.is_empty()) {
         return m.clone();
     }
@@ -294,6 +310,19 @@ async fn route(
         None => None,
         Some("status") if rt.status => Some("status".to_string()),
         Some("finalize") if rt.kind == "Namespace" => Some("finalize".to_string()),
+        Some("scale") if crate::scale::scalable(&rt) => {
+            let name = name.ok_or_else(|| ApiError::not_found_path(&rt.plural))?;
+            return crate::scale::serve(cluster, &rt, ns, name, method, req, query).await;
+        }
+        // No container ever runs here: say so at once instead of letting a client wait.
+        Some("log" | "exec" | "attach" | "portforward" | "proxy") if rt.kind == "Pod" => {
+            let pod = name.unwrap_or_default();
+            cluster.get(&rt, ns, pod)?;
+            return Err(ApiError::bad_request(format!(
+                "kubesim runs no containers: pods/{} of {pod:?} is not available",
+                sub.unwrap_or_default()
+            )));
+        }
         Some(other) => return Err(ApiError::not_found_path(&format!("{}/{other}", rt.plural))),
     };
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
@@ -395,7 +424,7 @@ async fn route(
                         force: query.get("force").is_some_and(|f| f == "true"),
                     }
                 }
-                other => return Err(ApiError::unsupported_media_type(other)),
+                other => return Err(ApiError::unsupported_media_type(other, &PATCH_TYPES)),
             };
             let body = parse_body(&bytes, ct.contains("yaml"))?;
             let (obj, created) = cluster.patch(&rt, ns, name, kind, body, &opts)?;
@@ -578,7 +607,7 @@ struct WatchTask {
 }
 
 impl WatchTask {
-    fn matches(&self, e: &WatchEvent) -> bool {
+    fn in_scope(&self, e: &WatchEvent) -> bool {
         let (group, plural) = self.rt.storage_key();
         e.group == group
             && e.plural == plural
@@ -586,8 +615,34 @@ impl WatchTask {
                 .ns
                 .as_deref()
                 .is_none_or(|n| !self.rt.namespaced || e.namespace == n)
-            && self.labels.matches(&e.object["metadata"]["labels"])
-            && self.fields.matches(&e.object)
+    }
+
+    fn selects(&self, object: &Value) -> bool {
+        self.labels.matches(&object["metadata"]["labels"]) && self.fields.matches(object)
+    }
+
+    /// What this watcher sees of an event, as the API server's watch cache decides it: a change
+    /// that makes an object match is ADDED, one that makes it stop matching is DELETED (with the
+    /// object as it was, at the event's resourceVersion), anything else passes only if it matches.
+    fn translate(&self, e: &WatchEvent) -> Option<(&'static str, Value)> {
+        if !self.in_scope(e) {
+            return None;
+        }
+        if e.kind != "MODIFIED" {
+            return self.selects(&e.object).then(|| (e.kind, e.object.clone()));
+        }
+        let now = self.selects(&e.object);
+        let before = e.prev.as_ref().is_some_and(|p| self.selects(p));
+        match (before, now) {
+            (true, true) => Some(("MODIFIED", e.object.clone())),
+            (false, true) => Some(("ADDED", e.object.clone())),
+            (true, false) => {
+                let mut old = e.prev.clone().unwrap_or_default();
+                old["metadata"]["resourceVersion"] = json!(e.rv.to_string());
+                Some(("DELETED", old))
+            }
+            (false, false) => None,
+        }
     }
 
     fn line(&self, kind: &str, object: &Value) -> Result<Frame<Bytes>, Infallible> {
@@ -611,7 +666,9 @@ impl WatchTask {
         tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
     ) {
         for event in &start.initial {
-            if self.matches(event) && tx.send(self.line(event.kind, &event.object)).await.is_err() {
+            if let Some((kind, object)) = self.translate(event)
+                && tx.send(self.line(kind, &object)).await.is_err()
+            {
                 return;
             }
         }
@@ -641,7 +698,9 @@ impl WatchTask {
                             continue;
                         }
                         last_rv = event.rv;
-                        if self.matches(&event) && tx.send(self.line(event.kind, &event.object)).await.is_err() {
+                        if let Some((kind, object)) = self.translate(&event)
+                            && tx.send(self.line(kind, &object)).await.is_err()
+                        {
                             return;
                         }
                     }

@@ -15,6 +15,7 @@ mod http;
 pub mod meta;
 pub mod patch;
 pub mod resources;
+mod scale;
 pub mod selector;
 mod server;
 pub mod ssa;

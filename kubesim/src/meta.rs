@@ -95,3 +95,16 @@ pub fn spec_part(obj: &Value) -> Value {
     }
     v
 }
+
+/// Removes `null` map values, recursively: a built-in object round-trips through typed structs in
+/// a real API server, where a null field is an absent one (kubectl's typed patches send many).
+pub fn drop_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}

@@ -78,6 +78,7 @@ const BUILTINS: &[Builtin] = &[
         false,
     ),
     Builtin("", "v1", "Secret", "secrets", true, &[], false, false),
+    Builtin("", "v1", "Node", "nodes", false, &["no"], true, false),
     Builtin("", "v1", "Service", "services", true, &["svc"], true, false),
     Builtin(
         "",
@@ -232,6 +233,17 @@ const BUILTINS: &[Builtin] = &[
         true,
         true,
     ),
+    // v1 (what `kubectl autoscale` writes) and v2 share storage; kubesim converts no fields.
+    Builtin(
+        "autoscaling",
+        "v1",
+        "HorizontalPodAutoscaler",
+        "horizontalpodautoscalers",
+        true,
+        &["hpa"],
+        true,
+        false,
+    ),
     Builtin(
         "autoscaling",
         "v2",
@@ -265,6 +277,11 @@ const BUILTINS: &[Builtin] = &[
 ];
 
 /// The built-in resource types.
+/// Whether group/plural is a built-in kind (no allocation: this runs on every write).
+pub fn is_builtin(group: &str, plural: &str) -> bool {
+    BUILTINS.iter().any(|b| b.0 == group && b.3 == plural)
+}
+
 pub fn builtins() -> Vec<ResourceType> {
     BUILTINS
         .iter()

@@ -546,3 +546,111 @@ async fn injected_faults_reach_the_client() {
     cluster.set_faults(Faults::default());
     cms.list(&ListParams::default()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_selector_watch_sees_objects_leave_and_enter_its_selection() {
+    let (_sim, client) = sim(ClusterSettings::default()).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("m", json!({"app": "x"})))
+        .await
+        .unwrap();
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut stream = cms
+        .watch(&WatchParams::default().labels("app=x"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let relabel = |app: &'static str| {
+        let cms = cms.clone();
+        async move {
+            let patch = json!({"metadata": {"labels": {"app": app}}});
+            cms.patch("m", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap()
+        }
+    };
+    // Stops matching: DELETED, carrying the object as it was, at the new resourceVersion.
+    let left = relabel("y").await;
+    match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await {
+        Ok(Ok(Some(WatchEvent::Deleted(o)))) => {
+            assert_eq!(o.name_any(), "m");
+            assert_eq!(o.labels()["app"], "x", "the object as it last matched");
+            assert_eq!(o.resource_version(), left.resource_version());
+        }
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+    // A change while it does not match: nothing.
+    let patch = json!({"data": {"k": "changed"}});
+    cms.patch("m", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    // Matches again: ADDED.
+    relabel("x").await;
+    match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await {
+        Ok(Ok(Some(WatchEvent::Added(o)))) => assert_eq!(o.labels()["app"], "x"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    // Still matching: MODIFIED.
+    let patch = json!({"data": {"k": "again"}});
+    cms.patch("m", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await {
+        Ok(Ok(Some(WatchEvent::Modified(o)))) => {
+            assert_eq!(o.data.unwrap()["k"], "again")
+        }
+        other => panic!("expected MODIFIED, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_scale_subresource_reads_and_writes_replicas() {
+    let (_sim, client) = sim(ClusterSettings::default()).await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}
+    }))
+    .unwrap();
+    deploys.create(&PostParams::default(), &d).await.unwrap();
+    let scale = deploys.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(1));
+    assert_eq!(scale.status.unwrap().selector.as_deref(), Some("app=web"));
+    let patch = json!({"spec": {"replicas": 4}});
+    let scaled = deploys
+        .patch_scale("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.unwrap().replicas, Some(4));
+    assert_eq!(
+        deploys.get("web").await.unwrap().spec.unwrap().replicas,
+        Some(4)
+    );
+    // Negative replicas are refused as a real server refuses them.
+    let bad = json!({"spec": {"replicas": -1}});
+    let err = deploys
+        .patch_scale("web", &PatchParams::default(), &Patch::Merge(&bad))
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(err).0, 422);
+    // Discovery advertises it.
+    let discovery = Discovery::new(client).run().await.unwrap();
+    let apps = discovery.get("apps").unwrap();
+    let (_, caps) = apps
+        .recommended_resources()
+        .into_iter()
+        .find(|(r, _)| r.kind == "Deployment")
+        .unwrap();
+    assert!(
+        caps.subresources.iter().any(|(r, _)| r.plural == "scale"),
+        "{caps:?}"
+    );
+}
