@@ -17,6 +17,8 @@ use crate::{Error, Result};
 /// A source rendered up to the per-cluster step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Base {
+    /// The source path this base was rendered from.
+    pub path: String,
     /// (where, text) of each manifest text.
     pub texts: Vec<(String, String)>,
     /// Placeholders the texts use.
@@ -55,7 +57,11 @@ pub async fn base(
         .iter()
         .flat_map(|(_, t)| customize::placeholders(t))
         .collect();
-    Ok(Base { texts, used })
+    Ok(Base {
+        path: path.to_string(),
+        texts,
+        used,
+    })
 }
 
 async fn kustomize(

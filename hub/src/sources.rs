@@ -134,7 +134,6 @@ async fn render_app(
     record: &AppRecord,
 ) -> Result<(String, BTreeMap<String, String>)> {
     let spec = &record.doc.spec;
-    let name = record.doc.metadata.name.clone();
     let root = hub.source_settings.cache_root.clone();
     let (url, reference) = (spec.source.repo_url.clone(), spec.source.reference.clone());
     let pinned = record.status.pinned.clone();
@@ -143,54 +142,14 @@ async fn render_app(
         None => blocking(move || git::resolve(&root, &url, &reference)).await?,
     };
 
-    let cached = lock(&hub.sync.bases)
-        .get(&name)
-        .filter(|(rev, generation, _)| *rev == commit && *generation == record.generation)
-        .map(|(_, _, base)| Arc::clone(base));
-    let base = match cached {
-        Some(base) => base,
-        None => {
-            let root = hub.source_settings.cache_root.clone();
-            // Kustomize overlays may refer to bases elsewhere in the repository: they get the whole
-            // tree (still read with limits and symlink containment); plain sources only their path.
-            let read_path = match spec.source.kind {
-                SourceType::Plain => spec.source.path.clone(),
-                SourceType::Kustomize => String::new(),
-            };
-            let (url, c) = (spec.source.repo_url.clone(), commit.clone());
-            let files = blocking(move || {
-                git::read_tree(&root, &url, &c, &read_path, TreeLimits::default())
-            })
-            .await?;
-            let scratch = tempfile::tempdir()
-                .map_err(|e| Error::Internal(format!("scratch directory: {e}")))?;
-            let base = Arc::new(
-                render::base(
-                    spec.source.kind,
-                    files,
-                    &spec.source.path,
-                    &hub.source_settings.kustomize_bin,
-                    scratch.path(),
-                )
-                .await?,
-            );
-            // What does not depend on a cluster is checked once, whether or not any cluster is
-            // targeted yet: an app never looks fine only because nothing rendered it.
-            let checked = Arc::clone(&base);
-            crate::untrusted::run(
-                "checking the manifests",
-                crate::untrusted::PARSE_BUDGET,
-                move || render::check_base(&checked),
-            )
-            .await?;
-            lock(&hub.sync.bases).insert(
-                name.clone(),
-                (commit.clone(), record.generation, Arc::clone(&base)),
-            );
-            base
-        }
+    // A path that names cluster facts (`deploy/overlays/${cluster.labels.env}`) is resolved per
+    // cluster; a plain one is rendered once, before any cluster, so its errors are the app's.
+    let templated = !customize::placeholders(&spec.source.path).is_empty();
+    let shared = if templated {
+        None
+    } else {
+        Some(base_for(hub, record, &commit, &spec.source.path).await?)
     };
-
     let mut variants: HashMap<String, String> = HashMap::new();
     let mut assignments = BTreeMap::new();
     // (cluster, why) of every cluster whose variant failed: reported once for the app when it
@@ -202,7 +161,21 @@ async fn render_app(
             continue;
         }
         targeted += 1;
-        let key = customize::variant_key(&base.used, &cluster, &spec.customizations);
+        let base = match &shared {
+            Some(base) => Arc::clone(base),
+            None => match cluster_base(hub, record, &commit, &cluster).await {
+                Ok(base) => base,
+                Err(e) => {
+                    failures.push((cluster.name.clone(), render::reason(e)));
+                    continue;
+                }
+            },
+        };
+        let key = format!(
+            "{}\0{}",
+            base.path,
+            customize::variant_key(&base.used, &cluster, &spec.customizations)
+        );
         let digest = match variants.get(&key) {
             Some(d) => d.clone(),
             None => {
@@ -240,6 +213,79 @@ async fn render_app(
         return Err(Error::Render(message));
     }
     Ok((commit, assignments))
+}
+
+/// The base of `record` at `commit` for source path `path` (cached per app, path and revision).
+async fn base_for(
+    hub: &Arc<Hub>,
+    record: &AppRecord,
+    commit: &str,
+    path: &str,
+) -> Result<Arc<Base>> {
+    let spec = &record.doc.spec;
+    let cache_key = format!("{}\0{path}", record.doc.metadata.name);
+    let cached = lock(&hub.sync.bases)
+        .get(&cache_key)
+        .filter(|(rev, generation, _)| *rev == commit && *generation == record.generation)
+        .map(|(_, _, base)| Arc::clone(base));
+    if let Some(base) = cached {
+        return Ok(base);
+    }
+    let root = hub.source_settings.cache_root.clone();
+    // Kustomize overlays may refer to bases elsewhere in the repository: they get the whole tree
+    // (still read with limits and symlink containment); plain sources only their path.
+    let read_path = match spec.source.kind {
+        SourceType::Plain => path.to_string(),
+        SourceType::Kustomize => String::new(),
+    };
+    let (url, c) = (spec.source.repo_url.clone(), commit.to_string());
+    let files =
+        blocking(move || git::read_tree(&root, &url, &c, &read_path, TreeLimits::default()))
+            .await?;
+    let scratch =
+        tempfile::tempdir().map_err(|e| Error::Internal(format!("scratch directory: {e}")))?;
+    let base = Arc::new(
+        render::base(
+            spec.source.kind,
+            files,
+            path,
+            &hub.source_settings.kustomize_bin,
+            scratch.path(),
+        )
+        .await?,
+    );
+    // What does not depend on a cluster is checked once, whether or not any cluster is targeted
+    // yet: an app never looks fine only because nothing rendered it.
+    let checked = Arc::clone(&base);
+    crate::untrusted::run(
+        "checking the manifests",
+        crate::untrusted::PARSE_BUDGET,
+        move || render::check_base(&checked),
+    )
+    .await?;
+    lock(&hub.sync.bases).insert(
+        cache_key,
+        (commit.to_string(), record.generation, Arc::clone(&base)),
+    );
+    Ok(base)
+}
+
+/// The base for one cluster of an app whose source path names cluster facts.
+async fn cluster_base(
+    hub: &Arc<Hub>,
+    record: &AppRecord,
+    commit: &str,
+    cluster: &ClusterFacts,
+) -> Result<Arc<Base>> {
+    let spec = &record.doc.spec;
+    let vars = customize::variables(cluster, &spec.customizations);
+    let path = customize::substitute("spec.source.path", &spec.source.path, &vars)
+        .map_err(|e| Error::Render(e.to_string()))?;
+    crate::apps::check_path(&path)?;
+    base_for(hub, record, commit, &path).await.map_err(|e| match e {
+        Error::Source(m) => Error::Render(m),
+        other => other,
+    })
 }
 
 /// Renders one app and records the outcome on it.

@@ -520,3 +520,48 @@ async fn the_fleet_repository_adds_changes_and_removes_apps_by_commit() -> Resul
 async fn fleet_of(hub: &Hub) -> Result<()> {
     fleet(hub).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_path_naming_cluster_labels_gives_each_cluster_its_overlay() -> Result<()> {
+    let hub = Hub::start(HubOptions::default())?;
+    fleet(&hub).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    // No placeholder in any manifest: only the path differs per cluster.
+    repo.write(
+        "deploy/base/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {v: \"1\"}\n",
+    )?;
+    repo.write("deploy/base/kustomization.yaml", "resources: [cm.yaml]\n")?;
+    for region in ["eu", "us"] {
+        repo.write(
+            &format!("deploy/overlays/{region}/kustomization.yaml"),
+            &format!("resources: [../../base]\nnamePrefix: {region}-\n"),
+        )?;
+    }
+    let rev = repo.commit("overlays")?;
+    hub.apply_app(&app_doc(
+        "web",
+        &repo.url(),
+        "main",
+        "deploy/overlays/${cluster.labels.region}",
+        ", type: kustomize",
+    ))?;
+    let app = hub.wait_revision("web", &rev, T)?;
+    let d: std::collections::BTreeMap<String, String> = digests(&app).into_iter().collect();
+    assert_eq!(d.len(), 3, "{d:?}");
+    assert_eq!(d["eu-1"], d["eu-2"], "one overlay, one bundle: {d:?}");
+    assert_ne!(d["eu-1"], d["us-1"], "each region its overlay: {d:?}");
+
+    // A cluster whose overlay does not exist: the error names the cluster and the path.
+    let token = hub.token(&[])?;
+    register_with_labels(&hub, &token, "ap-1", &[("region", "ap")]).await?;
+    let err = flotilla_e2e::wait_for(T, "ap-1's missing overlay reported", || {
+        let app = hub.app("web")?;
+        let err = app["last_error"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(err.contains("ap-1"), "{err:?}");
+        Ok(Some(err))
+    })?;
+    assert!(err.contains("deploy/overlays/ap"), "{err}");
+    Ok(())
+}

@@ -117,6 +117,9 @@ pub struct Engine {
     cluster: String,
 }
 
+/// How long a sync waits for one wave to become Healthy before it stops.
+const WAVE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The message for an object whose namespace is missing and will not be created.
 pub fn missing_namespace(ns: &str) -> String {
     format!("namespace {ns} does not exist; create it or set spec.syncPolicy.createNamespace")
@@ -266,18 +269,51 @@ impl Engine {
         report.created_namespaces = created;
         let values: Vec<Value> = desired.iter().map(|(v, _)| v.clone()).collect();
         let mut final_refs = Vec::with_capacity(desired.len());
-        for i in plan::apply_order(&values) {
-            let (obj, r) = &desired[i];
-            let (outcome, r) = match blocked.get(r) {
-                Some(why) => (Outcome::Failed(why.clone()), r.clone()),
-                None => match self.apply_one(app, obj).await {
-                    Ok(r) => (Outcome::Applied, r),
-                    Err(e) => (Outcome::Failed(e.to_string()), ObjRef::of(obj)),
-                },
-            };
-            progress(&r, &outcome);
-            final_refs.push(r.clone());
-            report.objects.push((r, outcome));
+        let waves = plan::waves(&values);
+        // Why the sync stopped before the last wave, if it did.
+        let mut stopped: Option<String> = None;
+        for (n, (wave, indices)) in waves.iter().enumerate() {
+            let mut applied = Vec::new();
+            let mut failed: Option<(ObjRef, String)> = None;
+            for &i in indices {
+                let (obj, r) = &desired[i];
+                let (outcome, r) = match (&stopped, blocked.get(r)) {
+                    (Some(why), _) => (Outcome::Failed(format!("not applied: {why}")), r.clone()),
+                    (None, Some(why)) => (Outcome::Failed(why.clone()), r.clone()),
+                    (None, None) => match self.apply_one(app, obj).await {
+                        Ok(r) => (Outcome::Applied, r),
+                        Err(e) => (Outcome::Failed(e.to_string()), ObjRef::of(obj)),
+                    },
+                };
+                match &outcome {
+                    Outcome::Applied => applied.push((r.clone(), None)),
+                    Outcome::Failed(e) if failed.is_none() => failed = Some((r.clone(), e.clone())),
+                    _ => {}
+                }
+                progress(&r, &outcome);
+                final_refs.push(r.clone());
+                report.objects.push((r, outcome));
+            }
+            // A later wave starts only once every object of this one is Healthy (Jobs complete).
+            if stopped.is_some() || n + 1 == waves.len() {
+                continue;
+            }
+            if let Some((r, e)) = failed {
+                stopped = Some(format!("sync stopped at wave {wave}: {r} failed: {e}"));
+                continue;
+            }
+            let (h, _) = self.wait_healthy(&app.name, &applied, WAVE_TIMEOUT).await;
+            if h.state != HealthStatus::Healthy {
+                stopped = Some(format!(
+                    "sync stopped at wave {wave}: not Healthy ({}): {}",
+                    h.state, h.message
+                ));
+            }
+        }
+        if let Some(why) = stopped {
+            // Nothing is pruned by a sync that did not finish; the inventory keeps every object.
+            report.prune_note = Some(format!("{why}; nothing was pruned"));
+            return Ok(report);
         }
 
         match plan::decide_prune(&old.objects, &final_refs, app.prune, app.allow_empty) {

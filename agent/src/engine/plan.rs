@@ -13,6 +13,9 @@ pub const APP_LABEL: &str = "app.flotilla.dev/name";
 pub const CREATED_BY_LABEL: &str = "app.flotilla.dev/created-by";
 /// Annotation that overrides the default ordering: lower waves first.
 pub const WAVE_ANNOTATION: &str = "flotilla.dev/sync-wave";
+/// Argo CD's annotation of the same meaning (used when ours is absent), so Argo CD repositories
+/// deploy unchanged.
+pub const ARGO_WAVE_ANNOTATION: &str = "argocd.argoproj.io/sync-wave";
 
 /// Identity of an object in a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -86,12 +89,28 @@ pub fn kind_rank(group: &str, kind: &str) -> i32 {
     }
 }
 
-/// The wave of an object: its annotation, or 0.
+/// The wave of an object: its annotation (ours, else Argo CD's), or 0.
 pub fn wave(obj: &Value) -> i64 {
-    obj["metadata"]["annotations"][WAVE_ANNOTATION]
-        .as_str()
+    let annotations = &obj["metadata"]["annotations"];
+    [WAVE_ANNOTATION, ARGO_WAVE_ANNOTATION]
+        .iter()
+        .find_map(|a| annotations[*a].as_str())
         .and_then(|w| w.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The apply order cut into waves: (wave, indices in apply order), lowest wave first. A sync
+/// applies a wave only once every object of the previous one is Healthy.
+pub fn waves(objects: &[Value]) -> Vec<(i64, Vec<usize>)> {
+    let mut out: Vec<(i64, Vec<usize>)> = Vec::new();
+    for i in apply_order(objects) {
+        let w = wave(&objects[i]);
+        match out.last_mut() {
+            Some((last, members)) if *last == w => members.push(i),
+            _ => out.push((w, vec![i])),
+        }
+    }
+    out
 }
 
 /// The order in which to apply `objects` (indices into it): by wave, then kind rank, then kind,
@@ -269,6 +288,34 @@ mod tests {
                 "ConfigMap app/late",
             ]
         );
+    }
+
+    #[test]
+    fn waves_group_the_apply_order_and_argo_annotations_count() {
+        let mut argo = obj("v1", "ConfigMap", "app", "argo", None);
+        argo["metadata"]["annotations"] = json!({ARGO_WAVE_ANNOTATION: "2"});
+        let objects = vec![
+            obj("v1", "ConfigMap", "app", "late", Some("1")),
+            obj("apps/v1", "Deployment", "app", "web", None),
+            obj("batch/v1", "Job", "app", "migrate", Some("-1")),
+            argo,
+            obj("v1", "Namespace", "", "app", None),
+        ];
+        let names = |idx: &[usize]| -> Vec<String> {
+            idx.iter().map(|i| ObjRef::of(&objects[*i]).name).collect()
+        };
+        let got: Vec<(i64, Vec<String>)> =
+            waves(&objects).into_iter().map(|(w, idx)| (w, names(&idx))).collect();
+        assert_eq!(
+            got,
+            [
+                (-1, vec!["migrate".to_string()]),
+                (0, vec!["app".to_string(), "web".to_string()]),
+                (1, vec!["late".to_string()]),
+                (2, vec!["argo".to_string()]),
+            ]
+        );
+        assert_eq!(waves(&[]), Vec::<(i64, Vec<usize>)>::new());
     }
 
     #[test]
