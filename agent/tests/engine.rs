@@ -531,7 +531,10 @@ async fn a_wave_starts_only_after_the_previous_one_is_healthy_and_a_failed_wave_
     let after = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: after, annotations: {argocd.argoproj.io/sync-wave: \"1\"}}\ndata: {k: v}\n";
 
     // A failing wave 0: wave 1 is never applied, and the report names the Job.
-    let broken = f.bundle("broken", &[("a.yaml", &format!("{}{after}", job("busybox:broken")))]);
+    let broken = f.bundle(
+        "broken",
+        &[("a.yaml", &format!("{}{after}", job("busybox:broken")))],
+    );
     let out = f.apply("waves", &broken);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -539,15 +542,36 @@ async fn a_wave_starts_only_after_the_previous_one_is_healthy_and_a_failed_wave_
         text.contains("sync stopped at wave 0: not Healthy (Degraded): Job default/migrate"),
         "{text}"
     );
-    assert!(!f.configmaps("default").await.contains(&"after".to_string()), "{text}");
+    assert!(
+        !f.configmaps("default").await.contains(&"after".to_string()),
+        "{text}"
+    );
     assert!(f.kubectl(&["delete", "job", "migrate"]).status.success());
 
     // A good wave 0: the ConfigMap of wave 1 is created after the Job completed.
-    let good = f.bundle("good", &[("a.yaml", &format!("{}{after}", job("busybox:1")))]);
+    let good = f.bundle(
+        "good",
+        &[("a.yaml", &format!("{}{after}", job("busybox:1")))],
+    );
     let out = f.apply("waves", &good);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    let completed = stdout(&f.kubectl(&["get", "job", "migrate", "-o", "jsonpath={.status.completionTime}"]));
-    let created = stdout(&f.kubectl(&["get", "configmap", "after", "-o", "jsonpath={.metadata.creationTimestamp}"]));
-    assert!(!completed.is_empty() && created >= completed, "job completed {completed}, configmap created {created}");
+    let completed = stdout(&f.kubectl(&[
+        "get",
+        "job",
+        "migrate",
+        "-o",
+        "jsonpath={.status.completionTime}",
+    ]));
+    let created = stdout(&f.kubectl(&[
+        "get",
+        "configmap",
+        "after",
+        "-o",
+        "jsonpath={.metadata.creationTimestamp}",
+    ]));
+    assert!(
+        !completed.is_empty() && created >= completed,
+        "job completed {completed}, configmap created {created}"
+    );
 }

@@ -49,6 +49,10 @@ pub struct Customization {
     pub variables: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<Patch>,
+    /// Helm values for the clusters the selector matches (Helm sources), merged in order over the
+    /// source's values; `${cluster.…}` and `${vars.…}` are substituted in them.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub helm_values: Value,
 }
 
 /// Indices of the customizations that apply to a cluster, in order.
@@ -196,6 +200,41 @@ pub fn apply_patches(
     Ok(())
 }
 
+/// The Helm values a cluster gets: `base`, then the `helmValues` of every matching customization in
+/// order, deep-merged (maps merge, everything else replaces), with our placeholders substituted.
+pub fn helm_values(
+    base: &Value,
+    facts: &ClusterFacts,
+    customizations: &[Customization],
+) -> Result<Value> {
+    let mut values = if base.is_null() {
+        Value::Object(Default::default())
+    } else {
+        base.clone()
+    };
+    for i in matching(facts, customizations) {
+        deep_merge(&mut values, &customizations[i].helm_values);
+    }
+    let text = serde_json::to_string(&values).unwrap_or_default();
+    let vars = variables(facts, customizations);
+    let text = substitute("helm values", &text, &vars)?;
+    serde_json::from_str(&text).map_err(|e| Error::Customize(format!(
+        "helm values after substitution are not valid (a variable's value must not break the JSON): {e}"
+    )))
+}
+
+fn deep_merge(target: &mut Value, over: &Value) {
+    match (target, over) {
+        (Value::Object(t), Value::Object(o)) => {
+            for (k, v) in o {
+                deep_merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (_, Value::Null) => {}
+        (t, o) => *t = o.clone(),
+    }
+}
+
 /// The inputs that decide a cluster's render, given the placeholders the sources use: clusters with
 /// equal keys get identical bundles, so one render serves them all.
 pub fn variant_key(
@@ -290,6 +329,28 @@ mod tests {
             err.starts_with("cm.yaml line 3: unknown variable ${cluster.lables.region}"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn helm_values_merge_in_order_with_cluster_facts() {
+        let c: Vec<Customization> = serde_json::from_value(json!([
+            {"selector": {}, "helmValues": {"replicaCount": 1, "image": {"tag": "v1", "repo": "r"}}},
+            {"selector": {"matchLabels": {"region": "eu"}}, "helmValues": {"replicaCount": 3, "image": {"tag": "v2"}, "zone": "${cluster.labels.region}-a"}}
+        ]))
+        .unwrap();
+        let base = json!({"replicaCount": 0, "keep": true});
+        let eu = helm_values(&base, &facts("eu-1", "eu"), &c).unwrap();
+        assert_eq!(
+            eu,
+            json!({"replicaCount": 3, "keep": true, "image": {"tag": "v2", "repo": "r"}, "zone": "eu-a"})
+        );
+        let us = helm_values(&base, &facts("us-1", "us"), &c).unwrap();
+        assert_eq!(us["replicaCount"], 1);
+        let typo: Vec<Customization> = serde_json::from_value(
+            json!([{"selector": {}, "helmValues": {"x": "${cluster.lables.x}"}}]),
+        )
+        .unwrap();
+        assert!(helm_values(&base, &facts("eu-1", "eu"), &typo).is_err());
     }
 
     #[test]

@@ -59,6 +59,26 @@ pub enum SourceType {
     #[default]
     Plain,
     Kustomize,
+    /// A Helm chart at `path`, rendered by `helm template`.
+    Helm,
+}
+
+/// How a Helm chart is rendered (`spec.source.helm`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HelmSource {
+    /// The release name templates see (default: the app's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_name: Option<String>,
+    /// Values files, relative to the chart directory, applied in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub value_files: Vec<String>,
+    /// Inline values, over the files; per-cluster `helmValues` of customizations go over these.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub values: serde_json::Value,
+    /// Leave out the chart's `crds/` (default: they are applied, first).
+    #[serde(default, rename = "skipCRDs")]
+    pub skip_crds: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +93,8 @@ pub struct Source {
     pub path: String,
     #[serde(default, rename = "type")]
     pub kind: SourceType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helm: Option<HelmSource>,
 }
 
 fn default_ref() -> String {
@@ -221,6 +243,36 @@ impl AppDocument {
             return Err(field("spec.source.ref", "must not be empty"));
         }
         check_path(&s.path)?;
+        match (&s.helm, s.kind) {
+            (Some(_), SourceType::Plain | SourceType::Kustomize) => {
+                return Err(field(
+                    "spec.source.helm",
+                    "is only for `type: helm` sources",
+                ));
+            }
+            (Some(h), SourceType::Helm) => {
+                for f in &h.value_files {
+                    check_path(f).map_err(|_| {
+                        field(
+                            "spec.source.helm.valueFiles",
+                            format!("{f:?} must be relative to the chart, without '..'"),
+                        )
+                    })?;
+                }
+                if !(h.values.is_null() || h.values.is_object()) {
+                    return Err(field("spec.source.helm.values", "must be a mapping"));
+                }
+            }
+            _ => {}
+        }
+        for (i, c) in self.spec.customizations.iter().enumerate() {
+            if !c.helm_values.is_null() && s.kind != SourceType::Helm {
+                return Err(field(
+                    "spec.customizations",
+                    format!("[{i}].helmValues is only for `type: helm` sources"),
+                ));
+            }
+        }
         if let Some(sel) = &self.spec.targets.selector {
             sel.validate("spec.targets.selector")
                 .map_err(|e| field("spec.targets.selector", e.to_string()))?;

@@ -68,6 +68,9 @@ enum Command {
         /// Binary for kustomize sources: `kubectl` (runs `kubectl kustomize`) or `kustomize`.
         #[arg(long, default_value = "kubectl")]
         kustomize_bin: String,
+        /// Binary for Helm sources (runs `helm template`; no network at render time).
+        #[arg(long, default_value = "helm")]
+        helm_bin: String,
         /// A git repository holding App documents: the fleet's own definition (GitOps-managed).
         #[arg(long)]
         fleet_repo: Option<String>,
@@ -158,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             poll_interval,
             webhook_secret_file,
             kustomize_bin,
+            helm_bin,
             fleet_repo,
             repo_credentials,
             fleet_ref,
@@ -222,6 +226,7 @@ async fn main() -> anyhow::Result<()> {
                 sources: SourceOptions {
                     poll_interval,
                     kustomize_bin,
+                    helm_bin,
                     webhook_secret,
                     fleet,
                     credentials,

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_bundle::customize::{self, ClusterFacts, Customization};
@@ -13,6 +14,9 @@ use serde_json::Value;
 
 use crate::apps::SourceType;
 use crate::{Error, Result};
+
+/// A source's files: (path, contents).
+pub type Files = Vec<(String, Vec<u8>)>;
 
 /// A source rendered up to the per-cluster step.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +27,8 @@ pub struct Base {
     pub texts: Vec<(String, String)>,
     /// Placeholders the texts use.
     pub used: BTreeSet<String>,
+    /// A Helm source's chart files, rendered per cluster; `None` for plain and kustomize.
+    pub chart: Option<Arc<Files>>,
 }
 
 fn is_manifest(path: &str) -> bool {
@@ -38,6 +44,15 @@ pub async fn base(
     kustomize_bin: &str,
     scratch: &Path,
 ) -> Result<Base> {
+    if kind == SourceType::Plain
+        && files.iter().any(|(p, _)| {
+            p == "Chart.yaml" || p.ends_with("/Chart.yaml") && !p.contains("/charts/")
+        })
+    {
+        return Err(Error::Render(
+            "this looks like a Helm chart (Chart.yaml): set spec.source.type: helm".into(),
+        ));
+    }
     let texts = match kind {
         SourceType::Plain => files
             .into_iter()
@@ -52,6 +67,15 @@ pub async fn base(
             "kustomize build".to_string(),
             kustomize(files, path, kustomize_bin, scratch).await?,
         )],
+        // Rendered per cluster (values differ); the base keeps the chart's files.
+        SourceType::Helm => {
+            return Ok(Base {
+                path: path.to_string(),
+                texts: Vec::new(),
+                used: BTreeSet::new(),
+                chart: Some(Arc::new(files)),
+            });
+        }
     };
     let used = texts
         .iter()
@@ -61,48 +85,48 @@ pub async fn base(
         path: path.to_string(),
         texts,
         used,
+        chart: None,
     })
 }
 
-async fn kustomize(
-    files: Vec<(String, Vec<u8>)>,
-    path: &str,
-    bin: &str,
-    scratch: &Path,
-) -> Result<String> {
-    crate::kustomize_paths::check(&files)?;
-    for (file, data) in &files {
+/// Writes `files` (repository-relative) under `scratch`.
+fn materialize(files: &[(String, Vec<u8>)], scratch: &Path) -> Result<()> {
+    for (file, data) in files {
         let target = scratch.join(file);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
         std::fs::write(&target, data).map_err(|e| Error::io(&target, e))?;
     }
-    let mut cmd = tokio::process::Command::new(bin);
-    if Path::new(bin)
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with("kubectl"))
-    {
-        cmd.arg("kustomize");
-    } else {
-        cmd.arg("build");
-    }
-    cmd.arg(scratch.join(path.trim_matches('/')))
-        // No network: remote bases would make a render depend on more than the pinned revision.
-        .env("HTTP_PROXY", "http://127.0.0.1:9")
+    Ok(())
+}
+
+/// A render tool's process environment: no network (remote bases, chart repositories and OCI
+/// registries would make a render depend on more than the pinned revision), no home.
+fn sealed(cmd: &mut tokio::process::Command, scratch: &Path) {
+    cmd.env("HTTP_PROXY", "http://127.0.0.1:9")
         .env("HTTPS_PROXY", "http://127.0.0.1:9")
         .env("http_proxy", "http://127.0.0.1:9")
         .env("https_proxy", "http://127.0.0.1:9")
         .env("NO_PROXY", "")
+        .env("HOME", scratch)
+        .env("HELM_CACHE_HOME", scratch.join(".helm/cache"))
+        .env("HELM_CONFIG_HOME", scratch.join(".helm/config"))
+        .env("HELM_DATA_HOME", scratch.join(".helm/data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::Render(format!("cannot run {bin:?} for a kustomize source: {e} (install kubectl or kustomize, or set --kustomize-bin)"))
-    })?;
+}
+
+/// Runs a render tool (`what` names it in errors), its output capped at the render budget and its
+/// time at 60 s.
+async fn run_capped(mut cmd: tokio::process::Command, what: &str, missing: &str) -> Result<String> {
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::Render(format!("cannot run {what}: {e} ({missing})")))?;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(Error::Internal("kustomize pipes were not captured".into()));
+        return Err(Error::Internal(format!("{what}: pipes were not captured")));
     };
     // Output past the render budget is refused without holding more than the budget in memory.
     let limit = crate::git::MAX_RENDER_BYTES;
@@ -118,23 +142,106 @@ async fn kustomize(
         let status = child.wait().await?;
         Ok::<_, std::io::Error>(Some((status, out, err)))
     };
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
+    let (status, stdout, stderr) = tokio::time::timeout(Duration::from_secs(60), run)
         .await
-        .map_err(|_| Error::Render("kustomize build took longer than 60s".into()))?
-        .map_err(|e| Error::Render(format!("kustomize build: {e}")))?
+        .map_err(|_| Error::Render(format!("{what} took longer than 60s")))?
+        .map_err(|e| Error::Render(format!("{what}: {e}")))?
         .ok_or_else(|| {
             Error::Render(format!(
-                "kustomize build printed more than {limit} bytes (the render budget)"
+                "{what} printed more than {limit} bytes (the render budget)"
             ))
         })?;
-    let (status, stdout, stderr) = out;
     if !status.success() {
         return Err(Error::Render(format!(
-            "kustomize build failed: {}",
+            "{what} failed: {}",
             String::from_utf8_lossy(&stderr).trim()
         )));
     }
-    String::from_utf8(stdout).map_err(|_| Error::Render("kustomize output is not UTF-8".into()))
+    String::from_utf8(stdout).map_err(|_| Error::Render(format!("{what}: output is not UTF-8")))
+}
+
+async fn kustomize(
+    files: Vec<(String, Vec<u8>)>,
+    path: &str,
+    bin: &str,
+    scratch: &Path,
+) -> Result<String> {
+    crate::kustomize_paths::check(&files)?;
+    materialize(&files, scratch)?;
+    let mut cmd = tokio::process::Command::new(bin);
+    if Path::new(bin)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("kubectl"))
+    {
+        cmd.arg("kustomize");
+    } else {
+        cmd.arg("build");
+    }
+    cmd.arg(scratch.join(path.trim_matches('/')));
+    sealed(&mut cmd, scratch);
+    run_capped(
+        cmd,
+        "kustomize build",
+        "install kubectl or kustomize, or set --kustomize-bin",
+    )
+    .await
+}
+
+/// How a Helm chart is rendered for one cluster.
+pub struct HelmRender<'a> {
+    pub release: &'a str,
+    pub namespace: &'a str,
+    pub value_files: &'a [String],
+    /// The cluster's merged values (source values, then customizations' `helmValues`).
+    pub values: &'a Value,
+    pub skip_crds: bool,
+}
+
+/// `helm template` of the chart at `path`, given its files (paths relative to the chart directory).
+/// Dependencies must be vendored in `charts/`: nothing is fetched.
+pub async fn helm(
+    files: &[(String, Vec<u8>)],
+    path: &str,
+    opts: &HelmRender<'_>,
+    bin: &str,
+    scratch: &Path,
+) -> Result<String> {
+    let chart = path.trim_matches('/');
+    if !files.iter().any(|(p, _)| p == "Chart.yaml") {
+        return Err(Error::Render(format!(
+            "no Chart.yaml in {chart:?}: a `type: helm` source's path must be a chart directory"
+        )));
+    }
+    let chart_dir = scratch.join("chart");
+    materialize(files, &chart_dir)?;
+    let values_file = scratch.join(".flotilla-values.json");
+    std::fs::write(
+        &values_file,
+        serde_json::to_vec(opts.values).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io(&values_file, e))?;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("template")
+        .arg(opts.release)
+        .arg(&chart_dir)
+        .args(["--namespace", opts.namespace]);
+    for f in opts.value_files {
+        let file = chart_dir.join(f);
+        if !file.is_file() {
+            return Err(Error::Render(format!(
+                "spec.source.helm.valueFiles: {f:?} is not a file of the chart {chart:?}"
+            )));
+        }
+        cmd.arg("--values").arg(file);
+    }
+    cmd.arg("--values").arg(&values_file);
+    cmd.arg(if opts.skip_crds {
+        "--skip-crds"
+    } else {
+        "--include-crds"
+    });
+    sealed(&mut cmd, scratch);
+    run_capped(cmd, "helm template", "install helm, or set --helm-bin").await
 }
 
 /// Renders the variant of a cluster: substitute, parse, patch, normalize.
@@ -147,8 +254,12 @@ pub fn variant(
     let vars: BTreeMap<String, String> = customize::variables(facts, customizations);
     let mut objects = Vec::new();
     for (source, text) in &base.texts {
-        let text =
-            customize::substitute(source, text, &vars).map_err(|e| Error::Render(e.to_string()))?;
+        // A chart's output is the chart's: Flotilla's placeholders live in its values only.
+        let text = match base.chart {
+            Some(_) => text.clone(),
+            None => customize::substitute(source, text, &vars)
+                .map_err(|e| Error::Render(e.to_string()))?,
+        };
         let docs =
             manifest::parse_documents(source, &text).map_err(|e| Error::Render(e.to_string()))?;
         objects.extend(docs.into_iter().map(|m| m.object));

@@ -49,6 +49,7 @@ pub struct ServeOptions {
 pub struct SourceOptions {
     pub poll_interval: Duration,
     pub kustomize_bin: String,
+    pub helm_bin: String,
     pub webhook_secret: Option<Vec<u8>>,
     pub fleet: Option<crate::sources::FleetRepo>,
     pub credentials: crate::credentials::RepoCredentials,
@@ -59,6 +60,7 @@ impl Default for SourceOptions {
         Self {
             poll_interval: Duration::from_secs(60),
             kustomize_bin: "kubectl".into(),
+            helm_bin: "helm".into(),
             webhook_secret: None,
             fleet: None,
             credentials: Default::default(),
@@ -101,6 +103,7 @@ pub async fn serve(
         source_settings: SourceSettings {
             cache_root: opts.data_dir.join("repos"),
             kustomize_bin: opts.sources.kustomize_bin.clone(),
+            helm_bin: opts.sources.helm_bin.clone(),
             poll_interval: opts.sources.poll_interval,
             webhook_secret: opts.sources.webhook_secret.clone(),
             fleet: opts.sources.fleet.clone(),

@@ -24,6 +24,7 @@ pub struct SourceSettings {
     /// Where repository caches live.
     pub cache_root: PathBuf,
     pub kustomize_bin: String,
+    pub helm_bin: String,
     pub poll_interval: Duration,
     /// HMAC secret for webhooks; webhooks are refused without one.
     pub webhook_secret: Option<Vec<u8>>,
@@ -171,14 +172,49 @@ async fn render_app(
                 }
             },
         };
+        // A Helm chart is rendered per distinct set of values: the cluster's merged values are
+        // part of the key, so clusters with equal values still share one render.
+        let helm_values = match &base.chart {
+            Some(_) => {
+                let source_values = spec
+                    .source
+                    .helm
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |h| h.values.clone());
+                match customize::helm_values(&source_values, &cluster, &spec.customizations) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        failures.push((cluster.name.clone(), e.to_string()));
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
         let key = format!(
-            "{}\0{}",
+            "{}\0{}\0{}",
             base.path,
+            helm_values
+                .as_ref()
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
             customize::variant_key(&base.used, &cluster, &spec.customizations)
         );
         let digest = match variants.get(&key) {
             Some(d) => d.clone(),
             None => {
+                let base = match (&base.chart, &helm_values) {
+                    (Some(chart), Some(values)) => {
+                        match helm_base(hub, record, &base, chart, values).await {
+                            Ok(b) => b,
+                            Err(e) => {
+                                failures.push((cluster.name.clone(), render::reason(e)));
+                                continue;
+                            }
+                        }
+                    }
+                    _ => Arc::clone(&base),
+                };
                 let (b, c, custom, allow_empty) = (
                     Arc::clone(&base),
                     cluster.clone(),
@@ -235,7 +271,7 @@ async fn base_for(
     // Kustomize overlays may refer to bases elsewhere in the repository: they get the whole tree
     // (still read with limits and symlink containment); plain sources only their path.
     let read_path = match spec.source.kind {
-        SourceType::Plain => path.to_string(),
+        SourceType::Plain | SourceType::Helm => path.to_string(),
         SourceType::Kustomize => String::new(),
     };
     let (url, c) = (spec.source.repo_url.clone(), commit.to_string());
@@ -270,6 +306,53 @@ async fn base_for(
     Ok(base)
 }
 
+/// The rendered chart for one set of values, as a base of one text (not substituted: `${…}` is
+/// Flotilla's only in values).
+async fn helm_base(
+    hub: &Arc<Hub>,
+    record: &AppRecord,
+    base: &Base,
+    chart: &Arc<render::Files>,
+    values: &serde_json::Value,
+) -> Result<Arc<Base>> {
+    let spec = &record.doc.spec;
+    let helm = spec.source.helm.clone().unwrap_or_default();
+    let release = helm
+        .release_name
+        .clone()
+        .unwrap_or_else(|| record.doc.metadata.name.clone());
+    let scratch =
+        tempfile::tempdir().map_err(|e| Error::Internal(format!("scratch directory: {e}")))?;
+    let text = render::helm(
+        chart,
+        &base.path,
+        &render::HelmRender {
+            release: &release,
+            namespace: &spec.namespace,
+            value_files: &helm.value_files,
+            values,
+            skip_crds: helm.skip_crds,
+        },
+        &hub.source_settings.helm_bin,
+        scratch.path(),
+    )
+    .await?;
+    let rendered = Arc::new(Base {
+        path: base.path.clone(),
+        texts: vec![("helm template".to_string(), text)],
+        used: BTreeSet::new(),
+        chart: Some(Arc::clone(chart)),
+    });
+    let checked = Arc::clone(&rendered);
+    crate::untrusted::run(
+        "checking the chart's output",
+        crate::untrusted::PARSE_BUDGET,
+        move || render::check_base(&checked),
+    )
+    .await?;
+    Ok(rendered)
+}
+
 /// The base for one cluster of an app whose source path names cluster facts.
 async fn cluster_base(
     hub: &Arc<Hub>,
@@ -282,10 +365,12 @@ async fn cluster_base(
     let path = customize::substitute("spec.source.path", &spec.source.path, &vars)
         .map_err(|e| Error::Render(e.to_string()))?;
     crate::apps::check_path(&path)?;
-    base_for(hub, record, commit, &path).await.map_err(|e| match e {
-        Error::Source(m) => Error::Render(m),
-        other => other,
-    })
+    base_for(hub, record, commit, &path)
+        .await
+        .map_err(|e| match e {
+            Error::Source(m) => Error::Render(m),
+            other => other,
+        })
 }
 
 /// Renders one app and records the outcome on it.

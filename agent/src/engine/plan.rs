@@ -304,8 +304,10 @@ mod tests {
         let names = |idx: &[usize]| -> Vec<String> {
             idx.iter().map(|i| ObjRef::of(&objects[*i]).name).collect()
         };
-        let got: Vec<(i64, Vec<String>)> =
-            waves(&objects).into_iter().map(|(w, idx)| (w, names(&idx))).collect();
+        let got: Vec<(i64, Vec<String>)> = waves(&objects)
+            .into_iter()
+            .map(|(w, idx)| (w, names(&idx)))
+            .collect();
         assert_eq!(
             got,
             [

@@ -1,0 +1,123 @@
+//! Helm charts as Argo CD renders them: `helm template` on the hub (here the real Helm engine
+//! through tests/helm/helm, since our machines have no helm binary), values files, inline and
+//! per-cluster values, `crds/` applied first, and a plain App pointed at a chart told what to do.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, ensure};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn helm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("helm/helm")
+}
+
+const CHART: &[(&str, &str)] = &[
+    (
+        "chart/Chart.yaml",
+        "apiVersion: v2\nname: web\nversion: 0.1.0\n",
+    ),
+    (
+        "chart/values.yaml",
+        "replicaCount: 1\nimage: nginx:1.27\nregion: none\n",
+    ),
+    ("chart/values-prod.yaml", "replicaCount: 2\n"),
+    (
+        "chart/templates/deploy.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {{ .Release.Name }}\n  labels: {region: \"{{ .Values.region }}\"}\nspec:\n  replicas: {{ .Values.replicaCount }}\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: \"{{ .Values.image }}\"}]}\n",
+    ),
+    (
+        "chart/templates/widget.yaml",
+        "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: {{ .Release.Name }}-widget}\nspec: {size: {{ .Values.replicaCount }}}\n",
+    ),
+    (
+        "chart/templates/NOTES.txt",
+        "Installed {{ .Release.Name }}.\n",
+    ),
+    (
+        "chart/crds/widgets.yaml",
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: widgets.example.com}\nspec:\n  group: example.com\n  names: {kind: Widget, plural: widgets, singular: widget}\n  scope: Namespaced\n  versions: [{name: v1, served: true, storage: true, schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}}]\n",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chart_renders_per_region_values_and_its_crds_and_converges() -> Result<()> {
+    let clusters = SimCluster::start_many(&["eu-1", "us-1"])?;
+    let hub = Hub::start(HubOptions {
+        poll_interval: "300ms".into(),
+        extra_args: vec!["--helm-bin".into(), helm_bin().display().to_string()],
+        ..HubOptions::default()
+    })?;
+    let token = hub.token(&["--uses", "2"])?;
+    let mut agents = Vec::new();
+    for (name, region) in [("eu-1", "eu"), ("us-1", "us")] {
+        agents.push(hub.agent_with_cluster_labels(
+            name,
+            Some(&token),
+            &clusters.kubeconfig_of(name),
+            &format!("region={region}"),
+        )?);
+    }
+    hub.wait_all_connected(2, T)?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    for (path, text) in CHART {
+        repo.write(path, text)?;
+    }
+    let rev = repo.commit("chart")?;
+    hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source:\n    repoURL: \"{}\"\n    path: chart\n    type: helm\n    helm: {{releaseName: shop, valueFiles: [values-prod.yaml], values: {{image: \"nginx:1.28\"}}}}\n  targets: {{selector: {{matchExpressions: [{{key: region, operator: Exists}}]}}}}\n  customizations:\n    - selector: {{}}\n      helmValues: {{region: \"${{cluster.labels.region}}\"}}\n    - selector: {{matchLabels: {{region: eu}}}}\n      helmValues: {{replicaCount: 3}}\n  rollout: {{steps: [{{selector: {{}}, maxUnavailable: 2}}]}}\n",
+        repo.url()
+    ))?;
+    wait_for(T, "web Synced+Healthy on both clusters", || {
+        let rows = hub.status()?;
+        let done = rows.len() == 2
+            && rows.iter().all(|r| {
+                r["revision"] == rev.as_str() && r["sync"] == "Synced" && r["health"] == "Healthy"
+            });
+        ensure!(done, "{}", serde_json::to_string(&rows)?);
+        Ok(Some(()))
+    })?;
+    // Values: chart defaults < values file < inline values < per-cluster values, in order.
+    for (cluster, replicas, region) in [("eu-1", 3, "eu"), ("us-1", 2, "us")] {
+        let d = clusters
+            .object(cluster, "Deployment", "default", "shop")?
+            .ok_or_else(|| anyhow!("no Deployment shop in {cluster}"))?;
+        assert_eq!(d["spec"]["replicas"], replicas, "{cluster}: {d}");
+        assert_eq!(d["metadata"]["labels"]["region"], region, "{cluster}");
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["image"],
+            "nginx:1.28"
+        );
+        // The chart's CRD went first, so its custom resource could be applied.
+        let widget = clusters.kubectl(
+            cluster,
+            &["get", "widgets.example.com", "shop-widget", "-o", "json"],
+            "",
+        )?;
+        let widget: Value = serde_json::from_str(&widget)?;
+        assert_eq!(widget["spec"]["size"], replicas, "{cluster}");
+    }
+
+    // The same chart as a plain source: told it is a chart.
+    hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: plain}}\nspec:\n  source: {{repoURL: \"{}\", path: chart}}\n  targets: {{clusters: [eu-1]}}\n",
+        repo.url()
+    ))?;
+    wait_for(T, "the plain app's error", || {
+        let err = hub.app("plain")?["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        ensure!(
+            err.contains("this looks like a Helm chart (Chart.yaml): set spec.source.type: helm"),
+            "{err:?}"
+        );
+        Ok(Some(()))
+    })?;
+    drop(agents);
+    Ok(())
+}
