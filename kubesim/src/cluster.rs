@@ -115,16 +115,11 @@ fn node(i: usize) -> Value {
                 {"type": "Ready", "status": "True", "reason": "KubeletReady",
                  "message": "kubelet is posting ready status (simulated)",
                  "lastHeartbeatTime": now, "lastTransitionTime": now},
-                {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
-                 "message": "kubelet has sufficient memory available",
-                 "lastHeartbeatTime": now, "lastTransitionTime": now},
             ],
             "addresses": [{"type": "InternalIP", "address": format!("10.0.0.{}", 10 + i)},
                           {"type": "Hostname", "address": name}],
             "nodeInfo": {"kubeletVersion": "v1.32.0", "containerRuntimeVersion": "kubesim://0",
-                         "osImage": "kubesim", "operatingSystem": "linux", "architecture": "amd64",
-                         "kernelVersion": "-", "kubeProxyVersion": "v1.32.0",
-                         "machineID": "", "systemUUID": "", "bootID": ""},
+                         "operatingSystem": "linux", "architecture": "amd64"},
         },
     })
 }
@@ -227,20 +222,29 @@ impl Cluster {
         // A few Ready nodes across zones, so `get nodes` and topology spread make sense. Nothing
         // runs on them: kubesim simulates workload status, not containers.
         if let Some(rt) = cluster.resolve("", "v1", "nodes") {
-            let status = WriteOptions {
-                manager: "kubelet".into(),
-                subresource: Some("status".into()),
-                ..Default::default()
-            };
-            for i in 1..=NODES {
-                let n = node(i);
-                let name = format!("kubesim-node-{i}");
-                // Both cannot fail in an empty cluster: the kubelet registers, then reports.
-                let _ = cluster.create(&rt, None, n.clone(), &opts);
-                let _ = cluster.update(&rt, None, &name, n, &status);
-            }
+            cluster.seed_nodes(&rt);
         }
         cluster
+    }
+
+    /// Registers the simulated nodes with their status in one write each (as a kubelet's first
+    /// report), keeping an idle cluster's memory small.
+    fn seed_nodes(&self, rt: &ResourceType) {
+        let mut state = self.lock();
+        for i in 1..=NODES {
+            let full = node(i);
+            let status = full["status"].clone();
+            // A node of our own making in an empty cluster always prepares.
+            if let Ok(mut obj) = self.prepare_new(&mut state, rt, full) {
+                obj["status"] = status;
+                state.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+                let key = Self::key(rt, None, &format!("kubesim-node-{i}"));
+                state.objects.insert(key, obj);
+            }
+        }
+        // Part of the cluster's starting state, not of its watch history: no watch can be older.
+        state.compacted_rv = state.rv;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
