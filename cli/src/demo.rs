@@ -141,7 +141,7 @@ async fn wait_converged(
             .collect();
         let summary = summary.join("|");
         if summary != last {
-            println!(
+            out!(
                 "\n[{:>5.1}s] {done}/{clusters} clusters run {} and are Healthy",
                 started.elapsed().as_secs_f64(),
                 &revision[..12.min(revision.len())]
@@ -203,7 +203,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
         )),
     };
     let mut admin = AdminClient::new(endpoint(&url, &admin_tls)?.connect_lazy());
-    println!("hub listening on {url} (data in {})", data_dir.display());
+    out!("hub listening on {url} (data in {})", data_dir.display());
 
     let names: Vec<String> = (0..clusters)
         .map(|i| format!("{}-{}", REGIONS[i % REGIONS.len()], i / REGIONS.len() + 1))
@@ -217,7 +217,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
         ..kubesim::SimOptions::default()
     })
     .await?;
-    println!("kubesim serving {clusters} cluster(s) on {}", sim.addr());
+    out!("kubesim serving {clusters} cluster(s) on {}", sim.addr());
 
     for (i, name) in names.iter().enumerate() {
         let kubeconfig = dir.path().join(format!("{name}.kubeconfig"));
@@ -278,11 +278,11 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
         })
         .await
         .map_err(crate::rpc_error)?;
-    println!("app shop applied from {repo_url} at {}", &first[..12]);
+    out!("app shop applied from {repo_url} at {}", &first[..12]);
 
     let started = Instant::now();
     wait_converged(&mut admin, &first, clusters, started).await?;
-    println!(
+    out!(
         "\nfleet converged on {} in {:.1}s",
         &first[..12],
         started.elapsed().as_secs_f64()
@@ -294,26 +294,26 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
     std::fs::write(&web, text)?;
     git(&repo, &["commit", "-q", "-am", "web 1.1.0"])?;
     let second = git(&repo, &["rev-parse", "HEAD"])?;
-    println!("\ncommitted web 1.1.0 as {}", &second[..12]);
+    out!("\ncommitted web 1.1.0 as {}", &second[..12]);
     let started = Instant::now();
     wait_converged(&mut admin, &second, clusters, started).await?;
-    println!(
+    out!(
         "\nthe change reached all {clusters} clusters in {:.1}s",
         started.elapsed().as_secs_f64()
     );
 
     if !exit_when_synced {
-        println!("\npoint flotilla at the demo hub from another terminal:");
-        println!("  export FLOTILLA_HUB={url}");
-        println!("  export FLOTILLA_CA={}", paths.ca().display());
-        println!("  export FLOTILLA_CERT={}", paths.admin().display());
-        println!("  export FLOTILLA_KEY={}", paths.admin_key().display());
-        println!("  flotilla status");
-        println!(
+        out!("\npoint flotilla at the demo hub from another terminal:");
+        out!("  export FLOTILLA_HUB={url}");
+        out!("  export FLOTILLA_CA={}", paths.ca().display());
+        out!("  export FLOTILLA_CERT={}", paths.admin().display());
+        out!("  export FLOTILLA_KEY={}", paths.admin_key().display());
+        out!("  flotilla status");
+        out!(
             "\nthe fleet repository is {} (commit to it and watch `flotilla status`)",
             repo.display()
         );
-        println!("Ctrl-C stops the demo and removes its directory.");
+        out!("Ctrl-C stops the demo and removes its directory.");
         tokio::signal::ctrl_c().await?;
     }
     shutdown.cancel();

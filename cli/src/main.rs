@@ -1,5 +1,12 @@
 //! `flotilla`: the operator CLI. Talks to the hub's Admin API with the admin client certificate.
 
+/// Prints a line to stdout. A closed pipe (`flotilla status | head`) ends the program quietly, as
+/// the shell's own tools do, instead of panicking in `println!`.
+macro_rules! out {
+    () => { $crate::emit(format_args!("")) };
+    ($($arg:tt)*) => { $crate::emit(format_args!($($arg)*)) };
+}
+
 mod demo;
 mod output;
 
@@ -198,6 +205,17 @@ async fn main() -> ExitCode {
     }
 }
 
+pub(crate) fn emit(line: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 async fn admin_client(cli: &Connection) -> anyhow::Result<AdminClient<Channel>> {
     let hub = cli
         .hub
@@ -256,11 +274,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             flotilla_hub::fsutil::write_private(&file, &bytes)
                 .with_context(|| format!("writing {}", file.display()))?;
             match format {
-                Format::Json => println!(
+                Format::Json => out!(
                     "{}",
                     serde_json::json!({"file": file.display().to_string(), "bytes": bytes.len()})
                 ),
-                Format::Table => println!(
+                Format::Table => out!(
                     "backup written to {} ({} bytes)",
                     file.display(),
                     bytes.len()
@@ -368,11 +386,13 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
             match format {
                 Format::Json => output::app(format, &app),
                 Format::Table if app.pinned_revision.is_empty() => {
-                    println!("app/{} unpinned: it follows its ref again", app.name)
+                    out!("app/{} unpinned: it follows its ref again", app.name)
                 }
-                Format::Table => println!(
+                Format::Table => out!(
                     "app/{} pinned to {}; `flotilla rollout status {}` follows it",
-                    app.name, app.pinned_revision, app.name
+                    app.name,
+                    app.pinned_revision,
+                    app.name
                 ),
             }
         }
@@ -382,8 +402,8 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
                 .await
                 .map_err(rpc_error)?;
             match format {
-                Format::Json => println!("{}", serde_json::json!({"name": name, "deleted": true})),
-                Format::Table => println!("app {name} deleted"),
+                Format::Json => out!("{}", serde_json::json!({"name": name, "deleted": true})),
+                Format::Table => out!("app {name} deleted"),
             }
         }
     }

@@ -62,7 +62,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("   ").trim_end());
+        out!("{}", padded.join("   ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     rows.into_iter().for_each(line);
@@ -70,7 +70,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 
 fn print_json(value: &Value) {
     // Serializing a serde_json::Value cannot fail.
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
@@ -85,7 +85,7 @@ pub fn token(format: Format, token: &CreateTokenResponse) {
         })),
         Format::Table => {
             // The token alone on stdout, so `$(flotilla token create)` works; the rest to stderr.
-            println!("{}", token.token);
+            out!("{}", token.token);
             eprintln!(
                 "token {} expires at {}; it is shown only once",
                 token.token_id,
@@ -153,7 +153,7 @@ pub fn cluster(format: Format, cluster: &Cluster) {
                 ),
             ];
             for (k, v) in fields {
-                println!("{:<14}{v}", format!("{k}:"));
+                out!("{:<14}{v}", format!("{k}:"));
             }
         }
     }
@@ -162,7 +162,7 @@ pub fn cluster(format: Format, cluster: &Cluster) {
 pub fn deregistered(format: Format, name: &str, serials: &[String]) {
     match format {
         Format::Json => print_json(&json!({ "name": name, "revoked_serials": serials })),
-        Format::Table => println!(
+        Format::Table => out!(
             "cluster {name} deregistered; revoked {} certificate(s)",
             serials.len()
         ),
@@ -206,7 +206,7 @@ pub fn apps_applied(format: Format, apps: &[App]) {
         Format::Json => print_json(&Value::Array(apps.iter().map(app_json).collect())),
         Format::Table => {
             for app in apps {
-                println!("app/{} applied (generation {})", app.name, app.generation);
+                out!("app/{} applied (generation {})", app.name, app.generation);
             }
         }
     }
@@ -240,8 +240,8 @@ pub fn app(format: Format, app: &App) {
     match format {
         Format::Json => print_json(&app_json(app)),
         Format::Table => {
-            println!("{:<14}{}", "Name:", app.name);
-            println!(
+            out!("{:<14}{}", "Name:", app.name);
+            out!(
                 "{:<14}{}",
                 "Revision:",
                 if app.revision.is_empty() {
@@ -250,17 +250,19 @@ pub fn app(format: Format, app: &App) {
                     &app.revision
                 }
             );
-            println!(
+            out!(
                 "{:<14}{} (observed {})",
-                "Generation:", app.generation, app.observed_generation
+                "Generation:",
+                app.generation,
+                app.observed_generation
             );
             if !app.last_error.is_empty() {
-                println!("{:<14}{}", "Error:", app.last_error);
+                out!("{:<14}{}", "Error:", app.last_error);
             }
             if !app.note.is_empty() {
-                println!("{:<14}{}", "Note:", app.note);
+                out!("{:<14}{}", "Note:", app.note);
             }
-            println!();
+            out!();
             table(
                 &["CLUSTER", "BUNDLE", "ASSIGNED NOW"],
                 app.clusters
@@ -277,7 +279,7 @@ pub fn app(format: Format, app: &App) {
                     })
                     .collect(),
             );
-            println!();
+            out!();
             table(
                 &["REVISION", "RENDERED", "CLUSTERS"],
                 app.history
@@ -343,7 +345,7 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
                     *w = (*w).max(c.len());
                 }
             }
-            println!(
+            out!(
                 "{:<w0$}   {:<w1$}   {:<w2$}   {:<w3$}   {:<w4$}   MESSAGE",
                 "CLUSTER",
                 "APP",
@@ -360,7 +362,7 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
                 let pad = |s: &str, w: usize| {
                     format!("{}{}", paint(s), " ".repeat(w.saturating_sub(s.len())))
                 };
-                println!(
+                out!(
                     "{:<w0$}   {:<w1$}   {:<w2$}   {}   {}   {}",
                     if r.cluster.is_empty() {
                         "-"
@@ -439,21 +441,21 @@ pub fn rollout(format: Format, r: &RolloutStatus) {
     match format {
         Format::Json => print_json(&rollout_json(r)),
         Format::Table => {
-            println!("{:<10}{}", "App:", r.app);
-            println!("{:<10}{}", "Revision:", r.revision);
-            println!("{:<10}{}", "Phase:", r.phase);
+            out!("{:<10}{}", "App:", r.app);
+            out!("{:<10}{}", "Revision:", r.revision);
+            out!("{:<10}{}", "Phase:", r.phase);
             let step = r
                 .steps
                 .get(r.current_step as usize)
                 .map_or("-", String::as_str);
-            println!(
+            out!(
                 "{:<10}{} of {} ({step})",
                 "Step:",
                 (r.current_step as usize + 1).min(r.steps.len()),
                 r.steps.len()
             );
-            println!("{:<10}{}", "Why:", r.message);
-            println!();
+            out!("{:<10}{}", "Why:", r.message);
+            out!();
             table(
                 &["CLUSTER", "STEP", "STATE", "FROM", "TO", "REASON"],
                 r.clusters
@@ -519,19 +521,19 @@ pub fn rebuild(format: Format, name: &str, r: &RebuildClusterResponse) {
             "revoked_serials": r.revoked_serials,
         })),
         Format::Table => {
-            println!(
+            out!(
                 "cluster {name}: revoked {} certificate(s)",
                 r.revoked_serials.len()
             );
-            println!(
+            out!(
                 "token {} (registers one cluster, only as {name}; expires {}):",
                 r.token_id,
                 rfc3339_secs(r.expires_at_unix).unwrap_or_default()
             );
-            println!("{}", r.token);
-            println!();
-            println!("start the agent in the replacement cluster with:");
-            println!(
+            out!("{}", r.token);
+            out!();
+            out!("start the agent in the replacement cluster with:");
+            out!(
                 "  flotilla-agent run --hub HUB --ca CA --data-dir DIR --name {name} --token <token>"
             );
         }
