@@ -112,7 +112,15 @@ pub fn decode_bundle(digest: &str, bytes: &[u8]) -> Result<Vec<serde_json::Value
         .map_err(|e| Error::Bundle(format!("bundle {digest}: {e}")))?;
     for (i, o) in objects.iter().enumerate() {
         let named = |v: &serde_json::Value| v.as_str().is_some_and(|s| !s.is_empty());
-        if !(named(&o["apiVersion"]) && named(&o["kind"]) && named(&o["metadata"]["name"])) {
+        // Hooks may carry a generateName instead of a name.
+        let hook_named = named(&o["metadata"]["generateName"])
+            && matches!(
+                crate::engine::plan::role(o),
+                crate::engine::plan::Role::Hook(_)
+            );
+        if !(named(&o["apiVersion"]) && named(&o["kind"]))
+            || !(named(&o["metadata"]["name"]) || hook_named)
+        {
             return Err(Error::Bundle(format!(
                 "bundle {digest}: object {i} lacks an apiVersion, kind or metadata.name"
             )));

@@ -81,7 +81,7 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
             Outcome::Applied => println!("  applied  {r}"),
             Outcome::Pruned => println!("  pruned   {r}"),
             Outcome::Skipped(why) => println!("  skipped  {r}: {why}"),
-            Outcome::Failed(e) => println!("  FAILED   {r}: {e}"),
+            Outcome::Failed(e) | Outcome::HookFailed(e) => println!("  FAILED   {r}: {e}"),
         })
         .await?;
     if let Some(note) = &report.prune_note {

@@ -575,3 +575,115 @@ async fn a_wave_starts_only_after_the_previous_one_is_healthy_and_a_failed_wave_
         "job completed {completed}, configmap created {created}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn presync_hooks_run_first_and_a_failed_one_stops_the_sync() {
+    let f = fixture().await;
+    let hook = |name: &str, phase: &str, image: &str, policy: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  {name}\n  annotations: {{argocd.argoproj.io/hook: {phase}, argocd.argoproj.io/hook-delete-policy: {policy}}}\nspec:\n  template:\n    spec: {{restartPolicy: Never, containers: [{{name: m, image: \"{image}\"}}]}}\n---\n"
+        )
+    };
+    let cm = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\ndata: {{k: v}}\n---\n"
+        )
+    };
+    // A PreSync Job runs to completion before the resources; a generateName PostSync Job runs after
+    // them and is deleted once it succeeded.
+    let good = f.bundle(
+        "good",
+        &[(
+            "a.yaml",
+            &format!(
+                "{}{}{}",
+                hook(
+                    "name: migrate",
+                    "PreSync",
+                    "busybox:1",
+                    "BeforeHookCreation"
+                ),
+                cm("app"),
+                hook(
+                    "generateName: notify-",
+                    "PostSync",
+                    "busybox:1",
+                    "HookSucceeded"
+                ),
+            ),
+        )],
+    );
+    let out = f.apply("hooked", &good);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let completed = stdout(&f.kubectl(&[
+        "get",
+        "job",
+        "migrate",
+        "-o",
+        "jsonpath={.status.completionTime}",
+    ]));
+    let created = stdout(&f.kubectl(&[
+        "get",
+        "configmap",
+        "app",
+        "-o",
+        "jsonpath={.metadata.creationTimestamp}",
+    ]));
+    assert!(
+        !completed.is_empty() && created >= completed,
+        "hook completed {completed}, resource created {created}"
+    );
+    let jobs = stdout(&f.kubectl(&["get", "jobs", "-o", "name"]));
+    assert!(
+        !jobs.contains("notify-"),
+        "the PostSync hook was deleted on success: {jobs}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains("hook ran")
+            && l.contains("notify-")
+            && l.contains("PostSync")
+            && l.contains("ok=true")),
+        "the PostSync hook ran: {text}"
+    );
+    // Hooks are not the app's objects: a resync with the same bundle does not run them again,
+    // and they are never pruned as app objects.
+    let out = f.apply("hooked", &good);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("pruned   Job"), "{}", stdout(&out));
+
+    // A failing PreSync hook: the sync stops, no resource of the new revision is applied.
+    let bad = f.bundle(
+        "bad",
+        &[(
+            "a.yaml",
+            &format!(
+                "{}{}",
+                hook(
+                    "name: migrate",
+                    "PreSync",
+                    "busybox:broken",
+                    "BeforeHookCreation"
+                ),
+                cm("app-v2"),
+            ),
+        )],
+    );
+    let out = f.apply("hooked", &bad);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("PreSync hook Job default/migrate failed"),
+        "{text}"
+    );
+    assert!(
+        !f.configmaps("default")
+            .await
+            .contains(&"app-v2".to_string()),
+        "{text}"
+    );
+    assert!(
+        f.configmaps("default").await.contains(&"app".to_string()),
+        "nothing pruned: {text}"
+    );
+}

@@ -194,13 +194,29 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
 
 fn check_object(source: &str, v: &Value) -> Result<()> {
     let meta = &v["metadata"];
+    // Hooks may: each run creates a new object (Argo CD's and Helm's hook annotations).
+    let hook = ["argocd.argoproj.io/hook", "helm.sh/hook"]
+        .iter()
+        .any(|a| meta["annotations"][*a].is_string());
+    if meta["name"].as_str().is_none_or(str::is_empty)
+        && meta["generateName"].as_str().is_some_and(|g| !g.is_empty())
+        && hook
+    {
+        for (field, value) in [("apiVersion", &v["apiVersion"]), ("kind", &v["kind"])] {
+            if value.as_str().is_none_or(str::is_empty) {
+                return Err(bad(source, format!("missing {field}")));
+            }
+        }
+        return Ok(());
+    }
     if meta["name"].as_str().is_none_or(str::is_empty)
         && meta["generateName"].as_str().is_some_and(|g| !g.is_empty())
     {
         return Err(bad(
             source,
-            "metadata.generateName is not supported: the server would pick a new name on every \
-             apply, so the object could never be tracked, healed or pruned; give it a metadata.name",
+            "metadata.generateName is only for hooks (argocd.argoproj.io/hook, helm.sh/hook): the \
+             server would pick a new name on every apply, so a resource could never be tracked, \
+             healed or pruned; give it a metadata.name",
         ));
     }
     for (field, value) in [

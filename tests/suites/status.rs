@@ -396,3 +396,48 @@ async fn shell_placeholders_arrive_verbatim_and_one_app_owns_an_object() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_presync_hook_fails_the_canary_and_nothing_else_changes() -> Result<()> {
+    let f = Fleet::start(&[("canary-1", "region=eu,ring=canary"), ("eu-1", "region=eu")])?;
+    let cm = |v: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web}}\ndata: {{v: \"{v}\"}}\n")
+    };
+    f.repo.write("web/cm.yaml", &cm("1"))?;
+    let v1 = f.repo.commit("v1")?;
+    f.apply(
+        "web",
+        "web",
+        "  targets: {selector: {matchExpressions: [{key: region, operator: Exists}]}}\n  rollout:\n    steps:\n      - {name: canary, selector: {matchLabels: {ring: canary}}, maxConcurrent: 1}\n    onFailure: rollback\n",
+    )?;
+    f.wait_healthy("web", 2, &v1)?;
+    f.wait_phase("web", &v1, "Succeeded")?;
+    let before = f.resource_version("eu-1", "ConfigMap", "default", "web")?;
+
+    // v2: a PreSync migration that fails (an image kubesim never runs), and a changed ConfigMap.
+    f.repo.write("web/cm.yaml", &cm("2"))?;
+    f.repo.write(
+        "web/migrate.yaml",
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  generateName: migrate-\n  annotations: {argocd.argoproj.io/hook: PreSync, argocd.argoproj.io/hook-delete-policy: HookSucceeded}\nspec:\n  template:\n    spec: {restartPolicy: Never, containers: [{name: m, image: \"migrate:broken\"}]}\n",
+    )?;
+    let v2 = f.repo.commit("v2 with a failing migration")?;
+    let rolled = f.wait_phase("web", &v2, "RolledBack")?;
+    assert!(
+        rolled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("canary-1")),
+        "{rolled}"
+    );
+    f.wait_healthy("web", 2, &v1)?;
+    // The canary's ConfigMap never changed (the sync stopped before it); eu-1 never saw v2.
+    let cm = f
+        .clusters
+        .object("canary-1", "ConfigMap", "default", "web")?
+        .ok_or_else(|| anyhow!("web missing"))?;
+    assert_eq!(cm["data"]["v"], "1", "{cm}");
+    assert_eq!(
+        f.resource_version("eu-1", "ConfigMap", "default", "web")?,
+        before
+    );
+    Ok(())
+}

@@ -191,12 +191,12 @@ pub fn assess(live: Option<&Value>) -> Health {
     }
 }
 
-/// Health of one object of the bundle: an object whose last apply failed is Degraded with the
-/// apply error, whatever its live copy looks like (it is not what the bundle says); otherwise it
-/// is judged from the live object.
-pub fn of_object(apply_error: Option<&str>, live: Option<&Value>) -> Health {
-    match apply_error {
-        Some(e) => Health::degraded(format!("not applied: {e}")),
+/// Health of one object of the bundle: an object whose last apply (or hook run) failed is Degraded
+/// with that failure, in words, whatever its live copy looks like (it is not what the bundle says);
+/// otherwise it is judged from the live object.
+pub fn of_object(failure: Option<&str>, live: Option<&Value>) -> Health {
+    match failure {
+        Some(e) => Health::degraded(e),
         None => assess(live),
     }
 }
@@ -316,7 +316,8 @@ mod tests {
                 .collect();
             assert_eq!(aggregate(&each).state, want, "{objects:?}");
         }
-        let each = [(r("a"), of_object(Some(missing_ns), None))];
+        let why = format!("not applied: {missing_ns}");
+        let each = [(r("a"), of_object(Some(&why), None))];
         assert_eq!(
             aggregate(&each).message,
             format!("ConfigMap ghost/a: not applied: {missing_ns}")

@@ -21,6 +21,10 @@ pub const AGENT_NAMESPACE: &str = "flotilla-system";
 pub struct Inventory {
     pub digest: String,
     pub objects: Vec<ObjRef>,
+    /// The digest whose hooks (PreSync, Sync, PostSync) last ran to completion: hooks run once per
+    /// new revision, not on every resync.
+    #[serde(default)]
+    pub hooks_synced: Option<String>,
 }
 
 /// A bundle as cached for offline reconciling.
@@ -173,6 +177,7 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
     Ok(Some(Inventory {
         digest: data.get("digest").cloned().unwrap_or_default(),
         objects,
+        hooks_synced: data.get("hooksSynced").filter(|d| !d.is_empty()).cloned(),
     }))
 }
 
@@ -190,7 +195,8 @@ pub async fn write(client: &kube::Client, app: &str, inv: &Inventory) -> Result<
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": configmap_name(app), "namespace": AGENT_NAMESPACE,
                      "labels": {"app.flotilla.dev/inventory": app}},
-        "data": {"app": app, "digest": inv.digest, "objects": objects}});
+        "data": {"app": app, "digest": inv.digest, "objects": objects,
+                 "hooksSynced": inv.hooks_synced.clone().unwrap_or_default()}});
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     api.patch(&configmap_name(app), &pp, &Patch::Apply(&cm))
         .await

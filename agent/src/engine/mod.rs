@@ -46,6 +46,8 @@ pub enum Outcome {
     Applied,
     /// Why it could not be applied (or pruned), in words that do not repeat the object's name.
     Failed(String),
+    /// A hook that ran and failed (it is not one of the app's objects), and why.
+    HookFailed(String),
     Pruned,
     /// Left alone: in the old inventory but no longer labelled as ours.
     Skipped(String),
@@ -68,7 +70,7 @@ impl Report {
     pub fn failed(&self) -> usize {
         self.objects
             .iter()
-            .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+            .filter(|(_, o)| matches!(o, Outcome::Failed(_) | Outcome::HookFailed(_)))
             .count()
     }
     pub fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
@@ -83,7 +85,8 @@ impl Report {
             .take(self.bundle_len)
             .map(|(r, o)| {
                 let err = match o {
-                    Outcome::Failed(e) => Some(e.clone()),
+                    Outcome::Failed(e) => Some(format!("not applied: {e}")),
+                    Outcome::HookFailed(e) => Some(e.clone()),
                     _ => None,
                 };
                 (r.clone(), err)
@@ -97,7 +100,7 @@ impl Report {
             .objects
             .iter()
             .take(self.bundle_len)
-            .any(|(_, o)| matches!(o, Outcome::Failed(_)));
+            .any(|(_, o)| matches!(o, Outcome::Failed(_) | Outcome::HookFailed(_)));
         if failed {
             SyncStatus::Failed
         } else {
@@ -237,8 +240,27 @@ impl Engine {
     ) -> Result<Report> {
         let digest = digest(objects);
         let old = self.inventory(&app.name).await?;
-        let mut desired = Vec::with_capacity(objects.len());
+        // Hooks run once per new revision and are never tracked, healed or pruned; `Skip`ped
+        // objects are not applied at all.
+        let mut hooks: Vec<(Vec<plan::HookPhase>, Value)> = Vec::new();
+        let mut resources: Vec<&Value> = Vec::new();
         for obj in objects {
+            match plan::role(obj) {
+                plan::Role::Resource => resources.push(obj),
+                plan::Role::Hook(phases) => hooks.push((phases, obj.clone())),
+                plan::Role::Skipped => {}
+            }
+        }
+        let hooks_due = !hooks.is_empty() && old.hooks_synced.as_deref() != Some(digest.as_str());
+        let hooks_of = |phase: plan::HookPhase| -> Vec<Value> {
+            hooks
+                .iter()
+                .filter(|(p, _)| p.contains(&phase))
+                .map(|(_, o)| o.clone())
+                .collect()
+        };
+        let mut desired = Vec::with_capacity(resources.len());
+        for obj in &resources {
             desired.push(self.desired(app, obj).await);
         }
         let desired_refs: Vec<ObjRef> = desired.iter().map(|(_, r)| r.clone()).collect();
@@ -256,6 +278,7 @@ impl Engine {
             &Inventory {
                 digest: old.digest.clone(),
                 objects: union,
+                hooks_synced: old.hooks_synced.clone(),
             },
         )
         .await?;
@@ -272,13 +295,27 @@ impl Engine {
         let waves = plan::waves(&values);
         // Why the sync stopped before the last wave, if it did.
         let mut stopped: Option<String> = None;
+        if hooks_due {
+            let pre = hooks_of(plan::HookPhase::PreSync);
+            if let Err((r, why)) = self.run_hooks(app, &pre, "PreSync").await {
+                stopped = Some(format!("PreSync hook {r} failed: {why}"));
+                report.objects.push((
+                    r,
+                    Outcome::HookFailed(format!("PreSync hook failed: {why}")),
+                ));
+                report.bundle_len += 1;
+                let _ = self
+                    .run_hooks(app, &hooks_of(plan::HookPhase::SyncFail), "SyncFail")
+                    .await;
+            }
+        }
         for (n, (wave, indices)) in waves.iter().enumerate() {
             let mut applied = Vec::new();
             let mut failed: Option<(ObjRef, String)> = None;
             for &i in indices {
                 let (obj, r) = &desired[i];
                 let (outcome, r) = match (&stopped, blocked.get(r)) {
-                    (Some(why), _) => (Outcome::Failed(format!("not applied: {why}")), r.clone()),
+                    (Some(why), _) => (Outcome::Failed(why.clone()), r.clone()),
                     (None, Some(why)) => (Outcome::Failed(why.clone()), r.clone()),
                     (None, None) => match self.apply_one(app, obj).await {
                         Ok(r) => (Outcome::Applied, r),
@@ -310,6 +347,41 @@ impl Engine {
                 ));
             }
         }
+        let mut hooks_synced = old.hooks_synced.clone();
+        if hooks_due && stopped.is_none() {
+            let resources_ok = report.sync() == SyncStatus::Synced;
+            let sync_hooks = hooks_of(plan::HookPhase::Sync);
+            let post = hooks_of(plan::HookPhase::PostSync);
+            let mut outcome = if resources_ok { Ok(()) } else { Err(None) };
+            if outcome.is_ok() {
+                outcome = self.run_hooks(app, &sync_hooks, "Sync").await.map_err(Some);
+            }
+            if outcome.is_ok() && !post.is_empty() {
+                // PostSync runs once every resource is Healthy.
+                let objects: Vec<(ObjRef, Option<String>)> =
+                    final_refs.iter().map(|r| (r.clone(), None)).collect();
+                let (h, _) = self.wait_healthy(&app.name, &objects, WAVE_TIMEOUT).await;
+                outcome = if h.state == HealthStatus::Healthy {
+                    self.run_hooks(app, &post, "PostSync").await.map_err(Some)
+                } else {
+                    Err(None)
+                };
+            }
+            match outcome {
+                Ok(()) => hooks_synced = Some(digest.clone()),
+                Err(failed) => {
+                    if let Some((r, why)) = failed {
+                        report
+                            .objects
+                            .push((r, Outcome::HookFailed(format!("hook failed: {why}"))));
+                        report.bundle_len += 1;
+                    }
+                    let _ = self
+                        .run_hooks(app, &hooks_of(plan::HookPhase::SyncFail), "SyncFail")
+                        .await;
+                }
+            }
+        }
         if let Some(why) = stopped {
             // Nothing is pruned by a sync that did not finish; the inventory keeps every object.
             report.prune_note = Some(format!("{why}; nothing was pruned"));
@@ -322,6 +394,7 @@ impl Engine {
                 let keep = Inventory {
                     digest: old.digest.clone(),
                     objects: old.objects.clone(),
+                    hooks_synced: old.hooks_synced.clone(),
                 };
                 self.save_inventory(&app.name, &keep).await?;
                 return Ok(report);
@@ -336,6 +409,7 @@ impl Engine {
                     &Inventory {
                         digest,
                         objects: kept,
+                        hooks_synced,
                     },
                 )
                 .await?;
@@ -356,12 +430,99 @@ impl Engine {
                     &Inventory {
                         digest,
                         objects: still_tracked,
+                        hooks_synced,
                     },
                 )
                 .await?;
             }
         }
         Ok(report)
+    }
+
+    /// Runs the hooks of one phase in apply order, each to completion (Healthy; Jobs Complete):
+    /// the previous run's object is deleted first (BeforeHookCreation, the default), a
+    /// `generateName` hook is created anew, and each is deleted after success or failure when its
+    /// policy says so. Returns the first hook that failed, and why.
+    async fn run_hooks(
+        &self,
+        app: &AppSpec,
+        hooks: &[Value],
+        phase: &str,
+    ) -> std::result::Result<(), (ObjRef, String)> {
+        let mut prepared = Vec::with_capacity(hooks.len());
+        for h in hooks {
+            prepared.push(self.desired(app, h).await.0);
+        }
+        for i in plan::apply_order(&prepared) {
+            let obj = &prepared[i];
+            let policies = plan::delete_policies(obj);
+            let r = ObjRef::of(obj);
+            let gvk = gvk_of(obj);
+            let (ar, caps) = self
+                .resolve(&gvk)
+                .await
+                .map_err(|e| (r.clone(), e.to_string()))?;
+            let api = self.api(&ar, &caps, &r.namespace);
+            let created = if r.name.is_empty() {
+                api.create(
+                    &kube::api::PostParams::default(),
+                    &serde_json::from_value(obj.clone()).map_err(|e| (r.clone(), e.to_string()))?,
+                )
+                .await
+                .map_err(|e| (r.clone(), Error::kube("creating the hook", e).to_string()))?
+            } else {
+                if policies.contains(&plan::DeletePolicy::BeforeHookCreation) {
+                    self.delete_and_wait(&api, &r)
+                        .await
+                        .map_err(|e| (r.clone(), e.to_string()))?;
+                }
+                api.patch(
+                    &r.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(obj),
+                )
+                .await
+                .map_err(|e| (r.clone(), Error::kube("applying the hook", e).to_string()))?
+            };
+            let mut live = r.clone();
+            live.name = created.metadata.name.clone().unwrap_or_default();
+            let (h, each) = self
+                .wait_healthy(&app.name, &[(live.clone(), None)], WAVE_TIMEOUT)
+                .await;
+            let ok = h.state == HealthStatus::Healthy;
+            let why = each
+                .first()
+                .map(|(_, h)| format!("{} ({})", h.message, h.state))
+                .unwrap_or_default();
+            tracing::info!(app = %app.name, hook = %live, phase, ok, "hook ran");
+            let delete = (ok && policies.contains(&plan::DeletePolicy::HookSucceeded))
+                || (!ok && policies.contains(&plan::DeletePolicy::HookFailed));
+            if delete {
+                let _ = api.delete(&live.name, &DeleteParams::background()).await;
+            }
+            if !ok {
+                return Err((live, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an object (if it exists) and waits until it is gone, up to 30 s.
+    async fn delete_and_wait(&self, api: &Api<DynamicObject>, r: &ObjRef) -> Result<()> {
+        match api.delete(&r.name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(e) => return Err(Error::kube("deleting the previous hook", e)),
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match api.get_opt(&r.name).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => return Err(Error::kube("waiting for the previous hook to go", e)),
+            }
+        }
+        Err(Error::Timeout(format!("{r} was not deleted within 30s")))
     }
 
     /// Decides, before anything is written, which objects cannot be applied and why: objects in a
@@ -679,7 +840,10 @@ impl Engine {
     ) -> Result<()> {
         let mut desired: BTreeMap<ObjRef, Value> = BTreeMap::new();
         let mut kinds: BTreeMap<String, (ApiResource, ApiCapabilities)> = BTreeMap::new();
-        for obj in objects {
+        for obj in objects
+            .iter()
+            .filter(|o| plan::role(o) == plan::Role::Resource)
+        {
             let (prepared, r) = self.desired(app, obj).await;
             if let Ok(found) = self.resolve(&gvk_of(&prepared)).await {
                 kinds.insert(format!("{}/{}", r.api_version, r.kind), found);

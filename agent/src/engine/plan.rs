@@ -64,6 +64,114 @@ impl std::fmt::Display for ObjRef {
     }
 }
 
+/// Argo CD's resource hook annotations, and Helm's.
+pub const HOOK_ANNOTATION: &str = "argocd.argoproj.io/hook";
+pub const HOOK_DELETE_ANNOTATION: &str = "argocd.argoproj.io/hook-delete-policy";
+pub const HELM_HOOK_ANNOTATION: &str = "helm.sh/hook";
+pub const HELM_HOOK_DELETE_ANNOTATION: &str = "helm.sh/hook-delete-policy";
+
+/// When a hook runs in a sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HookPhase {
+    /// Before any resource; a failure stops the sync.
+    PreSync,
+    /// With the resources, after their waves.
+    Sync,
+    /// Once every resource is Healthy.
+    PostSync,
+    /// When the sync failed.
+    SyncFail,
+}
+
+/// What to delete a hook object on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeletePolicy {
+    /// The previous run's object, before this run creates its own (the default).
+    BeforeHookCreation,
+    HookSucceeded,
+    HookFailed,
+}
+
+/// What an object of the bundle is to a sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// An app resource: applied, tracked, healed, pruned.
+    Resource,
+    /// A hook of these phases: run on a sync of a new revision, never tracked or healed.
+    Hook(Vec<HookPhase>),
+    /// `Skip`, or a Helm hook that has no place in a sync (tests, deletes, rollbacks).
+    Skipped,
+}
+
+/// The role of an object, from Argo CD's hook annotation, else Helm's (pre-install/pre-upgrade →
+/// PreSync, post-install/post-upgrade → PostSync, as Argo CD maps them).
+pub fn role(obj: &Value) -> Role {
+    let annotations = &obj["metadata"]["annotations"];
+    let list = |a: &str| -> Option<Vec<String>> {
+        annotations[a].as_str().map(|v| {
+            v.split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+    };
+    let mut phases = Vec::new();
+    if let Some(argo) = list(HOOK_ANNOTATION) {
+        for p in argo {
+            match p.as_str() {
+                "PreSync" => phases.push(HookPhase::PreSync),
+                "Sync" => phases.push(HookPhase::Sync),
+                "PostSync" => phases.push(HookPhase::PostSync),
+                "SyncFail" => phases.push(HookPhase::SyncFail),
+                "Skip" => return Role::Skipped,
+                _ => {}
+            }
+        }
+    } else if let Some(helm) = list(HELM_HOOK_ANNOTATION) {
+        for p in helm {
+            match p.as_str() {
+                "pre-install" | "pre-upgrade" => phases.push(HookPhase::PreSync),
+                "post-install" | "post-upgrade" => phases.push(HookPhase::PostSync),
+                _ => {}
+            }
+        }
+        if phases.is_empty() {
+            return Role::Skipped;
+        }
+    } else {
+        return Role::Resource;
+    }
+    phases.sort();
+    phases.dedup();
+    if phases.is_empty() {
+        Role::Skipped
+    } else {
+        Role::Hook(phases)
+    }
+}
+
+/// A hook's delete policies (Argo CD's annotation, else Helm's; default BeforeHookCreation).
+pub fn delete_policies(obj: &Value) -> Vec<DeletePolicy> {
+    let annotations = &obj["metadata"]["annotations"];
+    let raw = annotations[HOOK_DELETE_ANNOTATION]
+        .as_str()
+        .or_else(|| annotations[HELM_HOOK_DELETE_ANNOTATION].as_str())
+        .unwrap_or("");
+    let mut out: Vec<DeletePolicy> = raw
+        .split(',')
+        .filter_map(|p| match p.trim() {
+            "BeforeHookCreation" | "before-hook-creation" => Some(DeletePolicy::BeforeHookCreation),
+            "HookSucceeded" | "hook-succeeded" => Some(DeletePolicy::HookSucceeded),
+            "HookFailed" | "hook-failed" => Some(DeletePolicy::HookFailed),
+            _ => None,
+        })
+        .collect();
+    if out.is_empty() {
+        out.push(DeletePolicy::BeforeHookCreation);
+    }
+    out
+}
+
 /// The default rank of a kind: CRDs, Namespaces, cluster-scoped and config kinds, workloads and
 /// Services, then everything else (custom resources among them).
 pub fn kind_rank(group: &str, kind: &str) -> i32 {
@@ -318,6 +426,54 @@ mod tests {
             ]
         );
         assert_eq!(waves(&[]), Vec::<(i64, Vec<usize>)>::new());
+    }
+
+    #[test]
+    fn hook_roles_and_delete_policies() {
+        let with = |a: serde_json::Value| json!({"metadata": {"name": "h", "annotations": a}});
+        let table = [
+            (json!({}), Role::Resource),
+            (
+                json!({HOOK_ANNOTATION: "PreSync"}),
+                Role::Hook(vec![HookPhase::PreSync]),
+            ),
+            (
+                json!({HOOK_ANNOTATION: "PostSync, PreSync"}),
+                Role::Hook(vec![HookPhase::PreSync, HookPhase::PostSync]),
+            ),
+            (json!({HOOK_ANNOTATION: "Skip"}), Role::Skipped),
+            (
+                json!({HOOK_ANNOTATION: "SyncFail"}),
+                Role::Hook(vec![HookPhase::SyncFail]),
+            ),
+            (
+                json!({HELM_HOOK_ANNOTATION: "pre-install,pre-upgrade"}),
+                Role::Hook(vec![HookPhase::PreSync]),
+            ),
+            (
+                json!({HELM_HOOK_ANNOTATION: "post-upgrade"}),
+                Role::Hook(vec![HookPhase::PostSync]),
+            ),
+            (json!({HELM_HOOK_ANNOTATION: "test"}), Role::Skipped),
+            // Argo CD's annotation wins over Helm's.
+            (
+                json!({HOOK_ANNOTATION: "Sync", HELM_HOOK_ANNOTATION: "pre-install"}),
+                Role::Hook(vec![HookPhase::Sync]),
+            ),
+        ];
+        for (annotations, want) in table {
+            assert_eq!(role(&with(annotations.clone())), want, "{annotations}");
+        }
+        assert_eq!(
+            delete_policies(&with(json!({}))),
+            [DeletePolicy::BeforeHookCreation]
+        );
+        assert_eq!(
+            delete_policies(&with(
+                json!({HELM_HOOK_DELETE_ANNOTATION: "hook-succeeded"})
+            )),
+            [DeletePolicy::HookSucceeded]
+        );
     }
 
     #[test]
