@@ -240,9 +240,11 @@ mod tests {
         let text = "# comment\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Job\nmetadata: {generateName: migrate-}\n";
         let err = parse_documents("hooks.yaml", text).unwrap_err().to_string();
         assert!(
-            err.starts_with("hooks.yaml#2 (line 6): metadata.generateName is not supported"),
+            err.starts_with("hooks.yaml#2 (line 6): metadata.generateName is only for hooks"),
             "{err}"
         );
+        let hook = "apiVersion: batch/v1\nkind: Job\nmetadata: {generateName: migrate-, annotations: {argocd.argoproj.io/hook: PreSync}}\n";
+        assert_eq!(parse_documents("hook.yaml", hook).unwrap().len(), 1);
         let err = parse_documents("x.yaml", "---\nkind: ConfigMap\n---\nkind: Secret\n")
             .unwrap_err()
             .to_string();
