@@ -187,7 +187,8 @@ fn app_json(app: &App) -> Value {
         "revision": app.revision,
         "last_error": if app.last_error.is_empty() { Value::Null } else { json!(app.last_error) },
         "note": if app.note.is_empty() { Value::Null } else { json!(app.note) },
-        "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest, "assigned": c.assigned_digest})).collect::<Vec<_>>(),
+        "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest, "assigned": c.assigned_digest,
+            "sync": c.sync().word(), "health": c.health().word(), "message": c.message})).collect::<Vec<_>>(),
         "history": app.history.iter().map(|h| json!({
             "revision": h.revision,
             "at": rfc3339_secs(h.at_unix),
@@ -264,7 +265,14 @@ pub fn app(format: Format, app: &App) {
             }
             out!();
             table(
-                &["CLUSTER", "BUNDLE", "ASSIGNED NOW"],
+                &[
+                    "CLUSTER",
+                    "BUNDLE",
+                    "ASSIGNED NOW",
+                    "SYNC",
+                    "HEALTH",
+                    "MESSAGE",
+                ],
                 app.clusters
                     .iter()
                     .map(|c| {
@@ -275,7 +283,14 @@ pub fn app(format: Format, app: &App) {
                         } else {
                             c.assigned_digest.clone()
                         };
-                        vec![c.cluster.clone(), c.digest.clone(), now]
+                        vec![
+                            c.cluster.clone(),
+                            c.digest.clone(),
+                            now,
+                            c.sync().word().to_string(),
+                            c.health().word().to_string(),
+                            c.message.clone(),
+                        ]
                     })
                     .collect(),
             );

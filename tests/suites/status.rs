@@ -165,6 +165,20 @@ async fn a_missing_namespace_is_never_healthy_until_created_and_create_namespace
         1,
         "names the object once: {message}"
     );
+    // `app get` carries each cluster's own word too.
+    let app = f.hub.app("ghost")?;
+    let eu = &app["clusters"][0];
+    assert_eq!(
+        (&eu["cluster"], &eu["sync"]),
+        (&"eu-1".into(), &"SyncFailed".into()),
+        "{app}"
+    );
+    assert!(
+        eu["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("namespace ghost does not exist")),
+        "{app}"
+    );
     // A few more rounds of retries: still failed, never Healthy, the rollout stopped.
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(500));

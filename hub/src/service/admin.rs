@@ -159,6 +159,8 @@ impl AdminService {
                         .get(cluster)
                         .map(|x| x.digest.clone())
                         .unwrap_or_default(),
+                    // Filled in by GetApp from the cluster's report.
+                    ..AppCluster::default()
                 })
                 .collect(),
             history: record
@@ -430,7 +432,22 @@ impl Admin for AdminService {
             .apps
             .get(name)?
             .ok_or_else(|| Error::AppNotFound(name.clone()))?;
-        Ok(Response::new(Self::app_to_proto(record)))
+        let mut app = Self::app_to_proto(record);
+        // Each cluster's own word on its assigned bundle (failed objects and hooks included).
+        for c in &mut app.clusters {
+            let (connected, _) = self.hub.sessions.status(&c.cluster);
+            let assigned = flotilla_proto::v1::Assignment {
+                app: app.name.clone(),
+                digest: c.assigned_digest.clone(),
+                ..Default::default()
+            };
+            let report = self.hub.reports.get(&c.cluster, &app.name);
+            let row = crate::reports::row(&c.cluster, connected, &assigned, report.as_ref());
+            c.sync = row.sync;
+            c.health = row.health;
+            c.message = row.message;
+        }
+        Ok(Response::new(app))
     }
 
     async fn delete_app(
