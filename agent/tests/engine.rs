@@ -77,6 +77,11 @@ impl Fixture {
             .expect("kubectl is installed on our build machines")
     }
 
+    /// `kubectl get KIND NAME -o jsonpath=PATH`, its output.
+    fn jsonpath(&self, kind: &str, name: &str, path: &str) -> String {
+        stdout(&self.kubectl(&["get", kind, name, "-o", &format!("jsonpath={path}")]))
+    }
+
     async fn configmaps(&self, ns: &str) -> Vec<String> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
         let list = api.list(&ListParams::default()).await.unwrap();
@@ -556,20 +561,8 @@ async fn a_wave_starts_only_after_the_previous_one_is_healthy_and_a_failed_wave_
     let out = f.apply("waves", &good);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    let completed = stdout(&f.kubectl(&[
-        "get",
-        "job",
-        "migrate",
-        "-o",
-        "jsonpath={.status.completionTime}",
-    ]));
-    let created = stdout(&f.kubectl(&[
-        "get",
-        "configmap",
-        "after",
-        "-o",
-        "jsonpath={.metadata.creationTimestamp}",
-    ]));
+    let completed = f.jsonpath("job", "migrate", "{.status.completionTime}");
+    let created = f.jsonpath("configmap", "after", "{.metadata.creationTimestamp}");
     assert!(
         !completed.is_empty() && created >= completed,
         "job completed {completed}, configmap created {created}"
@@ -616,20 +609,8 @@ async fn presync_hooks_run_first_and_a_failed_one_stops_the_sync() {
     let out = f.apply("hooked", &good);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}");
-    let completed = stdout(&f.kubectl(&[
-        "get",
-        "job",
-        "migrate",
-        "-o",
-        "jsonpath={.status.completionTime}",
-    ]));
-    let created = stdout(&f.kubectl(&[
-        "get",
-        "configmap",
-        "app",
-        "-o",
-        "jsonpath={.metadata.creationTimestamp}",
-    ]));
+    let completed = f.jsonpath("job", "migrate", "{.status.completionTime}");
+    let created = f.jsonpath("configmap", "app", "{.metadata.creationTimestamp}");
     assert!(
         !completed.is_empty() && created >= completed,
         "hook completed {completed}, resource created {created}"

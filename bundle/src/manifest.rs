@@ -144,6 +144,11 @@ fn document_lines(text: &str) -> Vec<usize> {
     starts
 }
 
+/// Argo CD's resource hook annotation and Helm's: objects carrying either are hooks (the agent
+/// decides their phases), which alone may use `generateName`.
+pub const HOOK_ANNOTATION: &str = "argocd.argoproj.io/hook";
+pub const HELM_HOOK_ANNOTATION: &str = "helm.sh/hook";
+
 /// Parses the YAML (or JSON) documents of one file.
 pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
     refuse_deep(name, text)?;
@@ -195,7 +200,7 @@ pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {
 fn check_object(source: &str, v: &Value) -> Result<()> {
     let meta = &v["metadata"];
     // Hooks may: each run creates a new object (Argo CD's and Helm's hook annotations).
-    let hook = ["argocd.argoproj.io/hook", "helm.sh/hook"]
+    let hook = [HOOK_ANNOTATION, HELM_HOOK_ANNOTATION]
         .iter()
         .any(|a| meta["annotations"][*a].is_string());
     if meta["name"].as_str().is_none_or(str::is_empty)

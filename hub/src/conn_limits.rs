@@ -109,7 +109,8 @@ impl Limiter {
     }
 
     /// Live connections now.
-    pub fn live(&self) -> usize {
+    #[cfg(test)]
+    fn live(&self) -> usize {
         self.lock().total
     }
 
@@ -156,12 +157,6 @@ pub struct Guarded {
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
     age_timer: Option<Pin<Box<Sleep>>>,
-}
-
-impl Guarded {
-    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.peer_addr()
-    }
 }
 
 impl AsyncRead for Guarded {

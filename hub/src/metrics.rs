@@ -92,7 +92,7 @@ impl Default for Metrics {
         );
         registry.register(
             "connections_refused",
-            "Connections refused at the caps (max_connections, max_per_address)",
+            "Connections refused at the caps (max_connections, max_per_address) or closed by a timer (idle, max_age)",
             connections_refused.clone(),
         );
         registry.register(
@@ -135,7 +135,8 @@ impl Metrics {
             .or_insert_with(Instant::now);
     }
 
-    /// A connection was refused or closed by the connection caps (`listener`, `reason` closed sets).
+    /// A connection was refused at the caps (`listener`, `reason` closed sets); timer closes are
+    /// counted into the same family by `conn_limits`.
     pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
         self.connections_refused
             .get_or_create(&RefusalLabels {

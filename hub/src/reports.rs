@@ -1,6 +1,7 @@
 //! What agents report: per cluster × app, the revision and digest applied, sync, health and drift.
-//! Kept in memory for reads and written through to sled (best effort: a report is re-sent by the
-//! agent on its next session, so nothing acknowledged is lost).
+//! Kept in memory for reads and written to sled when what a rollout decides on changes, else at
+//! most every 30 s (best effort: a report is re-sent by the agent on its next session, so nothing
+//! acknowledged is lost).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -251,6 +251,15 @@ async fn render_app(
     Ok((commit, assignments))
 }
 
+/// Runs the cluster-independent checks of a base on the blocking pool (`what` names it in errors).
+async fn check_base(base: &Arc<Base>, what: &str) -> Result<()> {
+    let checked = Arc::clone(base);
+    crate::untrusted::run(what, crate::untrusted::PARSE_BUDGET, move || {
+        render::check_base(&checked)
+    })
+    .await
+}
+
 /// The base of `record` at `commit` for source path `path` (cached per app, path and revision).
 async fn base_for(
     hub: &Arc<Hub>,
@@ -292,13 +301,7 @@ async fn base_for(
     );
     // What does not depend on a cluster is checked once, whether or not any cluster is targeted
     // yet: an app never looks fine only because nothing rendered it.
-    let checked = Arc::clone(&base);
-    crate::untrusted::run(
-        "checking the manifests",
-        crate::untrusted::PARSE_BUDGET,
-        move || render::check_base(&checked),
-    )
-    .await?;
+    check_base(&base, "checking the manifests").await?;
     lock(&hub.sync.bases).insert(
         cache_key,
         (commit.to_string(), record.generation, Arc::clone(&base)),
@@ -343,13 +346,7 @@ async fn helm_base(
         used: BTreeSet::new(),
         chart: Some(Arc::clone(chart)),
     });
-    let checked = Arc::clone(&rendered);
-    crate::untrusted::run(
-        "checking the chart's output",
-        crate::untrusted::PARSE_BUDGET,
-        move || render::check_base(&checked),
-    )
-    .await?;
+    check_base(&rendered, "checking the chart's output").await?;
     Ok(rendered)
 }
 

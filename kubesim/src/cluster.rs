@@ -760,10 +760,7 @@ impl Cluster {
                 self.finish_patch(&mut state, rt, key, name, old, patched, opts)
             }
             (PatchType::Strategic, Some(old)) => {
-                if !resources::builtins()
-                    .iter()
-                    .any(|b| b.group == rt.group && b.plural == rt.plural)
-                {
+                if !resources::is_builtin(&rt.group, &rt.plural) {
                     return Err(ApiError::unsupported_media_type(
                         "application/strategic-merge-patch+json",
                         &crate::http::CUSTOM_PATCH_TYPES,

@@ -360,9 +360,7 @@ async fn route(
             if wants_table(&headers) {
                 return ok(table(&items, rv));
             }
-            let builtin = crate::resources::builtins()
-                .iter()
-                .any(|b| b.group == rt.group && b.plural == rt.plural);
+            let builtin = crate::resources::is_builtin(&rt.group, &rt.plural);
             let items: Vec<Value> = items
                 .into_iter()
                 .map(|mut o| {

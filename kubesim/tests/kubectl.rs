@@ -506,32 +506,34 @@ async fn everyday_imperative_kubectl_scale_rollouts_nodes_and_validation() {
     assert!(!err.is_empty());
 
     // Validation a real server does.
-    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports: [{name: http, port: 80}, {name: http, port: 81}]\n";
-    let err = k.fails(&["apply", "-f", &write(dir.path(), "s.yaml", svc)]);
-    assert!(
-        err.contains("spec.ports[1].name: Duplicate value: \"http\""),
-        "{err}"
+    let refused = |file: &str, manifest: &str, needle: &str| {
+        let err = k.fails(&["apply", "-f", &write(dir.path(), file, manifest)]);
+        assert!(err.contains(needle), "{file}: {err}");
+    };
+    refused(
+        "s.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports: [{name: http, port: 80}, {name: http, port: 81}]\n",
+        "spec.ports[1].name: Duplicate value: \"http\"",
     );
-    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: NodePort\n  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]\n";
-    let err = k.fails(&["apply", "-f", &write(dir.path(), "s2.yaml", svc)]);
-    assert!(
-        err.contains("spec.ports[1].nodePort: Duplicate value: 30080"),
-        "{err}"
+    refused(
+        "s2.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: NodePort\n  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]\n",
+        "spec.ports[1].nodePort: Duplicate value: 30080",
     );
-    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 80}]\n";
-    let err = k.fails(&["apply", "-f", &write(dir.path(), "s3.yaml", svc)]);
-    assert!(err.contains("not in the valid range"), "{err}");
-    let twins = "apiVersion: v1\nkind: Pod\nmetadata: {name: twins}\nspec: {containers: [{name: c, image: a}, {name: c, image: b}]}\n";
-    let err = k.fails(&["apply", "-f", &write(dir.path(), "t.yaml", twins)]);
-    assert!(
-        err.contains("spec.containers[1].name: Duplicate value: \"c\""),
-        "{err}"
+    refused(
+        "s3.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: NodePort\n  ports: [{port: 80, nodePort: 80}]\n",
+        "not in the valid range",
     );
-    let bad_q = "apiVersion: v1\nkind: Pod\nmetadata: {name: q}\nspec: {containers: [{name: c, image: a, resources: {limits: {memory: 1 GB}}}]}\n";
-    let err = k.fails(&["apply", "-f", &write(dir.path(), "q.yaml", bad_q)]);
-    assert!(
-        err.contains("quantities must match the regular expression"),
-        "{err}"
+    refused(
+        "t.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: twins}\nspec: {containers: [{name: c, image: a}, {name: c, image: b}]}\n",
+        "spec.containers[1].name: Duplicate value: \"c\"",
+    );
+    refused(
+        "q.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: q}\nspec: {containers: [{name: c, image: a, resources: {limits: {memory: 1 GB}}}]}\n",
+        "quantities must match the regular expression",
     );
 
     // Protobuf bodies (kubectl create namespace|deployment|...) are not decoded yet: the 415 says

@@ -64,10 +64,10 @@ impl std::fmt::Display for ObjRef {
     }
 }
 
-/// Argo CD's resource hook annotations, and Helm's.
-pub const HOOK_ANNOTATION: &str = "argocd.argoproj.io/hook";
+/// Argo CD's resource hook annotations, and Helm's (the hook markers are the bundle's, which lets
+/// hooks alone use `generateName`).
+pub use flotilla_bundle::manifest::{HELM_HOOK_ANNOTATION, HOOK_ANNOTATION};
 pub const HOOK_DELETE_ANNOTATION: &str = "argocd.argoproj.io/hook-delete-policy";
-pub const HELM_HOOK_ANNOTATION: &str = "helm.sh/hook";
 pub const HELM_HOOK_DELETE_ANNOTATION: &str = "helm.sh/hook-delete-policy";
 
 /// When a hook runs in a sync.
