@@ -129,9 +129,71 @@ pub fn decode_bundle(digest: &str, bytes: &[u8]) -> Result<Vec<serde_json::Value
     Ok(objects)
 }
 
-struct Running {
+/// What an app task runs from: a change of any of these restarts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Orders {
     digest: String,
+    preview_digest: String,
+    sync_request: u64,
+    manual: bool,
+    self_heal: bool,
+}
+
+impl Orders {
+    fn of(a: &Assignment) -> Self {
+        Self {
+            digest: a.digest.clone(),
+            preview_digest: a.preview_digest.clone(),
+            sync_request: a.sync_request,
+            manual: a.manual,
+            self_heal: a.self_heal,
+        }
+    }
+
+    /// A bundle from the cache, before the hub said anything.
+    fn cached(b: &CachedBundle) -> Self {
+        Self {
+            digest: b.digest.clone(),
+            preview_digest: String::new(),
+            sync_request: 0,
+            manual: b.spec.manual,
+            self_heal: b.spec.self_heal,
+        }
+    }
+}
+
+struct Running {
+    orders: Orders,
     cancel: CancellationToken,
+}
+
+/// How one pass of an app's task goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Apply the bundle (a sync).
+    Apply,
+    /// Compare only: what a sync would change is reported, nothing is written.
+    Compare,
+}
+
+/// Whether a pass applies: automated apps whenever the bundle is new to the cluster, healing is on,
+/// the last pass left failures or an operator asked; manual apps only on an operator's request
+/// that was not carried out yet. Nothing applies without a bundle (a manual app never synced).
+fn pass_for(
+    spec: &AppSpec,
+    orders: &Orders,
+    applied_digest: &str,
+    done_request: u64,
+    failures_left: bool,
+) -> Pass {
+    let requested = orders.sync_request > done_request;
+    let apply = !orders.digest.is_empty()
+        && if spec.manual {
+            requested
+        } else {
+            spec.self_heal || requested || failures_left || applied_digest != orders.digest
+        };
+    if apply { Pass::Apply } else { Pass::Compare }
 }
 
 /// The apps this agent runs.
@@ -192,7 +254,8 @@ impl Fleet {
         if let Some(cache) = self.engine.cache() {
             for app in cache.apps() {
                 if let Some(bundle) = cache.bundle(&app)? {
-                    self.start(bundle, &cancel);
+                    let orders = Orders::cached(&bundle);
+                    self.start(bundle, None, orders, &cancel);
                 }
             }
         }
@@ -247,17 +310,26 @@ impl Fleet {
         let wanted: BTreeMap<String, Assignment> =
             desired.into_iter().map(|a| (a.app.clone(), a)).collect();
         for (app, a) in &wanted {
-            let current = lock(&self.running).get(app).map(|r| r.digest.clone());
-            if current.as_deref() == Some(a.digest.as_str()) {
+            let orders = Orders::of(a);
+            let current = lock(&self.running).get(app).map(|r| r.orders.clone());
+            if current.as_ref() == Some(&orders) {
                 continue;
             }
-            let bundle = match self.bundle_for(a).await {
+            let fetched = async {
+                let bundle = self.bundle_for(a, &a.digest).await?;
+                let preview = match a.preview_digest.as_str() {
+                    "" => None,
+                    d => Some(self.bundle_for(a, d).await?.objects),
+                };
+                Ok::<_, Error>((bundle, preview))
+            };
+            let (bundle, preview) = match fetched.await {
                 Ok(b) => b,
                 Err(e) => {
                     self.board.set(AppStatus {
                         app: app.clone(),
                         revision: a.revision.clone(),
-                        digest: current.unwrap_or_default(),
+                        digest: current.map(|o| o.digest).unwrap_or_default(),
                         sync: SyncStatus::OutOfSync.into(),
                         health: HealthStatus::Unknown.into(),
                         message: format!("fetching bundle {}: {e}", a.digest),
@@ -267,8 +339,8 @@ impl Fleet {
                     continue;
                 }
             };
-            tracing::info!(app, digest = %a.digest, revision = %a.revision, "running new bundle");
-            self.start(bundle, cancel);
+            tracing::info!(app, digest = %a.digest, revision = %a.revision, manual = a.manual, sync_request = a.sync_request, "running new orders");
+            self.start(bundle, preview, orders, cancel);
         }
         let leaving: Vec<String> = lock(&self.running)
             .keys()
@@ -281,18 +353,30 @@ impl Fleet {
         Ok(complete)
     }
 
-    /// The bundle for an assignment: from the cache when the digest matches, else fetched.
-    async fn bundle_for(&self, a: &Assignment) -> Result<CachedBundle> {
+    /// The bundle `digest` for an assignment: from the cache when the digest matches, else
+    /// fetched; a manual app's empty digest (never synced) is an empty bundle.
+    async fn bundle_for(&self, a: &Assignment, digest: &str) -> Result<CachedBundle> {
         let spec = AppSpec {
             name: a.app.clone(),
             namespace: a.namespace.clone(),
             prune: a.prune,
             allow_empty: a.allow_empty,
             create_namespace: a.create_namespace,
+            manual: a.manual,
+            self_heal: a.self_heal,
         };
+        let revision = a.revision.clone();
+        if digest.is_empty() {
+            return Ok(CachedBundle {
+                spec,
+                objects: Vec::new(),
+                digest: String::new(),
+                revision,
+            });
+        }
         if let Some(cache) = self.engine.cache()
             && let Some(cached) = cache.bundle(&a.app)?
-            && cached.digest == a.digest
+            && cached.digest == digest
         {
             return Ok(CachedBundle { spec, ..cached });
         }
@@ -300,22 +384,28 @@ impl Fleet {
             .identity
             .load()?
             .ok_or_else(|| Error::NeedsOperator("no identity to fetch bundles with".into()))?;
-        let bytes = self.link.fetch_bundle(&creds, &a.digest).await?;
-        let objects = decode_bundle(&a.digest, &bytes)?;
+        let bytes = self.link.fetch_bundle(&creds, digest).await?;
+        let objects = decode_bundle(digest, &bytes)?;
         Ok(CachedBundle {
             spec,
             objects,
-            digest: a.digest.clone(),
-            revision: a.revision.clone(),
+            digest: digest.to_string(),
+            revision,
         })
     }
 
-    fn start(self: &Arc<Self>, bundle: CachedBundle, parent: &CancellationToken) {
+    fn start(
+        self: &Arc<Self>,
+        bundle: CachedBundle,
+        preview: Option<Vec<serde_json::Value>>,
+        orders: Orders,
+        parent: &CancellationToken,
+    ) {
         let cancel = parent.child_token();
         let previous = lock(&self.running).insert(
             bundle.spec.name.clone(),
             Running {
-                digest: bundle.digest.clone(),
+                orders: orders.clone(),
                 cancel: cancel.clone(),
             },
         );
@@ -327,7 +417,7 @@ impl Fleet {
             .set(i64::try_from(lock(&self.running).len()).unwrap_or(i64::MAX));
         let fleet = Arc::clone(self);
         self.tasks
-            .spawn(async move { fleet.run_app(bundle, cancel).await });
+            .spawn(async move { fleet.run_app(bundle, preview, orders, cancel).await });
     }
 
     async fn remove(&self, app: &str) {
@@ -343,6 +433,8 @@ impl Fleet {
             prune: true,
             allow_empty: true,
             create_namespace: false,
+            manual: false,
+            self_heal: true,
         };
         match self.engine.reconcile(&spec, &[], |_, _| {}).await {
             Ok(report) => {
@@ -366,10 +458,17 @@ impl Fleet {
         }
     }
 
-    async fn run_app(self: Arc<Self>, bundle: CachedBundle, cancel: CancellationToken) {
+    async fn run_app(
+        self: Arc<Self>,
+        bundle: CachedBundle,
+        preview: Option<Vec<serde_json::Value>>,
+        orders: Orders,
+        cancel: CancellationToken,
+    ) {
         let app = bundle.spec.clone();
         // Cached first: an agent killed mid-apply comes back to this bundle, even without a hub.
         if let Some(cache) = self.engine.cache()
+            && !bundle.digest.is_empty()
             && let Err(e) = cache
                 .save_bundle(&app, &bundle.objects, &bundle.digest, &bundle.revision)
                 .await
@@ -377,17 +476,29 @@ impl Fleet {
             tracing::warn!(app = %app.name, error = %e, "caching the bundle");
         }
         let drift = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let status = |sync: SyncStatus, health: &Health, failed: usize| AppStatus {
-            app: app.name.clone(),
-            revision: bundle.revision.clone(),
-            digest: bundle.digest.clone(),
-            sync: sync.into(),
-            health: health.state.into(),
-            message: health.message.clone(),
-            drift_count: drift.load(std::sync::atomic::Ordering::Relaxed),
-            failed_objects: u32::try_from(failed).unwrap_or(u32::MAX),
-            ..AppStatus::default()
-        };
+        // Drift seen and not healed (manual, selfHeal off): compare again at once.
+        let drifted = Arc::new(tokio::sync::Notify::new());
+        let status =
+            |digest: &str, sync: SyncStatus, health: &Health, failed: usize, diff: &str| {
+                AppStatus {
+                    app: app.name.clone(),
+                    // The revision of what the cluster runs, when known (a manual app may run
+                    // an earlier bundle than the one assigned, or none).
+                    revision: if digest == bundle.digest {
+                        bundle.revision.clone()
+                    } else {
+                        String::new()
+                    },
+                    digest: digest.to_string(),
+                    sync: sync.into(),
+                    health: health.state.into(),
+                    message: health.message.clone(),
+                    drift_count: drift.load(std::sync::atomic::Ordering::Relaxed),
+                    failed_objects: u32::try_from(failed).unwrap_or(u32::MAX),
+                    diff: diff.to_string(),
+                    ..AppStatus::default()
+                }
+            };
         // Objects that could not be applied are retried with jittered exponential backoff, not
         // only at the periodic resync, so a fix made outside git (a namespace created by hand, a
         // CRD installed by another app) converges on its own; a permanent failure costs one
@@ -396,20 +507,41 @@ impl Fleet {
         let mut watch: Option<(CancellationToken, Vec<ObjRef>)> = None;
         let mut last_failures: Option<Vec<ObjRef>> = None;
         loop {
-            let result = self
-                .engine
-                .reconcile(&app, &bundle.objects, |_, _| {})
-                .await;
-            self.metrics
-                .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
-            let report = match result {
-                Ok(r) => r,
+            let pass = self.engine.inventory(&app.name).await.map(|inv| {
+                let failures_left = last_failures.as_ref().is_some_and(|f| !f.is_empty());
+                let pass = pass_for(&app, &orders, &inv.digest, inv.sync_request, failures_left);
+                (pass, inv.digest)
+            });
+            let outcome = match pass {
+                Ok((Pass::Apply, _)) => self
+                    .apply_pass(&app, &bundle, &orders, &mut last_failures)
+                    .await
+                    .map(|(objects, sync, failures)| {
+                        (
+                            objects,
+                            sync,
+                            failures,
+                            bundle.digest.clone(),
+                            String::new(),
+                        )
+                    }),
+                Ok((Pass::Compare, applied)) => {
+                    let target = preview.as_deref().unwrap_or(&bundle.objects);
+                    self.compare_pass(&app, &bundle, target)
+                        .await
+                        .map(|(objects, sync, diff)| (objects, sync, Vec::new(), applied, diff))
+                }
+                Err(e) => Err(e),
+            };
+            let (objects, sync, failures, digest, diff) = match outcome {
+                Ok(o) => o,
                 Err(e) => {
                     let h = Health {
                         state: HealthStatus::Unknown,
                         message: format!("reconcile failed: {e}"),
                     };
-                    self.board.refresh(status(SyncStatus::Unknown, &h, 0));
+                    self.board
+                        .refresh(status(&bundle.digest, SyncStatus::Unknown, &h, 0, ""));
                     let delay = backoff.next_delay(random_fraction());
                     tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -417,24 +549,6 @@ impl Fleet {
                     }
                 }
             };
-            let objects = report.bundle_objects();
-            let failures: Vec<ObjRef> = objects
-                .iter()
-                .filter(|(_, e)| e.is_some())
-                .map(|(r, _)| r.clone())
-                .collect();
-            let sync = report.sync();
-            if last_failures.as_ref() != Some(&failures) {
-                // Logged once per change, not on every attempt.
-                match objects.iter().find_map(|(r, e)| e.as_ref().map(|e| (r, e))) {
-                    Some((r, e)) => {
-                        tracing::warn!(app = %app.name, failed = failures.len(), first = %r, error = %e, "objects could not be applied; retrying with backoff")
-                    }
-                    None => {
-                        tracing::info!(app = %app.name, objects = objects.len(), "every object applied")
-                    }
-                }
-            }
             // The drift watch follows what is applied: a kind that was not served before (its CRD
             // arrived) is watched from the pass that applied it.
             if watch.as_ref().is_none_or(|(_, f)| *f != failures) {
@@ -442,12 +556,19 @@ impl Fleet {
                     old.cancel();
                 }
                 let token = cancel.child_token();
-                self.spawn_drift_watch(&app, &bundle, token.clone(), Arc::clone(&drift));
+                self.spawn_drift_watch(
+                    &app,
+                    &bundle,
+                    token.clone(),
+                    Arc::clone(&drift),
+                    Arc::clone(&drifted),
+                );
                 watch = Some((token, failures.clone()));
             }
-            last_failures = Some(failures.clone());
-            let (h, _) = self.engine.health(&app.name, &objects).await;
-            self.board.refresh(status(sync, &h, failures.len()));
+            let (mut h, _) = self.engine.health(&app.name, &objects).await;
+            with_difference(&mut h, sync, &app);
+            self.board
+                .refresh(status(&digest, sync, &h, failures.len(), &diff));
             let next = if failures.is_empty() {
                 backoff.reset();
                 self.resync
@@ -462,10 +583,12 @@ impl Fleet {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = &mut attempt => break,
+                    _ = drifted.notified() => break,
                     _ = ticker.tick() => {
-                        let (h, _) = self.engine.health(&app.name, &objects).await;
+                        let (mut h, _) = self.engine.health(&app.name, &objects).await;
                         let settled = h.state != HealthStatus::Progressing;
-                        self.board.set(status(sync, &h, failures.len()));
+                        with_difference(&mut h, sync, &app);
+                        self.board.set(status(&digest, sync, &h, failures.len(), &diff));
                         if settled {
                             ticker.reset_after(Duration::from_secs(2));
                         }
@@ -475,6 +598,67 @@ impl Fleet {
         }
     }
 
+    /// A sync: applies the bundle; returns what health is judged over, the sync state and the
+    /// objects that failed. A completed operator request is recorded, so it is carried out once.
+    async fn apply_pass(
+        &self,
+        app: &AppSpec,
+        bundle: &CachedBundle,
+        orders: &Orders,
+        last_failures: &mut Option<Vec<ObjRef>>,
+    ) -> Result<(Vec<(ObjRef, Option<String>)>, SyncStatus, Vec<ObjRef>)> {
+        let result = self.engine.reconcile(app, &bundle.objects, |_, _| {}).await;
+        self.metrics
+            .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
+        let report = result?;
+        let objects = report.bundle_objects();
+        let failures: Vec<ObjRef> = objects
+            .iter()
+            .filter(|(_, e)| e.is_some())
+            .map(|(r, _)| r.clone())
+            .collect();
+        if last_failures.as_ref() != Some(&failures) {
+            // Logged once per change, not on every attempt.
+            match objects.iter().find_map(|(r, e)| e.as_ref().map(|e| (r, e))) {
+                Some((r, e)) => {
+                    tracing::warn!(app = %app.name, failed = failures.len(), first = %r, error = %e, "objects could not be applied; retrying with backoff")
+                }
+                None => {
+                    tracing::info!(app = %app.name, objects = objects.len(), "every object applied")
+                }
+            }
+        }
+        *last_failures = Some(failures.clone());
+        if failures.is_empty() && orders.sync_request > 0 {
+            self.engine
+                .mark_sync_request(&app.name, orders.sync_request)
+                .await?;
+        }
+        Ok((objects, report.sync(), failures))
+    }
+
+    /// A comparison: what a sync of `target` would change, nothing written. Health is judged over
+    /// what the cluster runs (the assigned bundle; `target` when nothing was ever applied).
+    async fn compare_pass(
+        &self,
+        app: &AppSpec,
+        bundle: &CachedBundle,
+        target: &[serde_json::Value],
+    ) -> Result<(Vec<(ObjRef, Option<String>)>, SyncStatus, String)> {
+        let difference = self.engine.diff(app, target).await?;
+        let runs = if bundle.digest.is_empty() {
+            difference.objects.clone()
+        } else {
+            self.engine.refs(app, &bundle.objects).await
+        };
+        let sync = if difference.differing == 0 {
+            SyncStatus::Synced
+        } else {
+            SyncStatus::OutOfSync
+        };
+        let objects = runs.into_iter().map(|r| (r, None)).collect();
+        Ok((objects, sync, difference.text))
+    }
     /// Heals drift of `bundle` until `cancel`: its own task, so a burst of watch events can never
     /// starve the health reports.
     fn spawn_drift_watch(
@@ -483,6 +667,7 @@ impl Fleet {
         bundle: &CachedBundle,
         cancel: CancellationToken,
         drift: Arc<std::sync::atomic::AtomicU64>,
+        drifted: Arc<tokio::sync::Notify>,
     ) {
         let fleet = Arc::clone(self);
         let heals = self.metrics.drift_heals.clone();
@@ -490,15 +675,92 @@ impl Fleet {
         self.tasks.spawn(async move {
             let result = fleet
                 .engine
-                .keep_in_sync(&app, &objects, None, cancel, move |r, n| {
-                    tracing::info!(object = %r, drift = n, "healed drift");
-                    heals.inc();
+                .keep_in_sync(&app, &objects, None, cancel, move |r, n, healed| {
                     drift.store(n, std::sync::atomic::Ordering::Relaxed);
+                    if healed {
+                        tracing::info!(object = %r, drift = n, "healed drift");
+                        heals.inc();
+                    } else {
+                        tracing::info!(object = %r, drift = n, "drift seen; not healed (manual sync or selfHeal off)");
+                        drifted.notify_one();
+                    }
                 })
                 .await;
             if let Err(e) = result {
                 tracing::warn!(app = %app.name, error = %e, "drift watch ended; the next full pass restarts it");
             }
         });
+    }
+}
+
+/// Says in the app's message what a difference means and how to resolve it.
+fn with_difference(h: &mut Health, sync: SyncStatus, app: &AppSpec) {
+    if sync != SyncStatus::OutOfSync {
+        return;
+    }
+    let why = if app.manual {
+        format!(
+            "differs from git (manual sync): `flotilla app diff {0} --cluster …` shows it, `flotilla app sync {0}` applies it",
+            app.name
+        )
+    } else {
+        "differs from git and selfHeal is off: the next revision or `flotilla app sync` applies it"
+            .to_string()
+    };
+    h.message = if h.message.is_empty() {
+        why
+    } else {
+        format!("{why}; {}", h.message)
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_passes_apply() {
+        let spec = |manual: bool, self_heal: bool| AppSpec {
+            name: "web".into(),
+            namespace: "default".into(),
+            prune: true,
+            allow_empty: false,
+            create_namespace: false,
+            manual,
+            self_heal,
+        };
+        let orders = |digest: &str, sync_request: u64| Orders {
+            digest: digest.into(),
+            preview_digest: String::new(),
+            sync_request,
+            manual: false,
+            self_heal: true,
+        };
+        use Pass::{Apply, Compare};
+        // (manual, selfHeal, assigned, request, applied digest, done request, failures) → pass
+        let table = [
+            (false, true, "d2", 0, "d2", 0, false, Apply),
+            (false, false, "d2", 0, "d1", 0, false, Apply),
+            (false, false, "d2", 0, "d2", 0, false, Compare),
+            (false, false, "d2", 0, "d2", 0, true, Apply),
+            (false, false, "d2", 3, "d2", 2, false, Apply),
+            (true, true, "d2", 0, "d1", 0, false, Compare),
+            (true, true, "d2", 0, "d1", 0, true, Compare),
+            (true, true, "d2", 4, "d1", 3, false, Apply),
+            (true, true, "d2", 4, "d2", 4, false, Compare),
+            (true, true, "", 0, "", 0, false, Compare),
+        ];
+        for (i, (manual, heal, digest, req, applied, done, failures, want)) in
+            table.into_iter().enumerate()
+        {
+            let got = pass_for(
+                &spec(manual, heal),
+                &orders(digest, req),
+                applied,
+                done,
+                failures,
+            );
+            assert_eq!(got, want, "case {i}");
+        }
     }
 }

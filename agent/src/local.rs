@@ -116,8 +116,12 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     if opts.watch {
         println!("watching for drift (Ctrl-C to stop)");
         engine
-            .keep_in_sync(app, &objects, Some(opts.resync), cancel, |r, n| {
-                println!("  healed   {r} (drift #{n})")
+            .keep_in_sync(app, &objects, Some(opts.resync), cancel, |r, n, healed| {
+                if healed {
+                    println!("  healed   {r} (drift #{n})")
+                } else {
+                    println!("  drifted  {r} (drift #{n}, not healed)")
+                }
             })
             .await?;
     }

@@ -130,6 +130,8 @@ async fn main() -> ExitCode {
                     prune: !args.no_prune,
                     allow_empty: args.allow_empty,
                     create_namespace: args.create_namespace,
+                    manual: false,
+                    self_heal: true,
                 },
                 dir: args.dir,
                 timeout: args.timeout,

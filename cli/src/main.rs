@@ -20,9 +20,9 @@ use flotilla_proto::v1::FleetStatusRequest;
 use flotilla_proto::v1::admin_client::AdminClient;
 use flotilla_proto::v1::{
     ApplyAppRequest, BackupRequest, CreateTokenRequest, DeleteAppRequest, DeregisterClusterRequest,
-    GetAppRequest, GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest,
-    ListAuditRequest, ListClustersRequest, RebuildClusterRequest, RollbackAppRequest,
-    RolloutActionRequest,
+    DiffAppRequest, GetAppRequest, GetClusterRequest, GetRolloutRequest, LabelClusterRequest,
+    ListAppsRequest, ListAuditRequest, ListClustersRequest, RebuildClusterRequest,
+    RollbackAppRequest, RolloutActionRequest, SyncAppRequest,
 };
 use flotilla_proto::{ClientTls, describe_status, endpoint, error_chain};
 use tonic::transport::Channel;
@@ -167,7 +167,33 @@ enum AppCommand {
         #[arg(long, conflicts_with = "to")]
         unpin: bool,
     },
+    /// Ask the app's clusters (or one) to apply what git wants them to run, once: how a manual
+    /// app (`syncPolicy.automated: false`) changes anything. Audited.
+    Sync {
+        name: String,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// What a sync would change on one cluster, as a unified diff (live against desired, from a
+    /// server-side dry run); exit code 1 when there are differences, 2 on error, like `kubectl diff`.
+    Diff {
+        name: String,
+        #[arg(long)]
+        cluster: String,
+    },
 }
+
+/// `app diff` found differences: exit code 1, nothing more to say.
+#[derive(Debug)]
+struct Differences;
+
+impl std::fmt::Display for Differences {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("differences found")
+    }
+}
+
+impl std::error::Error for Differences {}
 
 #[derive(Subcommand)]
 enum ClusterCommand {
@@ -196,11 +222,19 @@ enum ClusterCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let diff = matches!(
+        cli.command,
+        Command::App {
+            command: AppCommand::Diff { .. }
+        }
+    );
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<Differences>() => ExitCode::from(1),
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // `app diff` keeps 1 for "differences", as kubectl diff does.
+            ExitCode::from(if diff { 2 } else { 1 })
         }
     }
 }
@@ -394,6 +428,28 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
                     app.pinned_revision,
                     app.name
                 ),
+            }
+        }
+        AppCommand::Sync { name, cluster } => {
+            let requested = admin
+                .sync_app(SyncAppRequest {
+                    app: name.clone(),
+                    cluster: cluster.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .requested;
+            output::sync_requested(format, &name, &requested);
+        }
+        AppCommand::Diff { name, cluster } => {
+            let diff = admin
+                .diff_app(DiffAppRequest { app: name, cluster })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            if output::diff(format, &diff) {
+                return Err(Differences.into());
             }
         }
         AppCommand::Delete { name } => {

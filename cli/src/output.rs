@@ -2,9 +2,10 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use flotilla_proto::v1::SyncStatus;
 use flotilla_proto::v1::{
-    App, AuditEntry, Cluster, CreateTokenResponse, FleetStatusRow, RebuildClusterResponse,
-    RolloutStatus,
+    App, AuditEntry, Cluster, CreateTokenResponse, DiffAppResponse, FleetStatusRow,
+    RebuildClusterResponse, RolloutStatus, SyncRequested,
 };
 use serde_json::{Value, json};
 
@@ -424,6 +425,58 @@ pub fn history(format: Format, app: &App) {
                 .collect(),
         ),
     }
+}
+
+pub fn sync_requested(format: Format, app: &str, requested: &[SyncRequested]) {
+    match format {
+        Format::Json => print_json(&json!(
+            requested
+                .iter()
+                .map(|q| json!({"cluster": q.cluster, "request": q.request, "digest": q.digest, "note": q.note}))
+                .collect::<Vec<_>>()
+        )),
+        Format::Table => {
+            out!("app/{app}: sync requested");
+            table(
+                &["CLUSTER", "REQUEST", "BUNDLE", "NOTE"],
+                requested
+                    .iter()
+                    .map(|q| {
+                        vec![
+                            q.cluster.clone(),
+                            q.request.to_string(),
+                            q.digest.clone(),
+                            q.note.clone(),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+    }
+}
+
+/// Prints what the cluster reported; `true` when there are differences.
+pub fn diff(format: Format, d: &DiffAppResponse) -> bool {
+    match format {
+        Format::Json => print_json(&json!({
+            "sync": d.sync().word(),
+            "reported_at": rfc3339_ms(d.reported_at_unix_ms),
+            "message": d.message,
+            "diff": d.diff,
+        })),
+        Format::Table => {
+            if !d.diff.is_empty() {
+                // The diff as is (no trailing newline of our own), so `patch` and pagers read it.
+                for line in d.diff.lines() {
+                    out!("{line}");
+                }
+            }
+            if d.diff.is_empty() && d.sync() != SyncStatus::Synced && !d.message.is_empty() {
+                eprintln!("{}: {}", d.sync().word(), d.message);
+            }
+        }
+    }
+    !d.diff.is_empty()
 }
 
 fn rollout_json(r: &RolloutStatus) -> Value {

@@ -123,6 +123,11 @@ pub struct SyncPolicy {
     /// `app.flotilla.dev/created-by`, never pruned).
     #[serde(default)]
     pub create_namespace: bool,
+    /// `false`: nothing changes on a cluster until an operator runs `flotilla app sync`; the agent
+    /// reports the difference (OutOfSync, with a diff) meanwhile, and rollouts move only clusters
+    /// whose sync was requested.
+    #[serde(default = "yes")]
+    pub automated: bool,
 }
 
 fn yes() -> bool {
@@ -136,6 +141,7 @@ impl Default for SyncPolicy {
             self_heal: true,
             allow_empty: false,
             create_namespace: false,
+            automated: true,
         }
     }
 }

@@ -51,6 +51,20 @@ pub struct AppStatus {
     /// Set by `flotilla app rollback`: render this commit instead of following the ref.
     #[serde(default)]
     pub pinned: Option<String>,
+    /// Cluster → the operator's latest sync request (`flotilla app sync`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sync_requests: BTreeMap<String, SyncRequest>,
+    #[serde(default)]
+    pub next_sync_request: u64,
+}
+
+/// An operator's request that a cluster apply one bundle of the app once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Unique per app, increasing: the agent carries out each id once.
+    pub id: u64,
+    /// The bundle the request is for (git's render for the cluster when it was asked).
+    pub digest: String,
 }
 
 /// An app as stored.

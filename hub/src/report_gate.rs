@@ -8,6 +8,8 @@ use flotilla_proto::v1::{AppStatus, Assignment};
 
 /// The longest message kept from a report (the rest is cut, marked).
 pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// The longest diff kept from a report; agents bound theirs below this already.
+pub const MAX_DIFF_BYTES: usize = 64 * 1024;
 /// The longest digest or revision a report may carry.
 const MAX_ID_BYTES: usize = 128;
 /// Sustained reports per second per session; bursts up to the bucket's size.
@@ -72,15 +74,21 @@ impl ReportGate {
         if status.digest.len() > MAX_ID_BYTES || status.revision.len() > MAX_ID_BYTES {
             return Err(Refusal::Malformed);
         }
-        if status.message.len() > MAX_MESSAGE_BYTES {
-            let mut cut = MAX_MESSAGE_BYTES;
-            while !status.message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            status.message.truncate(cut);
-            status.message.push_str(" …(cut)");
-        }
+        cut(&mut status.message, MAX_MESSAGE_BYTES);
+        cut(&mut status.diff, MAX_DIFF_BYTES);
         Ok(())
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, marked.
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push_str(" …(cut)");
     }
 }
 
@@ -128,6 +136,7 @@ mod tests {
         assert_eq!(gate.admit(&mut long_id, &apps, t0), Err(Refusal::Malformed));
         let mut big = AppStatus {
             message: "é".repeat(100_000),
+            diff: "+é\n".repeat(100_000),
             ..report("web")
         };
         assert_eq!(gate.admit(&mut big, &apps, t0), Ok(()));
@@ -136,6 +145,7 @@ mod tests {
             "{}",
             big.message.len()
         );
+        assert!(big.diff.len() <= MAX_DIFF_BYTES + 16, "{}", big.diff.len());
         // A flood: the burst passes, then at most the refill rate.
         let mut admitted = 0;
         for _ in 0..10_000 {

@@ -120,20 +120,48 @@ impl Reports {
     }
 }
 
-/// The assignments of one cluster: every app whose current render assigns it a bundle.
+/// The assignments of one cluster: every app whose current render assigns it a bundle, and (for
+/// manual apps) every app git wants on it that no sync has brought there yet, so its agent can
+/// report the difference.
 pub fn assignments_for(cluster: &str, apps: &[AppRecord]) -> Vec<Assignment> {
     apps.iter()
         .filter_map(|a| {
-            let assigned = a.status.assignments.get(cluster)?;
+            let policy = &a.doc.spec.sync_policy;
+            let assigned = a.status.assignments.get(cluster);
+            let target = a.status.target.get(cluster);
+            let preview = match (assigned, target) {
+                (_, Some(t))
+                    if !policy.automated && assigned.map(|x| &x.digest) != Some(&t.digest) =>
+                {
+                    Some(t)
+                }
+                _ => None,
+            };
+            if assigned.is_none() && preview.is_none() {
+                return None;
+            }
+            let (digest, revision) = assigned
+                .map(|x| (x.digest.clone(), x.revision.clone()))
+                .unwrap_or_default();
+            // A request is carried to the agent only once the rollout gave the cluster its bundle.
+            let sync_request = a
+                .status
+                .sync_requests
+                .get(cluster)
+                .filter(|r| !digest.is_empty() && r.digest == digest)
+                .map_or(0, |r| r.id);
             Some(Assignment {
                 app: a.doc.metadata.name.clone(),
-                digest: assigned.digest.clone(),
-                revision: assigned.revision.clone(),
+                digest,
+                revision,
                 namespace: a.doc.spec.namespace.clone(),
-                prune: a.doc.spec.sync_policy.prune,
-                self_heal: a.doc.spec.sync_policy.self_heal,
-                allow_empty: a.doc.spec.sync_policy.allow_empty,
-                create_namespace: a.doc.spec.sync_policy.create_namespace,
+                prune: policy.prune,
+                self_heal: policy.self_heal,
+                allow_empty: policy.allow_empty,
+                create_namespace: policy.create_namespace,
+                manual: !policy.automated,
+                sync_request,
+                preview_digest: preview.map(|t| t.digest.clone()).unwrap_or_default(),
             })
         })
         .collect()

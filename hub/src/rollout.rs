@@ -333,6 +333,17 @@ pub struct Input<'a> {
     pub current: &'a BTreeMap<String, Assigned>,
     pub clusters: &'a BTreeMap<String, ClusterView>,
     pub now: i64,
+    /// Manual apps (`syncPolicy.automated: false`): cluster → the bundle an operator asked it to
+    /// sync. A cluster moves only to the bundle it was asked to; `None` for automated apps.
+    pub sync_requests: Option<&'a BTreeMap<String, String>>,
+}
+
+impl Input<'_> {
+    /// Whether the rollout may give `cluster` the bundle `digest` (manual apps: only on request).
+    fn may_move(&self, cluster: &str, digest: &str) -> bool {
+        self.sync_requests
+            .is_none_or(|asked| asked.get(cluster).is_some_and(|d| d == digest))
+    }
 }
 
 impl Rollout {
@@ -368,8 +379,9 @@ impl Rollout {
             max_updating: 0,
         };
         for (name, to) in input.target {
+            // Manual apps' clusters move only on request: what they run is where they return.
             let inherited = superseded
-                .filter(|old| old.phase.is_active())
+                .filter(|old| old.phase.is_active() && input.sync_requests.is_none())
                 .and_then(|old| old.clusters.get(name))
                 .filter(|c| {
                     matches!(
@@ -654,14 +666,21 @@ impl Rollout {
                 cap = cap.min(c.of(members));
             }
             let mut started = 0;
-            for c in self.clusters.values_mut() {
+            let mut unasked = 0;
+            for (name, c) in self.clusters.iter_mut() {
+                if c.step != at || c.state != ClusterState::Pending {
+                    continue;
+                }
+                if !input.may_move(name, &c.to.digest) {
+                    unasked += 1;
+                    c.reason = "manual sync: waiting for `flotilla app sync`".into();
+                    continue;
+                }
                 if updating + started >= cap {
-                    break;
+                    continue;
                 }
-                if c.step == at && c.state == ClusterState::Pending {
-                    Self::set(c, ClusterState::Updating, now, "");
-                    started += 1;
-                }
+                Self::set(c, ClusterState::Updating, now, "");
+                started += 1;
             }
             let now_updating = updating + started;
             self.max_updating = self.max_updating.max(now_updating);
@@ -671,9 +690,14 @@ impl Rollout {
                 .filter(|c| c.step == at && c.state == ClusterState::Pending)
                 .count();
             self.message = format!(
-                "step {} ({}): {healthy}/{members} Healthy, {now_updating} updating (at most {cap} at once), {pending} waiting{}",
+                "step {} ({}): {healthy}/{members} Healthy, {now_updating} updating (at most {cap} at once), {pending} waiting{}{}",
                 at + 1,
                 step.name,
+                if unasked > 0 {
+                    format!(" ({unasked} for `flotilla app sync`: manual sync)")
+                } else {
+                    String::new()
+                },
                 if failed > 0 {
                     format!(", {failed} failed")
                 } else {
@@ -814,6 +838,7 @@ onFailure: rollback
         current: BTreeMap<String, Assigned>,
         views: BTreeMap<String, ClusterView>,
         now: i64,
+        sync_requests: Option<BTreeMap<String, String>>,
     }
 
     impl World {
@@ -824,6 +849,7 @@ onFailure: rollback
                 current: BTreeMap::new(),
                 views: BTreeMap::new(),
                 now: 1000,
+                sync_requests: None,
             };
             for (name, labels) in clusters {
                 w.target.insert(name.to_string(), assigned("new"));
@@ -850,6 +876,7 @@ onFailure: rollback
                 current: &self.current,
                 clusters: &self.views,
                 now: self.now,
+                sync_requests: self.sync_requests.as_ref(),
             }
         }
 
@@ -923,6 +950,43 @@ onFailure: rollback
             assert!(err.contains(want), "{yaml}: {err}");
         }
         assert!(serde_yaml_ng::from_str::<RolloutSpec>("onFailure: explode").is_err());
+    }
+
+    #[test]
+    fn manual_apps_move_only_clusters_asked_to_sync() {
+        let mut w = fleet();
+        w.sync_requests = Some(BTreeMap::new());
+        let mut r = w.start();
+        assert!(W::updating(&r).is_empty(), "nobody asked");
+        assert_eq!(r.phase, Phase::Progressing);
+        assert!(r.message.contains("flotilla app sync"), "{}", r.message);
+        assert_eq!(r.assignments()["c1"].as_ref().unwrap().digest, "old");
+        // A request for another bundle (an older render) does not move the cluster either.
+        let asked = w.sync_requests.as_mut().unwrap();
+        asked.insert("c1".into(), "older".into());
+        w.now += 1;
+        r.advance(&w.input());
+        assert!(W::updating(&r).is_empty());
+        // Asked for the new bundle: it moves, and the step's caps still hold the rest.
+        let asked = w.sync_requests.as_mut().unwrap();
+        asked.insert("c1".into(), "new".into());
+        asked.insert("e1".into(), "new".into());
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(W::updating(&r), ["c1"], "e1 waits for its step");
+        w.agents_apply(&r, HealthStatus::Healthy);
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(W::updating(&r), ["e1"]);
+        w.agents_apply(&r, HealthStatus::Healthy);
+        // Unasked clusters never time out: they stay Pending, the rollout waits.
+        w.now += 100_000;
+        r.advance(&w.input());
+        assert_eq!(r.phase, Phase::Progressing);
+        assert_eq!(r.count(ClusterState::Failed), 0);
+        assert_eq!(r.clusters["e2"].state, ClusterState::Pending);
+        assert!(r.clusters["e2"].reason.contains("app sync"));
+        assert_eq!(r.assignments()["e2"].as_ref().unwrap().digest, "old");
     }
 
     #[test]

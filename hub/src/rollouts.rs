@@ -48,12 +48,18 @@ fn plan(record: &mut AppRecord, views: &BTreeMap<String, ClusterView>, now: i64)
     let generation = s.observed_generation;
     let before = s.assignments.clone();
     let was = s.rollout.as_ref().map(|r| r.phase);
+    let requested: BTreeMap<String, String> = s
+        .sync_requests
+        .iter()
+        .map(|(c, r)| (c.clone(), r.digest.clone()))
+        .collect();
     let input = Input {
         strategy: &strategy,
         target: &s.target,
         current: &s.assignments,
         clusters: views,
         now,
+        sync_requests: (!record.doc.spec.sync_policy.automated).then_some(&requested),
     };
     let superseding = s
         .rollout
@@ -276,4 +282,86 @@ pub async fn unpin(hub: &Hub, app: &str) -> Result<()> {
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
     Ok(())
+}
+
+/// One cluster asked to sync by [`request_sync`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requested {
+    pub cluster: String,
+    pub id: u64,
+    pub digest: String,
+    /// Whether the rollout lets it move now, or why it waits.
+    pub note: String,
+}
+
+/// Records a sync request for every cluster `app` targets (or only `cluster`): each is asked to
+/// apply, once, the bundle git wants it to run now. A manual app's rollout moves a cluster only on
+/// such a request; an automated app's agent applies at once instead of at its next resync.
+pub async fn request_sync(hub: &Hub, app: &str, cluster: Option<&str>) -> Result<Vec<Requested>> {
+    let mut out = Vec::new();
+    hub.apps
+        .try_update(app, |r| {
+            let s = &mut r.status;
+            let chosen: Vec<(String, String)> = match cluster {
+                Some(c) => {
+                    let t = s.target.get(c).ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "app {app:?} does not target cluster {c:?} (see `flotilla app get {app}`)"
+                        ))
+                    })?;
+                    vec![(c.to_string(), t.digest.clone())]
+                }
+                None => s
+                    .target
+                    .iter()
+                    .map(|(c, t)| (c.clone(), t.digest.clone()))
+                    .collect(),
+            };
+            if chosen.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "app {app:?} targets no cluster yet (see `flotilla app get {app}`)"
+                )));
+            }
+            for (c, digest) in chosen {
+                s.next_sync_request += 1;
+                let id = s.next_sync_request;
+                s.sync_requests.insert(
+                    c.clone(),
+                    crate::appstore::SyncRequest {
+                        id,
+                        digest: digest.clone(),
+                    },
+                );
+                out.push(Requested {
+                    cluster: c,
+                    id,
+                    digest,
+                    note: String::new(),
+                });
+            }
+            Ok(())
+        })
+        .await?
+        .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
+    plan_app(hub, app).await?;
+    // Planned and flushed: say where each cluster stands now.
+    if let Some(record) = hub.apps.get(app)? {
+        for q in &mut out {
+            let assigned = record.status.assignments.get(&q.cluster);
+            q.note = if assigned.is_some_and(|a| a.digest == q.digest) {
+                "syncing".into()
+            } else {
+                let reason = record
+                    .status
+                    .rollout
+                    .as_ref()
+                    .and_then(|r| r.clusters.get(&q.cluster))
+                    .map(|c| format!("{:?}", c.state))
+                    .unwrap_or_default();
+                format!("waits for its rollout step ({reason})")
+            };
+        }
+    }
+    hub.assignments_changed.send_modify(|v| *v += 1);
+    Ok(out)
 }

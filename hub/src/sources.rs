@@ -380,6 +380,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
     let now = now_unix();
     match outcome {
         Ok((revision, assignments)) => {
+            let mut target_changed = false;
             hub.apps
                 .update_status(name, |r| {
                     if r.generation != generation {
@@ -394,13 +395,15 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                         tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
                     }
                     // The rollout controller moves clusters from their assignments to this target.
-                    s.target = assignments
+                    let target: BTreeMap<String, Assigned> = assignments
                         .iter()
                         .map(|(cluster, digest)| {
                             let to = Assigned { digest: digest.clone(), revision: revision.clone() };
                             (cluster.clone(), to)
                         })
                         .collect();
+                    target_changed = s.target != target;
+                    s.target = target;
                     s.revision = Some(revision.clone());
                     s.observed_generation = generation;
                     s.last_error = None;
@@ -413,6 +416,10 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     result: "ok".into(),
                 })
                 .inc();
+            if target_changed {
+                // Manual apps' agents diff against the target before any rollout moves them.
+                hub.assignments_changed.send_modify(|v| *v += 1);
+            }
             hub.rollouts_kick.notify_one();
         }
         Err(err) => {

@@ -25,6 +25,10 @@ pub struct Inventory {
     /// new revision, not on every resync.
     #[serde(default)]
     pub hooks_synced: Option<String>,
+    /// The last operator sync request (`flotilla app sync`) carried out to completion: each is
+    /// carried out once, also across restarts.
+    #[serde(default)]
+    pub sync_request: u64,
 }
 
 /// A bundle as cached for offline reconciling.
@@ -178,6 +182,17 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
         digest: data.get("digest").cloned().unwrap_or_default(),
         objects,
         hooks_synced: data.get("hooksSynced").filter(|d| !d.is_empty()).cloned(),
+        sync_request: data
+            .get("syncRequest")
+            .map(|n| {
+                n.parse().map_err(|e| {
+                    Error::Cache(format!(
+                        "inventory ConfigMap of {app}: syncRequest {n:?}: {e}"
+                    ))
+                })
+            })
+            .transpose()?
+            .unwrap_or(0),
     }))
 }
 
@@ -196,7 +211,8 @@ pub async fn write(client: &kube::Client, app: &str, inv: &Inventory) -> Result<
         "metadata": {"name": configmap_name(app), "namespace": AGENT_NAMESPACE,
                      "labels": {"app.flotilla.dev/inventory": app}},
         "data": {"app": app, "digest": inv.digest, "objects": objects,
-                 "hooksSynced": inv.hooks_synced.clone().unwrap_or_default()}});
+                 "hooksSynced": inv.hooks_synced.clone().unwrap_or_default(),
+                 "syncRequest": inv.sync_request.to_string()}});
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     api.patch(&configmap_name(app), &pp, &Patch::Apply(&cm))
         .await

@@ -2,6 +2,7 @@
 //! with pruning, health, and drift healing. Decisions live in [`plan`] and [`health`] (pure); this
 //! module does the IO.
 
+pub mod diff;
 pub mod health;
 pub mod inventory;
 pub mod plan;
@@ -38,6 +39,16 @@ pub struct AppSpec {
     /// Create the namespaces the bundle's objects need and the bundle does not define.
     #[serde(default)]
     pub create_namespace: bool,
+    /// Manual sync: nothing is applied but on an operator's request; the difference is reported.
+    #[serde(default)]
+    pub manual: bool,
+    /// Drift is re-applied as soon as it is seen; off, it is reported (OutOfSync, with a diff).
+    #[serde(default = "yes")]
+    pub self_heal: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What happened to one object.
@@ -107,6 +118,17 @@ impl Report {
             SyncStatus::Synced
         }
     }
+}
+
+/// What a sync would change ([`Engine::diff`]).
+#[derive(Debug, Clone, Default)]
+pub struct Difference {
+    /// How many objects would change (created, changed or pruned).
+    pub differing: usize,
+    /// The unified diff, bounded ([`diff::MAX_DIFF_BYTES`]).
+    pub text: String,
+    /// The bundle's resource objects, as refs (what the app's health is judged over).
+    pub objects: Vec<ObjRef>,
 }
 
 pub use flotilla_bundle::digest;
@@ -223,6 +245,16 @@ impl Engine {
             .unwrap_or_default())
     }
 
+    /// Records that the operator's sync request `id` for `app` was carried out.
+    pub async fn mark_sync_request(&self, app: &str, id: u64) -> Result<()> {
+        let mut inv = self.inventory(app).await?;
+        if inv.sync_request != id {
+            inv.sync_request = id;
+            self.save_inventory(app, &inv).await?;
+        }
+        Ok(())
+    }
+
     async fn save_inventory(&self, app: &str, inv: &Inventory) -> Result<()> {
         if let Some(cache) = &self.cache {
             cache.save_inventory(app, inv).await?;
@@ -279,6 +311,7 @@ impl Engine {
                 digest: old.digest.clone(),
                 objects: union,
                 hooks_synced: old.hooks_synced.clone(),
+                sync_request: old.sync_request,
             },
         )
         .await?;
@@ -395,6 +428,7 @@ impl Engine {
                     digest: old.digest.clone(),
                     objects: old.objects.clone(),
                     hooks_synced: old.hooks_synced.clone(),
+                    sync_request: old.sync_request,
                 };
                 self.save_inventory(&app.name, &keep).await?;
                 return Ok(report);
@@ -410,6 +444,7 @@ impl Engine {
                         digest,
                         objects: kept,
                         hooks_synced,
+                        sync_request: old.sync_request,
                     },
                 )
                 .await?;
@@ -431,12 +466,101 @@ impl Engine {
                         digest,
                         objects: still_tracked,
                         hooks_synced,
+                        sync_request: old.sync_request,
                     },
                 )
                 .await?;
             }
         }
         Ok(report)
+    }
+
+    /// The refs of the bundle's resource objects as they are applied (namespace defaulted).
+    pub async fn refs(&self, app: &AppSpec, objects: &[Value]) -> Vec<ObjRef> {
+        let mut out = Vec::new();
+        for obj in objects
+            .iter()
+            .filter(|o| plan::role(o) == plan::Role::Resource)
+        {
+            out.push(self.desired(app, obj).await.1);
+        }
+        out
+    }
+
+    /// What a sync of `objects` would change, without changing anything: each resource object's
+    /// live state against the server's dry run of its apply, and (with prune) the objects of the
+    /// inventory that would be deleted. Hooks are not compared (they run only in a sync).
+    pub async fn diff(&self, app: &AppSpec, objects: &[Value]) -> Result<Difference> {
+        let mut out = diff::Bounded::default();
+        let mut refs = Vec::new();
+        for obj in objects
+            .iter()
+            .filter(|o| plan::role(o) == plan::Role::Resource)
+        {
+            let (prepared, r) = self.desired(app, obj).await;
+            refs.push(r.clone());
+            let (ar, caps) = match self.resolve(&gvk_of(&prepared)).await {
+                Ok(found) => found,
+                Err(e) => {
+                    out.note(&r, &format!("to be created; {e}"));
+                    continue;
+                }
+            };
+            let api = self.api(&ar, &caps, &r.namespace);
+            let live = match api.get_opt(&r.name).await {
+                Ok(live) => live.map(|l| serde_json::to_value(l).unwrap_or_default()),
+                Err(e) => {
+                    out.note(&r, &Error::kube("reading it", e).to_string());
+                    continue;
+                }
+            };
+            let params = PatchParams::apply(FIELD_MANAGER).force().dry_run();
+            let dry = match api.patch(&r.name, &params, &Patch::Apply(&prepared)).await {
+                Ok(d) => serde_json::to_value(d).unwrap_or_default(),
+                Err(e) => {
+                    out.note(&r, &Error::kube("dry-run apply", e).to_string());
+                    continue;
+                }
+            };
+            let change = diff::Change {
+                object: &r,
+                live: live.as_ref(),
+                desired: Some(&dry),
+            };
+            if let Some(d) = diff::object_diff(&change) {
+                out.push(&r, d);
+            }
+        }
+        if app.prune {
+            let old = self.inventory(&app.name).await?;
+            for r in plan::prune_set(&old.objects, &refs) {
+                let gvk = gvk_of(&serde_json::json!({"apiVersion": r.api_version, "kind": r.kind}));
+                let Ok((ar, caps)) = self.resolve(&gvk).await else {
+                    continue;
+                };
+                let api = self.api(&ar, &caps, &r.namespace);
+                let Ok(Some(live)) = api.get_opt(&r.name).await else {
+                    continue;
+                };
+                let live = serde_json::to_value(live).unwrap_or_default();
+                if !plan::owned_by(&live, &app.name) {
+                    continue;
+                }
+                let change = diff::Change {
+                    object: &r,
+                    live: Some(&live),
+                    desired: None,
+                };
+                if let Some(d) = diff::object_diff(&change) {
+                    out.push(&r, d);
+                }
+            }
+        }
+        Ok(Difference {
+            differing: out.differing(),
+            text: out.finish(),
+            objects: refs,
+        })
     }
 
     /// Runs the hooks of one phase in apply order, each to completion (Healthy; Jobs Complete):
@@ -829,14 +953,15 @@ impl Engine {
     /// Keeps `objects` in place until cancelled: watches the app's kinds (by label) and re-applies an
     /// object that was changed or deleted; a full re-apply every `resync` (when given) is the safety
     /// net. The fleet passes none: it runs the full passes itself, so their outcome is reported.
-    /// `on_heal` is told about each healed object with the running drift count.
+    /// `on_heal` is told about each drifted object with the running drift count, and whether it
+    /// was healed (not for manual apps, nor with selfHeal off).
     pub async fn keep_in_sync(
         &self,
         app: &AppSpec,
         objects: &[Value],
         resync: Option<Duration>,
         cancel: CancellationToken,
-        mut on_heal: impl FnMut(&ObjRef, u64),
+        mut on_heal: impl FnMut(&ObjRef, u64, bool),
     ) -> Result<()> {
         let mut desired: BTreeMap<ObjRef, Value> = BTreeMap::new();
         let mut kinds: BTreeMap<String, (ApiResource, ApiCapabilities)> = BTreeMap::new();
@@ -896,10 +1021,16 @@ impl Engine {
             if !live["metadata"]["deletionTimestamp"].is_null() && !deleted {
                 continue;
             }
+            if app.manual || !app.self_heal {
+                // Seen, not healed: the caller reports the difference.
+                drift += 1;
+                on_heal(r, drift, false);
+                continue;
+            }
             match self.apply_one(app, want).await {
                 Ok(_) => {
                     drift += 1;
-                    on_heal(r, drift);
+                    on_heal(r, drift, true);
                 }
                 Err(e) => {
                     tracing::warn!(object = %r, error = %e, "could not heal drift; will retry on the next event or resync")

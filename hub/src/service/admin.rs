@@ -8,11 +8,12 @@ use flotilla_proto::v1::admin_server::Admin;
 use flotilla_proto::v1::{
     App, AppCluster, AppRevision, ApplyAppRequest, AuditEntry, BackupChunk, BackupRequest, Cluster,
     CreateTokenRequest, CreateTokenResponse, DeleteAppRequest, DeleteAppResponse,
-    DeregisterClusterRequest, DeregisterClusterResponse, FleetStatusRequest, FleetStatusResponse,
-    GetAppRequest, GetClusterRequest, GetRolloutRequest, LabelClusterRequest, ListAppsRequest,
-    ListAppsResponse, ListAuditRequest, ListAuditResponse, ListClustersRequest,
-    ListClustersResponse, RebuildClusterRequest, RebuildClusterResponse, RollbackAppRequest,
-    RolloutActionRequest, RolloutCluster, RolloutStatus,
+    DeregisterClusterRequest, DeregisterClusterResponse, DiffAppRequest, DiffAppResponse,
+    FleetStatusRequest, FleetStatusResponse, GetAppRequest, GetClusterRequest, GetRolloutRequest,
+    LabelClusterRequest, ListAppsRequest, ListAppsResponse, ListAuditRequest, ListAuditResponse,
+    ListClustersRequest, ListClustersResponse, RebuildClusterRequest, RebuildClusterResponse,
+    RollbackAppRequest, RolloutActionRequest, RolloutCluster, RolloutStatus, SyncAppRequest,
+    SyncAppResponse, SyncRequested, SyncStatus,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Request, Response, Status};
@@ -566,6 +567,79 @@ impl Admin for AdminService {
         Ok(Response::new(
             self.rollback(&actor, request.into_inner()).await?,
         ))
+    }
+
+    async fn sync_app(
+        &self,
+        request: Request<SyncAppRequest>,
+    ) -> Result<Response<SyncAppResponse>, Status> {
+        let actor = self.hub.auth.admin(&request)?;
+        let req = request.into_inner();
+        let cluster = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
+        let requested = crate::rollouts::request_sync(&self.hub, &req.app, cluster).await?;
+        let detail = requested
+            .iter()
+            .map(|q| format!("{} (request {}, {})", q.cluster, q.id, q.digest))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.hub
+            .audit
+            .record(&actor, "app.sync", &format!("app/{}", req.app), detail)
+            .await?;
+        let requested = requested
+            .into_iter()
+            .map(|q| SyncRequested {
+                cluster: q.cluster,
+                request: q.id,
+                digest: q.digest,
+                note: q.note,
+            })
+            .collect();
+        Ok(Response::new(SyncAppResponse { requested }))
+    }
+
+    async fn diff_app(
+        &self,
+        request: Request<DiffAppRequest>,
+    ) -> Result<Response<DiffAppResponse>, Status> {
+        self.hub.auth.admin(&request)?;
+        let req = request.into_inner();
+        let record = self.app(&req.app)?;
+        if !record.status.target.contains_key(&req.cluster)
+            && !record.status.assignments.contains_key(&req.cluster)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "app {:?} does not target cluster {:?}",
+                req.app, req.cluster
+            ))
+            .into());
+        }
+        let (connected, _) = self.hub.sessions.status(&req.cluster);
+        let response = match self.hub.reports.get(&req.cluster, &req.app) {
+            None => DiffAppResponse {
+                sync: SyncStatus::Unknown.into(),
+                message: format!("cluster {} has not reported the app yet", req.cluster),
+                ..Default::default()
+            },
+            Some(report) => DiffAppResponse {
+                diff: report.diff.clone(),
+                sync: if connected {
+                    report.sync
+                } else {
+                    SyncStatus::Unknown.into()
+                },
+                reported_at_unix_ms: report.at_unix_ms,
+                message: if connected {
+                    report.message.clone()
+                } else {
+                    format!(
+                        "cluster {} is not connected; this is its last report",
+                        req.cluster
+                    )
+                },
+            },
+        };
+        Ok(Response::new(response))
     }
 
     async fn list_audit(

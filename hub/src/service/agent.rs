@@ -63,13 +63,14 @@ impl Agent for AgentService {
         let (name, _peer) = self.hub.auth.cluster(&request)?;
         let digest = request.into_inner().digest;
         // A cluster may fetch only what it is assigned: the bundles of other clusters can carry
-        // their own customizations (and secrets' shapes) and are none of its business.
-        let assigned = self
-            .hub
-            .apps
-            .list()?
-            .iter()
-            .any(|a| a.status.assignments.get(&name).map(|x| &x.digest) == Some(&digest));
+        // their own customizations (and secrets' shapes) and are none of its business. What git
+        // wants it to run next counts as its own (a manual app's agent diffs against it).
+        let assigned = self.hub.apps.list()?.iter().any(|a| {
+            [a.status.assignments.get(&name), a.status.target.get(&name)]
+                .into_iter()
+                .flatten()
+                .any(|x| x.digest == digest)
+        });
         if !assigned {
             return Err(Error::PermissionDenied(format!(
                 "bundle {digest} is not assigned to cluster {name:?}"

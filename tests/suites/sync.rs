@@ -1,0 +1,305 @@
+//! Manual sync and diff, through the real hub, agent and CLI binaries: a manual app
+//! (`syncPolicy.automated: false`) changes nothing until `flotilla app sync`, its rollout moves only
+//! the clusters asked, `flotilla app diff` shows the pending change like `kubectl diff` (exit 1),
+//! and with `selfHeal: false` drift is reported, not healed, with Secret values never shown.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, ensure};
+use flotilla_e2e::{Agent, GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Fleet {
+    _agents: Vec<Agent>,
+    hub: Hub,
+    clusters: SimCluster,
+    repo: GitRepo,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn start(names: &[&str]) -> Result<Self> {
+        let sim = SimCluster::start_many(names)?;
+        let hub = Hub::start(HubOptions {
+            poll_interval: "300ms".into(),
+            ..HubOptions::default()
+        })?;
+        let token = hub.token(&["--uses", &names.len().to_string()])?;
+        let mut agents = Vec::new();
+        for name in names {
+            agents.push(hub.agent_with_cluster_labels(
+                name,
+                Some(&token),
+                &sim.kubeconfig_of(name),
+                "region=eu",
+            )?);
+        }
+        hub.wait_all_connected(names.len(), T)?;
+        let dir = tempfile::tempdir()?;
+        let repo = GitRepo::init(&dir.path().join("repo"))?;
+        Ok(Self {
+            _agents: agents,
+            hub,
+            clusters: sim,
+            repo,
+            _dir: dir,
+        })
+    }
+
+    fn apply(&self, sync_policy: &str) -> Result<()> {
+        self.hub.apply_app(&format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"{}\", path: web}}\n  targets: {{selector: {{matchLabels: {{region: eu}}}}}}\n  syncPolicy: {sync_policy}\n  rollout: {{steps: [{{selector: {{}}, maxUnavailable: 2}}]}}\n",
+            self.repo.url()
+        ))
+    }
+
+    fn row(&self, cluster: &str) -> Result<Value> {
+        self.hub
+            .status()?
+            .into_iter()
+            .find(|r| r["app"] == "web" && r["cluster"] == cluster)
+            .ok_or_else(|| anyhow!("no status row for web on {cluster}"))
+    }
+
+    /// Waits for `cluster`'s row to read `sync`/`health` with the reported revision `revision`
+    /// (empty: any).
+    fn wait_row(&self, cluster: &str, sync: &str, health: &str, revision: &str) -> Result<Value> {
+        wait_for(T, &format!("web {sync}/{health} on {cluster}"), || {
+            let r = self.row(cluster)?;
+            ensure!(
+                r["sync"] == sync
+                    && r["health"] == health
+                    && (revision.is_empty() || r["revision"] == revision),
+                "{r}"
+            );
+            Ok(Some(r))
+        })
+    }
+
+    /// `flotilla app diff web --cluster C`: (exit code, stdout).
+    fn diff(&self, cluster: &str) -> Result<(i32, String)> {
+        let out = self
+            .hub
+            .cli(&["app", "diff", "web", "--cluster", cluster])?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+
+    /// Waits until the diff of `cluster` contains every line of `lines` (exit code 1).
+    fn wait_diff(&self, cluster: &str, lines: &[&str]) -> Result<String> {
+        wait_for(T, &format!("a diff on {cluster} with {lines:?}"), || {
+            let (code, text) = self.diff(cluster)?;
+            ensure!(code == 1, "exit code {code}: {text}");
+            for l in lines {
+                ensure!(text.lines().any(|t| t == *l), "{l:?} not in:\n{text}");
+            }
+            Ok(Some(text))
+        })
+    }
+
+    fn configmap(&self, cluster: &str) -> Result<Option<Value>> {
+        self.clusters.object(cluster, "ConfigMap", "default", "web")
+    }
+}
+
+const CM_V1: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {v: one}\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manual_app_changes_nothing_until_synced_and_diff_shows_the_pending_change() -> Result<()>
+{
+    let f = Fleet::start(&["eu-1", "eu-2"])?;
+    f.repo.write("web/cm.yaml", CM_V1)?;
+    let first = f.repo.commit("first")?;
+    f.apply("{automated: false}")?;
+    f.hub.wait_revision("web", &first, T)?;
+
+    // Never synced: OutOfSync everywhere, nothing in the clusters, the diff is the whole object.
+    for c in ["eu-1", "eu-2"] {
+        let r = f.wait_row(c, "OutOfSync", "Missing", "")?;
+        assert!(
+            r["message"].as_str().unwrap_or("").contains("manual sync"),
+            "{r}"
+        );
+    }
+    let text = f.wait_diff("eu-1", &["+kind: ConfigMap", "+  v: one"])?;
+    assert!(text.starts_with("--- live/ConfigMap default/web"), "{text}");
+    // Still nothing applied, some resyncs later.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        f.configmap("eu-1")?.is_none(),
+        "a manual app applied by itself"
+    );
+    let rollout = f.hub.cli_json(&["rollout", "status", "web"])?;
+    assert_eq!(rollout["phase"], "Progressing", "{rollout}");
+    assert!(
+        rollout["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("flotilla app sync"),
+        "{rollout}"
+    );
+
+    // One cluster asked: it alone changes; the sync is audited.
+    let asked = f
+        .hub
+        .cli_json(&["app", "sync", "web", "--cluster", "eu-1"])?;
+    assert_eq!(asked[0]["cluster"], "eu-1", "{asked}");
+    f.wait_row("eu-1", "Synced", "Healthy", &first)?;
+    assert_eq!(f.configmap("eu-1")?.expect("applied")["data"]["v"], "one");
+    assert!(f.configmap("eu-2")?.is_none(), "eu-2 was not asked");
+    f.wait_row("eu-2", "OutOfSync", "Missing", "")?;
+    let (code, text) = f.diff("eu-1")?;
+    assert_eq!((code, text.as_str()), (0, ""), "synced: no diff");
+    let audit = f.hub.cli_json(&["audit"])?;
+    assert!(
+        audit
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["action"] == "app.sync"
+                && e["target"] == "app/web"
+                && e["detail"].as_str().unwrap_or("").contains("eu-1")),
+        "{audit}"
+    );
+
+    // A new commit: eu-1 keeps what it runs and shows the pending change.
+    f.repo.write("web/cm.yaml", &CM_V1.replace("one", "two"))?;
+    let second = f.repo.commit("second")?;
+    f.hub.wait_revision("web", &second, T)?;
+    f.wait_diff("eu-1", &["-  v: one", "+  v: two"])?;
+    f.wait_row("eu-1", "OutOfSync", "Healthy", &first)?;
+    assert_eq!(f.configmap("eu-1")?.expect("kept")["data"]["v"], "one");
+
+    // Drift by hand is reported, not healed.
+    f.clusters.kubectl(
+        "eu-1",
+        &[
+            "patch",
+            "configmap",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"v":"by-hand"}}"#,
+        ],
+        "",
+    )?;
+    f.wait_diff("eu-1", &["-  v: by-hand", "+  v: two"])?;
+    assert_eq!(f.configmap("eu-1")?.expect("kept")["data"]["v"], "by-hand");
+
+    // Everyone asked: every cluster converges on the new revision and the rollout finishes.
+    f.hub.cli_json(&["app", "sync", "web"])?;
+    for c in ["eu-1", "eu-2"] {
+        f.wait_row(c, "Synced", "Healthy", &second)?;
+        assert_eq!(f.configmap(c)?.expect("applied")["data"]["v"], "two", "{c}");
+    }
+    wait_for(T, "the rollout to succeed", || {
+        let r = f.hub.cli_json(&["rollout", "status", "web"])?;
+        ensure!(
+            r["phase"] == "Succeeded" && r["revision"] == second.as_str(),
+            "{r}"
+        );
+        Ok(Some(()))
+    })?;
+    let (code, _) = f.diff("eu-2")?;
+    assert_eq!(code, 0);
+
+    // Bad requests name what is wrong; `diff` errors exit 2, not 1.
+    let out = f.hub.cli(&["app", "sync", "web", "--cluster", "nowhere"])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not target cluster \"nowhere\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = f.hub.cli(&["app", "diff", "nope", "--cluster", "eu-1"])?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn self_heal_off_reports_drift_without_healing_and_never_shows_secret_values() -> Result<()> {
+    let f = Fleet::start(&["eu-1"])?;
+    f.repo.write("web/cm.yaml", CM_V1)?;
+    f.repo.write(
+        "web/secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: web}\nstringData: {password: hunter2-canary}\n",
+    )?;
+    let first = f.repo.commit("first")?;
+    f.apply("{selfHeal: false}")?;
+    // Automated: the new revision is applied.
+    f.wait_row("eu-1", "Synced", "Healthy", &first)?;
+
+    f.clusters.kubectl(
+        "eu-1",
+        &[
+            "patch",
+            "configmap",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"v":"by-hand"}}"#,
+        ],
+        "",
+    )?;
+    f.clusters.kubectl(
+        "eu-1",
+        &[
+            "patch",
+            "secret",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"stringData":{"password":"changed-by-hand"}}"#,
+        ],
+        "",
+    )?;
+    let text = f.wait_diff(
+        "eu-1",
+        &[
+            "-  v: by-hand",
+            "+  v: one",
+            "-  password: (secret value, before)",
+        ],
+    )?;
+    let r = f.wait_row("eu-1", "OutOfSync", "Healthy", &first)?;
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("selfHeal is off"),
+        "{r}"
+    );
+    for secret in [
+        "hunter2-canary",
+        "changed-by-hand",
+        "aHVudGVyMi1jYW5hcnk",
+        "Y2hhbmdlZC1ieS1oYW5k",
+    ] {
+        assert!(!text.contains(secret), "{secret} in the diff:\n{text}");
+        assert!(
+            !r.to_string().contains(secret),
+            "{secret} in the status: {r}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        f.configmap("eu-1")?.expect("kept")["data"]["v"],
+        "by-hand",
+        "selfHeal off: drift is not healed"
+    );
+
+    // An operator's sync applies git again, once.
+    f.hub
+        .cli_json(&["app", "sync", "web", "--cluster", "eu-1"])?;
+    wait_for(T, "the sync to restore the ConfigMap", || {
+        let v = f.configmap("eu-1")?.expect("kept")["data"]["v"].clone();
+        ensure!(v == "one", "{v}");
+        Ok(Some(()))
+    })?;
+    f.wait_row("eu-1", "Synced", "Healthy", &first)?;
+    Ok(())
+}
