@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_proto::v1::{AppDigest, AppStatus, Assignment, SyncStatus};
+use flotilla_proto::v1::{AppDigest, AppStatus, Assignment, HookRun, SyncStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -478,27 +478,32 @@ impl Fleet {
         let drift = Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Drift seen and not healed (manual, selfHeal off): compare again at once.
         let drifted = Arc::new(tokio::sync::Notify::new());
-        let status =
-            |digest: &str, sync: SyncStatus, health: &Health, failed: usize, diff: &str| {
-                AppStatus {
-                    app: app.name.clone(),
-                    // The revision of what the cluster runs, when known (a manual app may run
-                    // an earlier bundle than the one assigned, or none).
-                    revision: if digest == bundle.digest {
-                        bundle.revision.clone()
-                    } else {
-                        String::new()
-                    },
-                    digest: digest.to_string(),
-                    sync: sync.into(),
-                    health: health.state.into(),
-                    message: health.message.clone(),
-                    drift_count: drift.load(std::sync::atomic::Ordering::Relaxed),
-                    failed_objects: u32::try_from(failed).unwrap_or(u32::MAX),
-                    diff: diff.to_string(),
-                    ..AppStatus::default()
-                }
-            };
+        let status = |digest: &str,
+                      sync: SyncStatus,
+                      health: &Health,
+                      failed: usize,
+                      diff: &str,
+                      hooks: &[HookRun]| {
+            AppStatus {
+                app: app.name.clone(),
+                // The revision of what the cluster runs, when known (a manual app may run
+                // an earlier bundle than the one assigned, or none).
+                revision: if digest == bundle.digest {
+                    bundle.revision.clone()
+                } else {
+                    String::new()
+                },
+                digest: digest.to_string(),
+                sync: sync.into(),
+                health: health.state.into(),
+                message: health.message.clone(),
+                drift_count: drift.load(std::sync::atomic::Ordering::Relaxed),
+                failed_objects: u32::try_from(failed).unwrap_or(u32::MAX),
+                diff: diff.to_string(),
+                hooks: hooks.to_vec(),
+                ..AppStatus::default()
+            }
+        };
         // Objects that could not be applied are retried with jittered exponential backoff, not
         // only at the periodic resync, so a fix made outside git (a namespace created by hand, a
         // CRD installed by another app) converges on its own; a permanent failure costs one
@@ -506,6 +511,8 @@ impl Fleet {
         let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(120));
         let mut watch: Option<(CancellationToken, Vec<ObjRef>)> = None;
         let mut last_failures: Option<Vec<ObjRef>> = None;
+        // The hooks of the last sync that ran any (they run once per revision).
+        let mut hooks: Vec<HookRun> = Vec::new();
         loop {
             let pass = self.engine.inventory(&app.name).await.map(|inv| {
                 let failures_left = last_failures.as_ref().is_some_and(|f| !f.is_empty());
@@ -516,7 +523,10 @@ impl Fleet {
                 Ok((Pass::Apply, _)) => self
                     .apply_pass(&app, &bundle, &orders, &mut last_failures)
                     .await
-                    .map(|(objects, sync, failures)| {
+                    .map(|(objects, sync, failures, ran)| {
+                        if !ran.is_empty() {
+                            hooks = ran;
+                        }
                         (
                             objects,
                             sync,
@@ -540,8 +550,14 @@ impl Fleet {
                         state: HealthStatus::Unknown,
                         message: format!("reconcile failed: {e}"),
                     };
-                    self.board
-                        .refresh(status(&bundle.digest, SyncStatus::Unknown, &h, 0, ""));
+                    self.board.refresh(status(
+                        &bundle.digest,
+                        SyncStatus::Unknown,
+                        &h,
+                        0,
+                        "",
+                        &hooks,
+                    ));
                     let delay = backoff.next_delay(random_fraction());
                     tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -568,7 +584,7 @@ impl Fleet {
             let (mut h, _) = self.engine.health(&app.name, &objects).await;
             with_difference(&mut h, sync, &app);
             self.board
-                .refresh(status(&digest, sync, &h, failures.len(), &diff));
+                .refresh(status(&digest, sync, &h, failures.len(), &diff, &hooks));
             let next = if failures.is_empty() {
                 backoff.reset();
                 self.resync
@@ -588,7 +604,7 @@ impl Fleet {
                         let (mut h, _) = self.engine.health(&app.name, &objects).await;
                         let settled = h.state != HealthStatus::Progressing;
                         with_difference(&mut h, sync, &app);
-                        self.board.set(status(&digest, sync, &h, failures.len(), &diff));
+                        self.board.set(status(&digest, sync, &h, failures.len(), &diff, &hooks));
                         if settled {
                             ticker.reset_after(Duration::from_secs(2));
                         }
@@ -606,7 +622,12 @@ impl Fleet {
         bundle: &CachedBundle,
         orders: &Orders,
         last_failures: &mut Option<Vec<ObjRef>>,
-    ) -> Result<(Vec<(ObjRef, Option<String>)>, SyncStatus, Vec<ObjRef>)> {
+    ) -> Result<(
+        Vec<(ObjRef, Option<String>)>,
+        SyncStatus,
+        Vec<ObjRef>,
+        Vec<HookRun>,
+    )> {
         let result = self.engine.reconcile(app, &bundle.objects, |_, _| {}).await;
         self.metrics
             .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
@@ -634,7 +655,8 @@ impl Fleet {
                 .mark_sync_request(&app.name, orders.sync_request)
                 .await?;
         }
-        Ok((objects, report.sync(), failures))
+        let sync = report.sync();
+        Ok((objects, sync, failures, report.hooks))
     }
 
     /// A comparison: what a sync of `target` would change, nothing written. Health is judged over

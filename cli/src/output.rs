@@ -189,7 +189,11 @@ fn app_json(app: &App) -> Value {
         "last_error": if app.last_error.is_empty() { Value::Null } else { json!(app.last_error) },
         "note": if app.note.is_empty() { Value::Null } else { json!(app.note) },
         "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest, "assigned": c.assigned_digest,
-            "sync": c.sync().word(), "health": c.health().word(), "message": c.message})).collect::<Vec<_>>(),
+            "sync": c.sync().word(), "health": c.health().word(), "message": c.message,
+            "hooks": c.hooks.iter().map(|h| json!({"phase": h.phase().word(), "kind": h.kind,
+                "namespace": h.namespace, "name": h.name, "health": h.health().word(),
+                "message": h.message, "finished_at": rfc3339_ms(h.finished_at_unix_ms)})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "history": app.history.iter().map(|h| json!({
             "revision": h.revision,
             "at": rfc3339_secs(h.at_unix),
@@ -295,6 +299,34 @@ pub fn app(format: Format, app: &App) {
                     })
                     .collect(),
             );
+            let hooks: Vec<Vec<String>> = app
+                .clusters
+                .iter()
+                .flat_map(|c| {
+                    c.hooks.iter().map(|h| {
+                        let hook = if h.namespace.is_empty() {
+                            format!("{} {}", h.kind, h.name)
+                        } else {
+                            format!("{} {}/{}", h.kind, h.namespace, h.name)
+                        };
+                        vec![
+                            c.cluster.clone(),
+                            h.phase().word().to_string(),
+                            hook,
+                            h.health().word().to_string(),
+                            rfc3339_ms(h.finished_at_unix_ms).unwrap_or_default(),
+                            h.message.clone(),
+                        ]
+                    })
+                })
+                .collect();
+            if !hooks.is_empty() {
+                out!();
+                table(
+                    &["CLUSTER", "PHASE", "HOOK", "HEALTH", "FINISHED", "MESSAGE"],
+                    hooks,
+                );
+            }
             out!();
             table(
                 &["REVISION", "RENDERED", "CLUSTERS"],

@@ -10,6 +10,11 @@ use flotilla_proto::v1::{AppStatus, Assignment};
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// The longest diff kept from a report; agents bound theirs below this already.
 pub const MAX_DIFF_BYTES: usize = 64 * 1024;
+/// The most hook runs kept from a report, and the longest message of each.
+const MAX_HOOKS: usize = 64;
+const MAX_HOOK_MESSAGE_BYTES: usize = 1024;
+/// Kubernetes names and kinds are at most 253 characters; anything longer is cut.
+const MAX_NAME_BYTES: usize = 253;
 /// The longest digest or revision a report may carry.
 const MAX_ID_BYTES: usize = 128;
 /// Sustained reports per second per session; bursts up to the bucket's size.
@@ -76,6 +81,13 @@ impl ReportGate {
         }
         cut(&mut status.message, MAX_MESSAGE_BYTES);
         cut(&mut status.diff, MAX_DIFF_BYTES);
+        status.hooks.truncate(MAX_HOOKS);
+        for h in &mut status.hooks {
+            cut(&mut h.message, MAX_HOOK_MESSAGE_BYTES);
+            for name in [&mut h.kind, &mut h.namespace, &mut h.name] {
+                cut(name, MAX_NAME_BYTES);
+            }
+        }
         Ok(())
     }
 }
@@ -137,6 +149,14 @@ mod tests {
         let mut big = AppStatus {
             message: "é".repeat(100_000),
             diff: "+é\n".repeat(100_000),
+            hooks: vec![
+                flotilla_proto::v1::HookRun {
+                    name: "n".repeat(10_000),
+                    message: "m".repeat(10_000),
+                    ..Default::default()
+                };
+                1000
+            ],
             ..report("web")
         };
         assert_eq!(gate.admit(&mut big, &apps, t0), Ok(()));
@@ -146,6 +166,9 @@ mod tests {
             big.message.len()
         );
         assert!(big.diff.len() <= MAX_DIFF_BYTES + 16, "{}", big.diff.len());
+        assert_eq!(big.hooks.len(), MAX_HOOKS);
+        assert!(big.hooks[0].name.len() <= MAX_NAME_BYTES + 16);
+        assert!(big.hooks[0].message.len() <= MAX_HOOK_MESSAGE_BYTES + 16);
         // A flood: the burst passes, then at most the refill rate.
         let mut admitted = 0;
         for _ in 0..10_000 {

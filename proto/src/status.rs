@@ -1,7 +1,7 @@
 //! The sync and health vocabulary every crate shares: the wire enums, their words, and the one rule
 //! that says when a cluster runs a bundle Synced and Healthy. Nothing compares these as strings.
 
-use crate::v1::{AppStatus, HealthStatus, SyncStatus};
+use crate::v1::{AppStatus, HealthStatus, HookPhase, SyncStatus};
 
 impl SyncStatus {
     /// The word operators read (`flotilla status`, `-o json`).
@@ -37,6 +37,25 @@ impl HealthStatus {
             HealthStatus::Degraded => 3,
             HealthStatus::Unknown => 4,
         }
+    }
+}
+
+impl HookPhase {
+    /// Argo CD's word for the phase (its annotation's value).
+    pub fn word(self) -> &'static str {
+        match self {
+            HookPhase::Unspecified => "Unknown",
+            HookPhase::PreSync => "PreSync",
+            HookPhase::Sync => "Sync",
+            HookPhase::PostSync => "PostSync",
+            HookPhase::SyncFail => "SyncFail",
+        }
+    }
+}
+
+impl std::fmt::Display for HookPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.word())
     }
 }
 

@@ -455,3 +455,100 @@ async fn a_failing_presync_hook_fails_the_canary_and_nothing_else_changes() -> R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hook_runs_show_in_app_get_and_a_failed_wave_runs_the_sync_fail_hooks() -> Result<()> {
+    let f = Fleet::start(&[("eu-1", "region=eu")])?;
+    let job = |meta: &str, image: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata: {meta}\nspec:\n  template:\n    spec: {{restartPolicy: Never, containers: [{{name: m, image: \"{image}\"}}]}}\n"
+        )
+    };
+    f.repo.write(
+        "web/migrate.yaml",
+        &job(
+            "{generateName: migrate-, annotations: {argocd.argoproj.io/hook: PreSync, argocd.argoproj.io/hook-delete-policy: HookSucceeded}}",
+            "busybox:1",
+        ),
+    )?;
+    f.repo.write(
+        "web/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {v: \"1\"}\n",
+    )?;
+    let v1 = f.repo.commit("v1")?;
+    f.apply("web", "web", "  targets: {clusters: [eu-1]}\n")?;
+    f.wait_healthy("web", 1, &v1)?;
+    let hooks = wait_for(T, "the PreSync run in app get", || {
+        let app = f.hub.app("web")?;
+        let hooks = app["clusters"][0]["hooks"].clone();
+        ensure!(hooks.as_array().is_some_and(|h| h.len() == 1), "{app}");
+        Ok(Some(hooks))
+    })?;
+    let run = &hooks[0];
+    assert_eq!(
+        (&run["phase"], &run["kind"], &run["health"]),
+        (&"PreSync".into(), &"Job".into(), &"Healthy".into()),
+        "{run}"
+    );
+    let name = run["name"].as_str().unwrap_or_default();
+    assert!(name.starts_with("migrate-"), "the generated name: {run}");
+    // Deleted on success, as its policy says.
+    assert!(f.clusters.object("eu-1", "Job", "default", name)?.is_none());
+    let table = f.hub.cli(&["app", "get", "web"])?;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("PreSync") && l.contains(&format!("Job default/{name}"))),
+        "{text}"
+    );
+
+    // v2: wave 0 fails (a Job that never completes), so wave 1 is never applied and the
+    // SyncFail hook runs.
+    f.repo.write(
+        "web/seed.yaml",
+        &job(
+            "{name: seed, annotations: {argocd.argoproj.io/sync-wave: \"0\"}}",
+            "busybox:broken",
+        ),
+    )?;
+    f.repo.write(
+        "web/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web, annotations: {argocd.argoproj.io/sync-wave: \"1\"}}\ndata: {v: \"2\"}\n",
+    )?;
+    f.repo.write(
+        "web/failed.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: sync-failed, annotations: {argocd.argoproj.io/hook: SyncFail}}\ndata: {why: wave}\n",
+    )?;
+    f.repo.commit("v2 with a failing wave")?;
+    let app = wait_for(T, "the SyncFail run in app get", || {
+        let app = f.hub.app("web")?;
+        let phases: Vec<&str> = app["clusters"][0]["hooks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["phase"].as_str())
+            .collect();
+        ensure!(phases == ["PreSync", "SyncFail"], "{app}");
+        Ok(Some(app))
+    })?;
+    let c = &app["clusters"][0];
+    assert_eq!(c["health"], "Degraded", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Job default/seed")),
+        "{c}"
+    );
+    assert!(
+        f.clusters
+            .object("eu-1", "ConfigMap", "default", "sync-failed")?
+            .is_some(),
+        "the SyncFail hook ran"
+    );
+    let cm = f
+        .clusters
+        .object("eu-1", "ConfigMap", "default", "web")?
+        .ok_or_else(|| anyhow!("web missing"))?;
+    assert_eq!(cm["data"]["v"], "1", "wave 1 was never applied: {cm}");
+    Ok(())
+}

@@ -20,10 +20,17 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
-use flotilla_proto::v1::SyncStatus;
+use flotilla_proto::v1::{HookRun, SyncStatus};
 use health::{Health, HealthStatus};
 use inventory::{Inventory, LocalCache};
 use plan::{ObjRef, PruneDecision};
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
 
 /// The field manager of everything the agent applies.
 pub const FIELD_MANAGER: &str = "flotilla-agent";
@@ -75,6 +82,8 @@ pub struct Report {
     pub bundle_len: usize,
     /// Namespaces created for the bundle (`createNamespace`).
     pub created_namespaces: Vec<String>,
+    /// The hooks this pass ran, in order (none when the revision's hooks ran already).
+    pub hooks: Vec<HookRun>,
 }
 
 impl Report {
@@ -328,18 +337,19 @@ impl Engine {
         let waves = plan::waves(&values);
         // Why the sync stopped before the last wave, if it did.
         let mut stopped: Option<String> = None;
+        let mut runs = Vec::new();
         if hooks_due {
             let pre = hooks_of(plan::HookPhase::PreSync);
-            if let Err((r, why)) = self.run_hooks(app, &pre, "PreSync").await {
+            if let Err((r, why)) = self
+                .run_hooks(app, &pre, plan::HookPhase::PreSync, &mut runs)
+                .await
+            {
                 stopped = Some(format!("PreSync hook {r} failed: {why}"));
                 report.objects.push((
                     r,
                     Outcome::HookFailed(format!("PreSync hook failed: {why}")),
                 ));
                 report.bundle_len += 1;
-                let _ = self
-                    .run_hooks(app, &hooks_of(plan::HookPhase::SyncFail), "SyncFail")
-                    .await;
             }
         }
         for (n, (wave, indices)) in waves.iter().enumerate() {
@@ -381,13 +391,24 @@ impl Engine {
             }
         }
         let mut hooks_synced = old.hooks_synced.clone();
+        // SyncFail hooks' own failure changes nothing: the sync has failed already.
+        let fail_hooks = hooks_of(plan::HookPhase::SyncFail);
+        if hooks_due && stopped.is_some() {
+            // A failed PreSync hook or wave.
+            let _ = self
+                .run_hooks(app, &fail_hooks, plan::HookPhase::SyncFail, &mut runs)
+                .await;
+        }
         if hooks_due && stopped.is_none() {
             let resources_ok = report.sync() == SyncStatus::Synced;
             let sync_hooks = hooks_of(plan::HookPhase::Sync);
             let post = hooks_of(plan::HookPhase::PostSync);
             let mut outcome = if resources_ok { Ok(()) } else { Err(None) };
             if outcome.is_ok() {
-                outcome = self.run_hooks(app, &sync_hooks, "Sync").await.map_err(Some);
+                outcome = self
+                    .run_hooks(app, &sync_hooks, plan::HookPhase::Sync, &mut runs)
+                    .await
+                    .map_err(Some);
             }
             if outcome.is_ok() && !post.is_empty() {
                 // PostSync runs once every resource is Healthy.
@@ -395,7 +416,9 @@ impl Engine {
                     final_refs.iter().map(|r| (r.clone(), None)).collect();
                 let (h, _) = self.wait_healthy(&app.name, &objects, WAVE_TIMEOUT).await;
                 outcome = if h.state == HealthStatus::Healthy {
-                    self.run_hooks(app, &post, "PostSync").await.map_err(Some)
+                    self.run_hooks(app, &post, plan::HookPhase::PostSync, &mut runs)
+                        .await
+                        .map_err(Some)
                 } else {
                     Err(None)
                 };
@@ -410,11 +433,12 @@ impl Engine {
                         report.bundle_len += 1;
                     }
                     let _ = self
-                        .run_hooks(app, &hooks_of(plan::HookPhase::SyncFail), "SyncFail")
+                        .run_hooks(app, &fail_hooks, plan::HookPhase::SyncFail, &mut runs)
                         .await;
                 }
             }
         }
+        report.hooks = runs;
         if let Some(why) = stopped {
             // Nothing is pruned by a sync that did not finish; the inventory keeps every object.
             report.prune_note = Some(format!("{why}; nothing was pruned"));
@@ -571,7 +595,8 @@ impl Engine {
         &self,
         app: &AppSpec,
         hooks: &[Value],
-        phase: &str,
+        phase: plan::HookPhase,
+        runs: &mut Vec<HookRun>,
     ) -> std::result::Result<(), (ObjRef, String)> {
         let mut prepared = Vec::with_capacity(hooks.len());
         for h in hooks {
@@ -579,56 +604,93 @@ impl Engine {
         }
         for i in plan::apply_order(&prepared) {
             let obj = &prepared[i];
-            let policies = plan::delete_policies(obj);
-            let r = ObjRef::of(obj);
-            let gvk = gvk_of(obj);
-            let (ar, caps) = self
-                .resolve(&gvk)
-                .await
-                .map_err(|e| (r.clone(), e.to_string()))?;
-            let api = self.api(&ar, &caps, &r.namespace);
-            let created = if r.name.is_empty() {
-                api.create(
-                    &kube::api::PostParams::default(),
-                    &serde_json::from_value(obj.clone()).map_err(|e| (r.clone(), e.to_string()))?,
-                )
-                .await
-                .map_err(|e| (r.clone(), Error::kube("creating the hook", e).to_string()))?
-            } else {
-                if policies.contains(&plan::DeletePolicy::BeforeHookCreation) {
-                    self.delete_and_wait(&api, &r)
-                        .await
-                        .map_err(|e| (r.clone(), e.to_string()))?;
-                }
-                api.patch(
-                    &r.name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(obj),
-                )
-                .await
-                .map_err(|e| (r.clone(), Error::kube("applying the hook", e).to_string()))?
+            let (live, outcome) = self.run_hook(app, obj).await;
+            let (health, message) = match &outcome {
+                Ok(()) => (HealthStatus::Healthy, String::new()),
+                Err(why) => (HealthStatus::Degraded, why.clone()),
             };
-            let mut live = r.clone();
-            live.name = created.metadata.name.clone().unwrap_or_default();
-            let (h, each) = self
-                .wait_healthy(&app.name, &[(live.clone(), None)], WAVE_TIMEOUT)
-                .await;
-            let ok = h.state == HealthStatus::Healthy;
-            let why = each
-                .first()
-                .map(|(_, h)| format!("{} ({})", h.message, h.state))
-                .unwrap_or_default();
-            tracing::info!(app = %app.name, hook = %live, phase, ok, "hook ran");
-            let delete = (ok && policies.contains(&plan::DeletePolicy::HookSucceeded))
-                || (!ok && policies.contains(&plan::DeletePolicy::HookFailed));
-            if delete {
-                let _ = api.delete(&live.name, &DeleteParams::background()).await;
-            }
-            if !ok {
+            tracing::info!(app = %app.name, hook = %live, %phase, ok = outcome.is_ok(), "hook ran");
+            runs.push(HookRun {
+                phase: phase.into(),
+                kind: live.kind.clone(),
+                namespace: live.namespace.clone(),
+                name: live.name.clone(),
+                health: health.into(),
+                message,
+                finished_at_unix_ms: now_ms(),
+            });
+            if let Err(why) = outcome {
                 return Err((live, why));
             }
         }
         Ok(())
+    }
+
+    /// Runs one hook to completion; returns it as created (a `generateName` hook's name filled
+    /// in) and why it failed, if it did.
+    async fn run_hook(
+        &self,
+        app: &AppSpec,
+        obj: &Value,
+    ) -> (ObjRef, std::result::Result<(), String>) {
+        let policies = plan::delete_policies(obj);
+        let r = ObjRef::of(obj);
+        let (ar, caps) = match self.resolve(&gvk_of(obj)).await {
+            Ok(found) => found,
+            Err(e) => return (r, Err(e.to_string())),
+        };
+        let api = self.api(&ar, &caps, &r.namespace);
+        let created = if r.name.is_empty() {
+            let parsed = match serde_json::from_value(obj.clone()) {
+                Ok(p) => p,
+                Err(e) => return (r, Err(e.to_string())),
+            };
+            api.create(&kube::api::PostParams::default(), &parsed)
+                .await
+                .map_err(|e| Error::kube("creating the hook", e).to_string())
+        } else {
+            let cleared = if policies.contains(&plan::DeletePolicy::BeforeHookCreation) {
+                self.delete_and_wait(&api, &r)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(())
+            };
+            match cleared {
+                Err(e) => Err(e),
+                Ok(()) => api
+                    .patch(
+                        &r.name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(obj),
+                    )
+                    .await
+                    .map_err(|e| Error::kube("applying the hook", e).to_string()),
+            }
+        };
+        let created = match created {
+            Ok(c) => c,
+            Err(e) => return (r, Err(e)),
+        };
+        let mut live = r.clone();
+        live.name = created.metadata.name.clone().unwrap_or_default();
+        let (h, each) = self
+            .wait_healthy(&app.name, &[(live.clone(), None)], WAVE_TIMEOUT)
+            .await;
+        let ok = h.state == HealthStatus::Healthy;
+        let delete = (ok && policies.contains(&plan::DeletePolicy::HookSucceeded))
+            || (!ok && policies.contains(&plan::DeletePolicy::HookFailed));
+        if delete {
+            let _ = api.delete(&live.name, &DeleteParams::background()).await;
+        }
+        if ok {
+            return (live, Ok(()));
+        }
+        let why = each
+            .first()
+            .map(|(_, h)| format!("{} ({})", h.message, h.state))
+            .unwrap_or_default();
+        (live, Err(why))
     }
 
     /// Deletes an object (if it exists) and waits until it is gone, up to 30 s.

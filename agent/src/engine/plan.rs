@@ -70,18 +70,8 @@ pub use flotilla_bundle::manifest::{HELM_HOOK_ANNOTATION, HOOK_ANNOTATION};
 pub const HOOK_DELETE_ANNOTATION: &str = "argocd.argoproj.io/hook-delete-policy";
 pub const HELM_HOOK_DELETE_ANNOTATION: &str = "helm.sh/hook-delete-policy";
 
-/// When a hook runs in a sync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum HookPhase {
-    /// Before any resource; a failure stops the sync.
-    PreSync,
-    /// With the resources, after their waves.
-    Sync,
-    /// Once every resource is Healthy.
-    PostSync,
-    /// When the sync failed.
-    SyncFail,
-}
+/// When a hook runs in a sync: the wire's vocabulary, reported as is.
+pub use flotilla_proto::v1::HookPhase;
 
 /// What to delete a hook object on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -447,6 +447,7 @@ impl Admin for AdminService {
             c.sync = row.sync;
             c.health = row.health;
             c.message = row.message;
+            c.hooks = report.map(|r| r.hooks).unwrap_or_default();
         }
         Ok(Response::new(app))
     }
