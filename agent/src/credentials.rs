@@ -117,72 +117,209 @@ pub fn read_cert(cert_pem: &str) -> Result<(String, i64)> {
     Ok((cluster, not_after))
 }
 
-/// Where the agent keeps its identity.
+/// Where the agent keeps its identity: a 0600 file in its data directory (out of cluster), or a
+/// Secret in its own namespace (in cluster), so a rescheduled pod keeps it and a rebuilt cluster
+/// starts without one.
+#[derive(Clone)]
 pub struct IdentityStore {
-    path: PathBuf,
+    place: Place,
 }
+
+#[derive(Clone)]
+enum Place {
+    File(PathBuf),
+    Secret {
+        api: Box<kube::Api<k8s_openapi::api::core::v1::Secret>>,
+        namespace: String,
+        name: String,
+    },
+}
+
+/// Keys of the identity Secret.
+const SECRET_CERT: &str = "tls.crt";
+const SECRET_KEY: &str = "tls.key";
+const SECRET_RECEIVED: &str = "received-at";
+/// A bootstrap token an operator may leave in the identity Secret (instead of FLOTILLA_TOKEN).
+const SECRET_TOKEN: &str = "token";
 
 impl IdentityStore {
     pub fn new(data_dir: &Path) -> Self {
         Self {
-            path: data_dir.join("identity.pem"),
+            place: Place::File(data_dir.join("identity.pem")),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The identity in Secret `namespace/name` of the agent's own cluster.
+    pub fn in_secret(client: kube::Client, namespace: &str, name: &str) -> Self {
+        Self {
+            place: Place::Secret {
+                api: Box::new(kube::Api::namespaced(client, namespace)),
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            },
+        }
+    }
+
+    /// Where it is, for messages.
+    pub fn describe(&self) -> String {
+        match &self.place {
+            Place::File(path) => path.display().to_string(),
+            Place::Secret {
+                namespace, name, ..
+            } => format!("Secret {namespace}/{name}"),
+        }
     }
 
     /// The stored credentials, if any.
-    pub fn load(&self) -> Result<Option<Credentials>> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&self.path, e)),
-        };
-        let split = text.find(KEY_HEADER).ok_or_else(|| Error::Credentials {
-            context: self.path.display().to_string(),
-            reason: "no private key in the identity file".into(),
-        })?;
-        let (cert_pem, key_pem) = text.split_at(split);
-        let (cluster, not_after) = read_cert(cert_pem)?;
-        let received_at = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or_else(now_unix, |d| i64::try_from(d.as_secs()).unwrap_or(0));
-        Ok(Some(Credentials {
-            cluster,
-            cert_pem: cert_pem.to_string(),
-            key_pem: key_pem.to_string(),
-            not_after,
-            received_at,
-        }))
+    pub async fn load(&self) -> Result<Option<Credentials>> {
+        match &self.place {
+            Place::File(path) => load_file(path),
+            Place::Secret { api, .. } => {
+                let Some(data) = self.secret_data(api).await? else {
+                    return Ok(None);
+                };
+                let (Some(cert_pem), Some(key_pem)) = (data.get(SECRET_CERT), data.get(SECRET_KEY))
+                else {
+                    return Ok(None);
+                };
+                let (cluster, not_after) = read_cert(cert_pem)?;
+                let received_at = data
+                    .get(SECRET_RECEIVED)
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_else(now_unix);
+                Ok(Some(Credentials {
+                    cluster,
+                    cert_pem: cert_pem.clone(),
+                    key_pem: key_pem.clone(),
+                    not_after,
+                    received_at,
+                }))
+            }
+        }
     }
 
-    /// Replaces the stored credentials atomically (0600, temp file + rename).
-    pub fn save(&self, creds: &Credentials) -> Result<()> {
-        if let Some(parent) = self.path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    /// A bootstrap token left in the identity Secret, if any (a file store has none).
+    pub async fn token(&self) -> Result<Option<String>> {
+        match &self.place {
+            Place::File(_) => Ok(None),
+            Place::Secret { api, .. } => Ok(self
+                .secret_data(api)
+                .await?
+                .and_then(|d| d.get(SECRET_TOKEN).cloned())
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())),
         }
-        let tmp = self.path.with_extension("pem.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(creds.cert_pem.as_bytes())?;
-            if !creds.cert_pem.ends_with('\n') {
-                file.write_all(b"\n")?;
-            }
-            file.write_all(creds.key_pem.as_bytes())?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        };
-        write().map_err(|e| Error::io(&self.path, e))
     }
+
+    async fn secret_data(
+        &self,
+        api: &kube::Api<k8s_openapi::api::core::v1::Secret>,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        let Place::Secret { name, .. } = &self.place else {
+            return Ok(None);
+        };
+        let secret = api
+            .get_opt(name)
+            .await
+            .map_err(|e| Error::kube(&format!("reading {}", self.describe()), e))?;
+        let Some(secret) = secret else {
+            return Ok(None);
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in secret.data.unwrap_or_default() {
+            let text = String::from_utf8(v.0).map_err(|_| Error::Credentials {
+                context: self.describe(),
+                reason: format!("key {k} is not text"),
+            })?;
+            out.insert(k, text);
+        }
+        Ok(Some(out))
+    }
+
+    /// Replaces the stored credentials: atomically (0600, temp file + rename) in a file, by one
+    /// server-side apply in a Secret.
+    pub async fn save(&self, creds: &Credentials) -> Result<()> {
+        match &self.place {
+            Place::File(path) => save_file(path, creds),
+            Place::Secret {
+                api,
+                namespace,
+                name,
+            } => {
+                use base64::Engine as _;
+                let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+                let secret = serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": namespace,
+                                 "labels": {"app.kubernetes.io/part-of": "flotilla"}},
+                    "type": "Opaque",
+                    "data": {
+                        SECRET_CERT: b64(&creds.cert_pem),
+                        SECRET_KEY: b64(&creds.key_pem),
+                        SECRET_RECEIVED: b64(&creds.received_at.to_string()),
+                    },
+                });
+                api.patch(
+                    name,
+                    &kube::api::PatchParams::apply("flotilla-agent-identity").force(),
+                    &kube::api::Patch::Apply(&secret),
+                )
+                .await
+                .map_err(|e| Error::kube(&format!("writing {}", self.describe()), e))?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn load_file(path: &Path) -> Result<Option<Credentials>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let split = text.find(KEY_HEADER).ok_or_else(|| Error::Credentials {
+        context: path.display().to_string(),
+        reason: "no private key in the identity file".into(),
+    })?;
+    let (cert_pem, key_pem) = text.split_at(split);
+    let (cluster, not_after) = read_cert(cert_pem)?;
+    let received_at = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(now_unix, |d| i64::try_from(d.as_secs()).unwrap_or(0));
+    Ok(Some(Credentials {
+        cluster,
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+        not_after,
+        received_at,
+    }))
+}
+
+fn save_file(path: &Path, creds: &Credentials) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let tmp = path.with_extension("pem.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(creds.cert_pem.as_bytes())?;
+        if !creds.cert_pem.ends_with('\n') {
+            file.write_all(b"\n")?;
+        }
+        file.write_all(creds.key_pem.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
@@ -212,7 +349,8 @@ mod tests {
         assert!(key.starts_with(KEY_HEADER));
         let dir = tempfile::tempdir().unwrap();
         let store = IdentityStore::new(dir.path());
-        assert!(store.load().unwrap().is_none());
+        let path = dir.path().join("identity.pem");
+        assert!(load_file(&path).unwrap().is_none());
         // A self-signed stand-in certificate with the identity URI is enough to round-trip.
         let pair = KeyPair::from_pem(&key).unwrap();
         let mut params = CertificateParams::default();
@@ -221,15 +359,12 @@ mod tests {
         )];
         let cert = params.self_signed(&pair).unwrap().pem();
         let creds = Credentials::issued(cert, key).unwrap();
-        store.save(&creds).unwrap();
-        let loaded = store.load().unwrap().unwrap();
+        save_file(&path, &creds).unwrap();
+        let loaded = load_file(&path).unwrap().unwrap();
         assert_eq!(loaded.cluster, "eu-1");
         assert_eq!(loaded.key_pem, creds.key_pem);
-        let mode = std::fs::metadata(store.path())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        assert_eq!(store.describe(), path.display().to_string());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
 }

@@ -6,7 +6,6 @@
 //! unreachable; assignments that arrive later replace them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,7 +211,7 @@ impl Fleet {
     pub fn new(
         engine: Arc<Engine>,
         link: HubLink,
-        data_dir: PathBuf,
+        identity: IdentityStore,
         board: Arc<StatusBoard>,
         resync: Duration,
         metrics: Arc<crate::metrics::Metrics>,
@@ -220,7 +219,7 @@ impl Fleet {
         Arc::new(Self {
             engine,
             link,
-            identity: IdentityStore::new(&data_dir),
+            identity,
             board,
             resync,
             running: Mutex::new(HashMap::new()),
@@ -256,6 +255,8 @@ impl Fleet {
                 if let Some(bundle) = cache.bundle(&app)? {
                     let orders = Orders::cached(&bundle);
                     self.start(bundle, None, orders, &cancel);
+                    // What it knew is enforced from here on, hub or not.
+                    self.metrics.enforcing.set(1);
                 }
             }
         }
@@ -284,7 +285,10 @@ impl Fleet {
             let desired = assignments.borrow_and_update().clone();
             let Some(desired) = desired else { continue };
             match self.apply_assignments(desired, &cancel).await {
-                Ok(true) => backoff.reset(),
+                Ok(true) => {
+                    self.metrics.enforcing.set(1);
+                    backoff.reset()
+                }
                 Ok(false) => {
                     let delay = backoff.next_delay(random_fraction());
                     tracing::info!(?delay, "some bundles could not be fetched; retrying");
@@ -382,7 +386,8 @@ impl Fleet {
         }
         let creds = self
             .identity
-            .load()?
+            .load()
+            .await?
             .ok_or_else(|| Error::NeedsOperator("no identity to fetch bundles with".into()))?;
         let bytes = self.link.fetch_bundle(&creds, digest).await?;
         let objects = decode_bundle(digest, &bytes)?;

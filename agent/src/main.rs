@@ -37,22 +37,31 @@ struct RunArgs {
     /// The hub CA certificate (PEM).
     #[arg(long, env = "FLOTILLA_CA")]
     ca: PathBuf,
-    /// Where the agent keeps its key, certificate and cache.
-    #[arg(long)]
+    /// Where the agent keeps its cache (and, out of cluster, its key and certificate).
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
     data_dir: PathBuf,
     /// Name to register as (DNS-1123 label); only needed for the first start.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_CLUSTER_NAME")]
     cluster_name: Option<String>,
     /// Bootstrap token from `flotilla token create`; only needed to register.
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Labels to register with, k=v,k2=v2.
-    #[arg(long, value_delimiter = ',', value_parser = parse_label)]
+    #[arg(long, env = "FLOTILLA_LABELS", value_delimiter = ',', value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// Kubeconfig of the cluster this agent manages; its cached apps are enforced even while
-    /// the hub is unreachable.
+    /// the hub is unreachable. Without it: the pod's service account in a cluster, else
+    /// KUBECONFIG, else no cluster (the agent only holds its hub session).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Where the service account is mounted in-cluster (token, ca.crt, namespace).
+    #[arg(long, env = "FLOTILLA_SERVICE_ACCOUNT_DIR", default_value = flotilla_agent::cluster_config::SERVICE_ACCOUNT_DIR)]
+    service_account_dir: PathBuf,
+    /// Keep the key and certificate in this Secret of the managed cluster, NAMESPACE/NAME (the
+    /// default in-cluster: flotilla-system/flotilla-agent-identity); a bootstrap token may be
+    /// left there under `token`.
+    #[arg(long, env = "FLOTILLA_IDENTITY_SECRET", value_parser = parse_secret_ref)]
+    identity_secret: Option<(String, String)>,
     /// Full re-apply interval of running apps.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     resync: Duration,
@@ -96,6 +105,18 @@ struct ApplyArgs {
     /// Directory of manifests (.yaml, .yml, .json; multi-document).
     dir: PathBuf,
 }
+
+fn parse_secret_ref(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
+/// Where an in-cluster agent keeps its identity unless told otherwise.
+const DEFAULT_IDENTITY_SECRET: (&str, &str) = ("flotilla-system", "flotilla-agent-identity");
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
@@ -159,13 +180,23 @@ async fn run_agent(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    use flotilla_agent::cluster_config::{ClusterSource, Environment, choose};
+    let env = Environment::read(&args.service_account_dir);
+    let cluster = choose(args.kubeconfig, &env, &args.service_account_dir);
+    let identity_secret = args.identity_secret.or_else(|| {
+        matches!(cluster, ClusterSource::InCluster { .. }).then(|| {
+            let (ns, name) = DEFAULT_IDENTITY_SECRET;
+            (ns.to_string(), name.to_string())
+        })
+    });
     let opts = RunOptions {
         link: HubLink::new(args.hub, ca_pem),
         data_dir: args.data_dir,
         cluster_name: args.cluster_name,
         token: args.token,
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
-        kubeconfig: args.kubeconfig,
+        cluster,
+        identity_secret,
         resync: args.resync,
         metrics_listen: args.metrics_listen,
     };

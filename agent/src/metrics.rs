@@ -1,4 +1,6 @@
-//! Prometheus metrics of the agent, served at `/metrics` when `--metrics-listen` is given.
+//! The agent's HTTP listener (`--metrics-listen`): Prometheus metrics at `/metrics`, and the probes
+//! a platform runs (`/healthz`: the process serves; `/readyz`: a hub session is up or the cached
+//! apps are being enforced).
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ pub struct Metrics {
     pub apps: Gauge,
     pub reconciles: Family<ResultLabel, Counter>,
     pub drift_heals: Counter,
+    /// 1 once the agent enforces apps (cached ones at start, or the hub's assignments).
+    pub enforcing: Gauge,
 }
 
 impl Default for Metrics {
@@ -33,6 +37,12 @@ impl Default for Metrics {
         let apps = Gauge::default();
         let reconciles = Family::<ResultLabel, Counter>::default();
         let drift_heals = Counter::default();
+        let enforcing = Gauge::default();
+        registry.register(
+            "enforcing",
+            "1 once the agent enforces apps (cached ones, or the hub's assignments)",
+            enforcing.clone(),
+        );
         registry.register(
             "hub_connected",
             "1 while a session with the hub is open",
@@ -55,6 +65,7 @@ impl Default for Metrics {
             apps,
             reconciles,
             drift_heals,
+            enforcing,
         }
     }
 }
@@ -67,6 +78,11 @@ impl Metrics {
                 result: result.into(),
             })
             .inc();
+    }
+
+    /// Ready for traffic: a session with the hub is open, or the agent enforces what it knows.
+    pub fn ready(&self) -> bool {
+        self.hub_connected.get() == 1 || self.enforcing.get() == 1
     }
 
     pub fn encode(&self) -> String {
@@ -83,13 +99,33 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move { metrics.encode() }
-        }),
-    );
+    use axum::http::StatusCode;
+    let ready = Arc::clone(&metrics);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move { metrics.encode() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = ready.ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not ready: no hub session and no app enforced yet",
+                        )
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
@@ -130,6 +166,20 @@ mod tests {
             body.contains("flotilla_agent_drift_heals_total 1"),
             "{body}"
         );
+        let get = |path: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(req.as_bytes()).await.unwrap();
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await.unwrap();
+            body
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        metrics.hub_connected.set(0);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        metrics.enforcing.set(1);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         cancel.cancel();
         server.await.unwrap().unwrap();
     }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, random_fraction};
+use crate::cluster_config::ClusterSource;
 use crate::credentials::{Credentials, IdentityStore, now_unix};
 use crate::engine::Engine;
 use crate::engine::inventory::LocalCache;
@@ -28,8 +29,11 @@ pub struct RunOptions {
     pub cluster_name: Option<String>,
     pub token: Option<String>,
     pub labels: BTreeMap<String, String>,
-    /// The cluster this agent manages, when it manages one (kubeconfig path).
-    pub kubeconfig: Option<PathBuf>,
+    /// The cluster this agent manages, when it manages one.
+    pub cluster: ClusterSource,
+    /// Keep the identity in this Secret (namespace, name) of the managed cluster instead of the
+    /// data directory.
+    pub identity_secret: Option<(String, String)>,
     /// Full re-apply interval of cached apps.
     pub resync: Duration,
     /// Where to serve `/metrics`, if anywhere.
@@ -61,19 +65,27 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
         board: Arc::clone(&board),
         metrics: Arc::clone(&metrics),
     };
+    let client = crate::cluster_config::client(&opts.cluster).await?;
+    let store = match (&opts.identity_secret, &client) {
+        (Some((namespace, name)), Some(client)) => {
+            IdentityStore::in_secret(client.clone(), namespace, name)
+        }
+        (Some((namespace, name)), None) => {
+            return Err(Error::NeedsOperator(format!(
+                "the identity Secret {namespace}/{name} needs a cluster: run in-cluster or pass --kubeconfig"
+            )));
+        }
+        (None, _) => IdentityStore::new(&opts.data_dir),
+    };
     // The cluster side never waits for the hub: cached apps keep being enforced while it is away.
-    let fleet = match &opts.kubeconfig {
-        Some(path) => {
-            let client = crate::local::client(path).await?;
+    let fleet = match client {
+        Some(client) => {
             let cache = LocalCache::open(&opts.data_dir)?;
             let mut engine = Engine::new(client, Some(cache));
-            let name = opts.cluster_name.clone().or_else(|| {
-                IdentityStore::new(&opts.data_dir)
-                    .load()
-                    .ok()
-                    .flatten()
-                    .map(|c| c.cluster)
-            });
+            let name = match &opts.cluster_name {
+                Some(name) => Some(name.clone()),
+                None => store.load().await.ok().flatten().map(|c| c.cluster),
+            };
             if let Some(name) = name {
                 engine = engine.for_cluster(&name);
             }
@@ -81,7 +93,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
             Some(Fleet::new(
                 engine,
                 opts.link.clone(),
-                opts.data_dir.clone(),
+                store.clone(),
                 board,
                 opts.resync,
                 Arc::clone(&metrics),
@@ -100,25 +112,25 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
         }
     };
     tokio::select! {
-        result = hub_side(&opts, &shutdown, &link, running) => result,
+        result = hub_side(&opts, &store, &shutdown, &link, running) => result,
         result = cluster_side => result,
     }
 }
 
 async fn hub_side(
     opts: &RunOptions,
+    store: &IdentityStore,
     shutdown: &CancellationToken,
     fleet: &FleetLink,
     running: Vec<AppDigest>,
 ) -> Result<()> {
     let shutdown = shutdown.clone();
-    let store = IdentityStore::new(&opts.data_dir);
-    let Some(creds) = obtain_credentials(opts, &store, &shutdown).await? else {
+    let Some(creds) = obtain_credentials(opts, store, &shutdown).await? else {
         return Ok(());
     };
     let (updates, credentials) = watch::channel(creds);
     tokio::select! {
-        result = renew_forever(&opts.link, &store, updates, &shutdown) => result,
+        result = renew_forever(&opts.link, store, updates, &shutdown) => result,
         result = hold_sessions(&opts.link, credentials, &shutdown, fleet, running) => result,
     }
 }
@@ -129,30 +141,35 @@ async fn obtain_credentials(
     store: &IdentityStore,
     shutdown: &CancellationToken,
 ) -> Result<Option<Credentials>> {
-    let existing = store.load()?;
+    let existing = store.load().await?;
     let name = match (&existing, &opts.cluster_name) {
         (Some(creds), Some(flag)) if &creds.cluster != flag => {
             return Err(Error::NeedsOperator(format!(
-                "{} holds the identity of cluster {:?}, but --cluster-name is {flag:?}; use another --data-dir",
-                store.path().display(),
+                "{} holds the identity of cluster {:?}, but --cluster-name is {flag:?}; use another --data-dir or --identity-secret",
+                store.describe(),
                 creds.cluster
             )));
         }
         (Some(creds), _) => creds.cluster.clone(),
         (None, Some(flag)) => flag.clone(),
         (None, None) => {
-            return Err(Error::NeedsOperator(
-                "no identity in the data directory: pass --cluster-name and --token to register"
-                    .into(),
-            ));
+            return Err(Error::NeedsOperator(format!(
+                "no identity in {}: pass --cluster-name and --token to register",
+                store.describe()
+            )));
         }
+    };
+    let token = match &opts.token {
+        Some(t) => Some(t.clone()),
+        None if existing.as_ref().is_none_or(|c| c.is_expired(now_unix())) => store.token().await?,
+        None => None,
     };
     if let Some(creds) = existing {
         if !creds.is_expired(now_unix()) {
             tracing::info!(cluster = %creds.cluster, "using stored identity");
             return Ok(Some(creds));
         }
-        if opts.token.is_none() {
+        if token.is_none() {
             return Err(Error::NeedsOperator(format!(
                 "the certificate of cluster {name:?} expired at {} while the agent was offline; \
                  it needs a new bootstrap token: run `flotilla token create --cluster {name}` and \
@@ -162,7 +179,7 @@ async fn obtain_credentials(
         }
         tracing::warn!(cluster = %name, "stored certificate expired; registering again with the given token");
     }
-    let token = opts.token.as_deref().ok_or_else(|| {
+    let token = token.as_deref().ok_or_else(|| {
         Error::NeedsOperator(format!(
             "cluster {name:?} is not registered yet: pass --token"
         ))
@@ -171,8 +188,8 @@ async fn obtain_credentials(
     loop {
         match opts.link.register(token, &name, &opts.labels).await {
             Ok(creds) => {
-                store.save(&creds)?;
-                tracing::info!(cluster = %name, expires = %format_unix(creds.not_after), "registered with the hub");
+                store.save(&creds).await?;
+                tracing::info!(cluster = %name, identity = %store.describe(), expires = %format_unix(creds.not_after), "registered with the hub");
                 return Ok(Some(creds));
             }
             Err(err) if err.is_retryable() => {
@@ -210,7 +227,7 @@ async fn renew_forever(
             }
             match link.renew(&current).await {
                 Ok(renewed) => {
-                    store.save(&renewed)?;
+                    store.save(&renewed).await?;
                     tracing::info!(cluster = %renewed.cluster, expires = %format_unix(renewed.not_after), "certificate renewed");
                     backoff.reset();
                     updates.send_replace(renewed);

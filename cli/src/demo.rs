@@ -245,7 +245,8 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             cluster_name: Some(name.clone()),
             token: Some(token),
             labels,
-            kubeconfig: Some(kubeconfig),
+            cluster: flotilla_agent::cluster_config::ClusterSource::Kubeconfig(kubeconfig),
+            identity_secret: None,
             resync: Duration::from_secs(300),
             metrics_listen: None,
         };

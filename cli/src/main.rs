@@ -8,8 +8,10 @@ macro_rules! out {
 }
 
 mod demo;
+mod join;
 mod output;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -214,6 +216,28 @@ enum ClusterCommand {
     Rebuild {
         name: String,
         /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Print the install manifests for the replacement cluster (as `cluster join` does)
+        /// instead of the token.
+        #[arg(long)]
+        manifest: bool,
+        /// The address agents dial (default: --hub).
+        #[arg(long, requires = "manifest")]
+        hub_address: Option<String>,
+    },
+    /// Print the manifests that install and register an agent in cluster NAME: deploy/agent with
+    /// a fresh single-use token bound to NAME, the hub CA, the hub address and the labels.
+    /// `flotilla cluster join eu-1 --labels region=eu | kubectl --context eu-1 apply -f -`
+    Join {
+        name: String,
+        /// k=v,k2=v2
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// The address agents dial (default: --hub).
+        #[arg(long)]
+        hub_address: Option<String>,
+        /// How long the token is valid (it registers one cluster, once).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
@@ -466,6 +490,32 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
     Ok(())
 }
 
+/// The agent's install manifests for `name`, with the CLI's own hub CA.
+fn join_manifests(
+    conn: &Connection,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    hub_address: Option<String>,
+    token: &str,
+) -> anyhow::Result<String> {
+    let ca_path = conn
+        .ca
+        .as_ref()
+        .context("--ca (or FLOTILLA_CA): the hub CA the agent is to trust")?;
+    let ca_pem = std::fs::read_to_string(ca_path)
+        .with_context(|| format!("reading --ca {}", ca_path.display()))?;
+    let hub_address = hub_address
+        .or_else(|| conn.hub.clone())
+        .context("--hub-address or --hub: the address agents dial")?;
+    join::manifests(&join::Join {
+        cluster: name,
+        labels,
+        hub_address: &hub_address,
+        token,
+        ca_pem: &ca_pem,
+    })
+}
+
 async fn token(conn: &Connection, format: Format, command: TokenCommand) -> anyhow::Result<()> {
     let mut admin = admin_client(conn).await?;
     match command {
@@ -526,7 +576,24 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
                 .into_inner();
             output::cluster(format, &cluster);
         }
-        ClusterCommand::Rebuild { name, ttl } => {
+        ClusterCommand::Rebuild {
+            name,
+            ttl,
+            manifest,
+            hub_address,
+        } => {
+            let labels = if manifest {
+                admin
+                    .get_cluster(GetClusterRequest { name: name.clone() })
+                    .await
+                    .map_err(rpc_error)?
+                    .into_inner()
+                    .labels
+                    .into_iter()
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
             let response = admin
                 .rebuild_cluster(RebuildClusterRequest {
                     name: name.clone(),
@@ -535,7 +602,39 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
                 .await
                 .map_err(rpc_error)?
                 .into_inner();
-            output::rebuild(format, &name, &response);
+            if manifest {
+                let text = join_manifests(conn, &name, &labels, hub_address, &response.token)?;
+                out!("{}", text.trim_end());
+            } else {
+                output::rebuild(format, &name, &response);
+            }
+        }
+        ClusterCommand::Join {
+            name,
+            labels,
+            hub_address,
+            ttl,
+        } => {
+            let labels = join::parse_labels(&labels)?;
+            let token = admin
+                .create_token(CreateTokenRequest {
+                    ttl_seconds: ttl.as_secs().max(1),
+                    uses: 1,
+                    cluster_name: name.clone(),
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let text = join_manifests(conn, &name, &labels, hub_address, &token.token)?;
+            out!("{}", text.trim_end());
+            eprintln!(
+                "token {} registers {name} once, until {}; apply the manifests with kubectl in that cluster",
+                token.token_id,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH
+                        + Duration::from_secs(u64::try_from(token.expires_at_unix).unwrap_or(0))
+                )
+            );
         }
         ClusterCommand::Deregister { name } => {
             let response = admin

@@ -1,5 +1,6 @@
-//! The hub's HTTP listener: git push webhooks (GitHub, Gitea, GitLab), HMAC-verified. A webhook only
-//! triggers a fetch of the repositories it names; the revision always comes from git itself.
+//! The hub's HTTP listener: git push webhooks (GitHub, Gitea, GitLab), HMAC-verified, metrics, and
+//! the probes a platform runs (`/healthz`, `/readyz`). A webhook only triggers a fetch of the
+//! repositories it names; the revision always comes from git itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -122,6 +123,21 @@ async fn git_webhook(
     reply(StatusCode::ACCEPTED, json!({"triggered": triggered}))
 }
 
+/// Ready: the store answers and the hub is not shutting down (its gRPC listener is bound before this
+/// one).
+async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, String) {
+    if hub.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match hub.store.clusters() {
+        Ok(_) => (StatusCode::OK, "ready\n".into()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store does not answer: {e}\n"),
+        ),
+    }
+}
+
 async fn metrics(
     State(hub): State<Arc<Hub>>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
@@ -172,6 +188,8 @@ pub async fn serve(
     let app = Router::new()
         .route("/webhooks/git", post(git_webhook))
         .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(readyz))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(request_deadline))
         .with_state(hub);

@@ -662,6 +662,25 @@ impl SimCluster {
         })
     }
 
+    /// What a pod of the first cluster would see: a service-account directory (token, ca.crt,
+    /// namespace) written under `dir`, and the `KUBERNETES_SERVICE_*` environment pointing at the
+    /// simulator (which serves its first cluster at the root path, as an API server does).
+    pub fn pod_environment(&self, dir: &Path, namespace: &str) -> Result<Vec<(String, String)>> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("token"), self.sim.token())?;
+        std::fs::write(dir.join("ca.crt"), self.sim.ca_pem())?;
+        std::fs::write(dir.join("namespace"), namespace)?;
+        let addr = self.sim.addr();
+        Ok(vec![
+            ("KUBERNETES_SERVICE_HOST".into(), addr.ip().to_string()),
+            ("KUBERNETES_SERVICE_PORT".into(), addr.port().to_string()),
+            (
+                "FLOTILLA_SERVICE_ACCOUNT_DIR".into(),
+                dir.display().to_string(),
+            ),
+        ])
+    }
+
     /// The kubeconfig of cluster `name`.
     pub fn kubeconfig_of(&self, name: &str) -> PathBuf {
         self._dir.path().join(format!("{name}.kubeconfig"))
@@ -1056,7 +1075,10 @@ impl InProcessAgents {
                 cluster_name: Some(name.clone()),
                 token: Some(token.to_string()),
                 labels: labels(i, name),
-                kubeconfig: Some(clusters.kubeconfig_of(name)),
+                cluster: flotilla_agent::cluster_config::ClusterSource::Kubeconfig(
+                    clusters.kubeconfig_of(name),
+                ),
+                identity_secret: None,
                 resync: Duration::from_secs(600),
                 metrics_listen: None,
             };

@@ -202,10 +202,15 @@ pub async fn write(client: &kube::Client, app: &str, inv: &Inventory) -> Result<
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}});
-    namespaces
+    match namespaces
         .patch(AGENT_NAMESPACE, &pp, &Patch::Apply(&ns))
         .await
-        .map_err(|e| Error::kube("creating the agent namespace", e))?;
+    {
+        Ok(_) => {}
+        // A least-privilege install may not write namespaces; it created this one itself.
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        Err(e) => return Err(Error::kube("creating the agent namespace", e)),
+    }
     let objects = serde_json::to_string(&inv.objects).map_err(|e| Error::Cache(e.to_string()))?;
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": configmap_name(app), "namespace": AGENT_NAMESPACE,
