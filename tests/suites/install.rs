@@ -440,3 +440,135 @@ async fn cluster_join_installs_an_agent_that_keeps_its_identity_in_a_secret() ->
     );
     Ok(())
 }
+
+#[test]
+fn the_hub_serves_from_exactly_what_its_statefulset_mounts() -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let docs = kustomize(&root().join("deploy/hub"))?;
+    let sts = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .context("the StatefulSet")?;
+    let pod = &sts["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    // `flotilla-hub init` as deploy/README.md says; the Secret gets the files it lists.
+    let work = tempfile::tempdir()?;
+    let init = work.path().join("init");
+    let out = Command::new(bin("flotilla-hub"))
+        .args(["init", "--data-dir"])
+        .arg(&init)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret_file = |key: &str| -> PathBuf {
+        if key == "hub.json" {
+            init.join(key)
+        } else {
+            init.join("pki").join(key)
+        }
+    };
+    // The pod's filesystem under `fs`: each Secret volume's items where the container mounts it.
+    let fs = work.path().join("pod");
+    let local = |p: &str| fs.join(p.trim_start_matches('/'));
+    for m in container["volumeMounts"].as_array().into_iter().flatten() {
+        let name = m["name"].as_str().unwrap_or("");
+        let path = m["mountPath"].as_str().unwrap_or("");
+        let volume = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name);
+        let claimed = sts["spec"]["volumeClaimTemplates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["metadata"]["name"] == name);
+        let volume = match volume {
+            Some(v) => v,
+            None if claimed => {
+                std::fs::create_dir_all(local(path))?;
+                continue;
+            }
+            None => anyhow::bail!("mount {name} has no volume"),
+        };
+        if volume["secret"]["secretName"] != "flotilla-hub-pki" {
+            std::fs::create_dir_all(local(path))?;
+            continue;
+        }
+        let items = volume["secret"]["items"].as_array().context("items")?;
+        match m["subPath"].as_str() {
+            Some(sub) => {
+                let item = items.iter().find(|i| i["path"] == sub).context("subPath")?;
+                std::fs::create_dir_all(local(path).parent().context("parent")?)?;
+                std::fs::copy(secret_file(item["key"].as_str().unwrap_or("")), local(path))?;
+            }
+            None => {
+                std::fs::create_dir_all(local(path))?;
+                for item in items {
+                    let to = local(path).join(item["path"].as_str().unwrap_or(""));
+                    std::fs::copy(secret_file(item["key"].as_str().unwrap_or("")), &to)?;
+                    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o400))?;
+                }
+                // Read-only, as the volume is.
+                std::fs::set_permissions(local(path), std::fs::Permissions::from_mode(0o500))?;
+            }
+        }
+    }
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        // No webhook secret in this pod (the volume is optional).
+        .filter(|a| !a.starts_with("--webhook-secret-file"))
+        .map(|a| match a.split_once('=') {
+            Some((flag, v)) if v.starts_with("0.0.0.0:") => format!("{flag}=127.0.0.1:0"),
+            Some((flag, v)) if v.starts_with('/') => format!("{flag}={}", local(v).display()),
+            _ => a.to_string(),
+        })
+        .collect();
+    let mut child = Command::new(bin("flotilla-hub"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut hub = Proc::adopt(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut grpc = None;
+    let mut http = None;
+    while grpc.is_none() || http.is_none() {
+        let line = lines.next().context("the hub exited before listening")??;
+        if let Some(a) = line.strip_prefix("flotilla-hub listening on ") {
+            grpc = Some(a.trim().to_string());
+        }
+        if let Some(a) = line.strip_prefix("flotilla-hub http on ") {
+            http = Some(a.trim().to_string());
+        }
+    }
+    let (grpc, http) = (grpc.context("grpc")?, http.context("http")?);
+    let (code, body) = http_get(&http, "/readyz")?;
+    assert_eq!(code, 200, "{body}");
+    // An operator with the admin certificate (kept off the cluster) reaches it.
+    let cli = Command::new(bin("flotilla"))
+        .args(["--hub", &format!("https://{grpc}")])
+        .arg("--ca")
+        .arg(init.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(init.join("pki/admin.pem"))
+        .arg("--key")
+        .arg(init.join("pki/admin-key.pem"))
+        .args(["cluster", "list"])
+        .output()?;
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    hub.terminate();
+    Ok(())
+}
