@@ -8,6 +8,11 @@ pub enum Error {
     #[error("{0}")]
     NeedsOperator(String),
 
+    /// The certificate expired (a hub outage longer than its life): the agent keeps enforcing its
+    /// apps and waits for a bootstrap token bound to its name; the message says how to give one.
+    #[error("{0}")]
+    NeedsBootstrap(String),
+
     /// The hub refused a request; `what` names the request.
     #[error("{what}: {detail}")]
     Rejected {

@@ -46,6 +46,11 @@ struct RunArgs {
     /// Bootstrap token from `flotilla token create`; only needed to register.
     #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding a bootstrap token, read whenever one is needed: an agent whose certificate
+    /// expired (a long hub outage) keeps enforcing its apps and re-registers once a token bound
+    /// to its name appears here (or in its identity Secret).
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Labels to register with, k=v,k2=v2.
     #[arg(long, env = "FLOTILLA_LABELS", value_delimiter = ',', value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -199,6 +204,7 @@ async fn run_agent(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
         identity_secret,
         resync: args.resync,
         metrics_listen: args.metrics_listen,
+        token_file: args.token_file,
     };
     match run(opts, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub drift_heals: Counter,
     /// 1 once the agent enforces apps (cached ones at start, or the hub's assignments).
     pub enforcing: Gauge,
+    /// 1 while its certificate has expired and it waits for a bootstrap token.
+    pub needs_bootstrap: Gauge,
 }
 
 impl Default for Metrics {
@@ -38,6 +40,12 @@ impl Default for Metrics {
         let reconciles = Family::<ResultLabel, Counter>::default();
         let drift_heals = Counter::default();
         let enforcing = Gauge::default();
+        let needs_bootstrap = Gauge::default();
+        registry.register(
+            "needs_bootstrap",
+            "1 while the certificate has expired and the agent waits for a bootstrap token bound to its name",
+            needs_bootstrap.clone(),
+        );
         registry.register(
             "enforcing",
             "1 once the agent enforces apps (cached ones, or the hub's assignments)",
@@ -66,6 +74,7 @@ impl Default for Metrics {
             reconciles,
             drift_heals,
             enforcing,
+            needs_bootstrap,
         }
     }
 }

@@ -38,7 +38,13 @@ pub struct RunOptions {
     pub resync: Duration,
     /// Where to serve `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// A file holding a bootstrap token, read whenever one is needed (so an operator can hand a
+    /// running agent a new one after its certificate expired).
+    pub token_file: Option<PathBuf>,
 }
+
+/// How often an agent that needs a bootstrap token looks for one.
+const BOOTSTRAP_POLL: Duration = Duration::from_secs(2);
 
 /// Runs until shutdown (Ok) or until the agent cannot go on without an operator (Err).
 pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
@@ -125,21 +131,80 @@ async fn hub_side(
     running: Vec<AppDigest>,
 ) -> Result<()> {
     let shutdown = shutdown.clone();
-    let Some(creds) = obtain_credentials(opts, store, &shutdown).await? else {
-        return Ok(());
-    };
-    let (updates, credentials) = watch::channel(creds);
-    tokio::select! {
-        result = renew_forever(&opts.link, store, updates, &shutdown) => result,
-        result = hold_sessions(&opts.link, credentials, &shutdown, fleet, running) => result,
+    // A token the hub refused is not offered again: the operator must give another.
+    let mut refused: Option<Vec<u8>> = None;
+    loop {
+        let creds = match obtain_credentials(opts, store, &shutdown, &mut refused).await {
+            Ok(Some(creds)) => creds,
+            Ok(None) => return Ok(()),
+            Err(Error::NeedsBootstrap(why)) => {
+                fleet.metrics.needs_bootstrap.set(1);
+                tracing::error!("{why}; the cached apps are still enforced");
+                if sleep_or_shutdown(BOOTSTRAP_POLL, &shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        fleet.metrics.needs_bootstrap.set(0);
+        let (updates, credentials) = watch::channel(creds);
+        let result = tokio::select! {
+            result = renew_forever(&opts.link, store, updates, &shutdown) => result,
+            result = hold_sessions(&opts.link, credentials, &shutdown, fleet, running.clone()) => result,
+        };
+        match result {
+            // Expired before it could be renewed: wait for a token, keep the cluster side going.
+            Err(Error::NeedsBootstrap(why)) => {
+                fleet.metrics.needs_bootstrap.set(1);
+                tracing::error!("{why}; the cached apps are still enforced");
+            }
+            other => return other,
+        }
     }
 }
 
-/// Existing valid credentials, or new ones from registering with the token. `None` on shutdown.
+/// A bootstrap token from the flag or `FLOTILLA_TOKEN`, else the token file, else the identity
+/// Secret; one the hub refused before is passed over.
+async fn find_token(
+    opts: &RunOptions,
+    store: &IdentityStore,
+    refused: &Option<Vec<u8>>,
+) -> Result<Option<String>> {
+    let usable =
+        |t: &String| !t.is_empty() && refused.as_deref() != Some(token_digest(t).as_slice());
+    if let Some(t) = opts.token.clone().filter(usable) {
+        return Ok(Some(t));
+    }
+    if let Some(path) = &opts.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let t = text.trim().to_string();
+                if usable(&t) {
+                    return Ok(Some(t));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    Ok(store.token().await?.filter(usable))
+}
+
+/// A token's digest, to remember which one was refused without keeping it.
+fn token_digest(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// Existing valid credentials, or new ones from registering with a token. `None` on shutdown;
+/// [`Error::NeedsBootstrap`] when the certificate expired and no usable token is at hand.
 async fn obtain_credentials(
     opts: &RunOptions,
     store: &IdentityStore,
     shutdown: &CancellationToken,
+    refused: &mut Option<Vec<u8>>,
 ) -> Result<Option<Credentials>> {
     let existing = store.load().await?;
     let name = match (&existing, &opts.cluster_name) {
@@ -159,34 +224,36 @@ async fn obtain_credentials(
             )));
         }
     };
-    let token = match &opts.token {
-        Some(t) => Some(t.clone()),
-        None if existing.as_ref().is_none_or(|c| c.is_expired(now_unix())) => store.token().await?,
-        None => None,
-    };
-    if let Some(creds) = existing {
-        if !creds.is_expired(now_unix()) {
-            tracing::info!(cluster = %creds.cluster, "using stored identity");
-            return Ok(Some(creds));
-        }
-        if token.is_none() {
-            return Err(Error::NeedsOperator(format!(
-                "the certificate of cluster {name:?} expired at {} while the agent was offline; \
-                 it needs a new bootstrap token: run `flotilla token create --cluster {name}` and \
-                 start the agent with --token",
-                format_unix(creds.not_after)
-            )));
-        }
-        tracing::warn!(cluster = %name, "stored certificate expired; registering again with the given token");
+    let expired = existing
+        .as_ref()
+        .map(|c| (c.is_expired(now_unix()), c.not_after));
+    if let (Some(creds), Some((false, _))) = (&existing, expired) {
+        tracing::info!(cluster = %creds.cluster, "using stored identity");
+        return Ok(Some(creds.clone()));
     }
-    let token = token.as_deref().ok_or_else(|| {
-        Error::NeedsOperator(format!(
-            "cluster {name:?} is not registered yet: pass --token"
-        ))
-    })?;
+    let token = find_token(opts, store, refused).await?;
+    let Some(token) = token else {
+        return Err(match expired {
+            Some((_, not_after)) => Error::NeedsBootstrap(format!(
+                "the certificate of cluster {name:?} expired at {} while the hub was unreachable; \
+                 it needs a bootstrap token bound to its name: run `flotilla token create --cluster {name}` \
+                 and put it in {} or the identity Secret's `token` key",
+                format_unix(not_after),
+                opts.token_file
+                    .as_ref()
+                    .map_or("--token-file".to_string(), |p| p.display().to_string())
+            )),
+            None => Error::NeedsOperator(format!(
+                "cluster {name:?} is not registered yet: pass --token"
+            )),
+        });
+    };
+    if expired.is_some() {
+        tracing::warn!(cluster = %name, "stored certificate expired; registering again with the token given");
+    }
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
     loop {
-        match opts.link.register(token, &name, &opts.labels).await {
+        match opts.link.register(&token, &name, &opts.labels).await {
             Ok(creds) => {
                 store.save(&creds).await?;
                 tracing::info!(cluster = %name, identity = %store.describe(), expires = %format_unix(creds.not_after), "registered with the hub");
@@ -198,6 +265,13 @@ async fn obtain_credentials(
                 if sleep_or_shutdown(delay, shutdown).await {
                     return Ok(None);
                 }
+            }
+            // An expired agent keeps waiting for a token that works; a first start stops.
+            Err(err) if expired.is_some() => {
+                *refused = Some(token_digest(&token));
+                return Err(Error::NeedsBootstrap(format!(
+                    "re-registering cluster {name:?} was refused ({err}); give another token bound to it"
+                )));
             }
             Err(err) => return Err(err),
         }
@@ -219,9 +293,9 @@ async fn renew_forever(
         }
         loop {
             if current.is_expired(now_unix()) {
-                return Err(Error::NeedsOperator(format!(
-                    "the certificate of cluster {:?} expired before it could be renewed; it needs a new \
-                     bootstrap token: run `flotilla token create --cluster {}` and restart the agent with --token",
+                return Err(Error::NeedsBootstrap(format!(
+                    "the certificate of cluster {:?} expired before it could be renewed; it needs a \
+                     bootstrap token bound to its name: run `flotilla token create --cluster {}`",
                     current.cluster, current.cluster
                 )));
             }

@@ -249,6 +249,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             identity_secret: None,
             resync: Duration::from_secs(300),
             metrics_listen: None,
+            token_file: None,
         };
         let agent_shutdown = shutdown.clone();
         let name = name.clone();

@@ -26,6 +26,7 @@ use flotilla_proto::v1::{
     ListAppsRequest, ListAuditRequest, ListClustersRequest, RebuildClusterRequest,
     RollbackAppRequest, RolloutActionRequest, SyncAppRequest,
 };
+use flotilla_proto::v1::{ListTokensRequest, RevokeTokenRequest};
 use flotilla_proto::{ClientTls, describe_status, endpoint, error_chain};
 use tonic::transport::Channel;
 
@@ -142,6 +143,10 @@ enum TokenCommand {
         #[arg(long)]
         cluster: Option<String>,
     },
+    /// Every token the hub keeps: id, expiry, uses left, bound name, revoked (never the secret).
+    List,
+    /// Refuse a token from now on.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -530,6 +535,23 @@ async fn token(conn: &Connection, format: Format, command: TokenCommand) -> anyh
                 .map_err(rpc_error)?
                 .into_inner();
             output::token(format, &response);
+        }
+        TokenCommand::List => {
+            let tokens = admin
+                .list_tokens(ListTokensRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .tokens;
+            output::tokens(format, &tokens);
+        }
+        TokenCommand::Revoke { id } => {
+            let token = admin
+                .revoke_token(RevokeTokenRequest { token_id: id })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            output::tokens(format, &[token]);
         }
     }
     Ok(())

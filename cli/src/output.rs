@@ -459,6 +459,41 @@ pub fn history(format: Format, app: &App) {
     }
 }
 
+pub fn tokens(format: Format, tokens: &[flotilla_proto::v1::TokenInfo]) {
+    let json_of = |t: &flotilla_proto::v1::TokenInfo| {
+        json!({
+            "id": t.token_id,
+            "created_at": rfc3339_secs(t.created_at_unix),
+            "expires_at": rfc3339_secs(t.expires_at_unix),
+            "uses_left": t.uses_left,
+            "cluster": (!t.cluster_name.is_empty()).then_some(&t.cluster_name),
+            "revoked_at": rfc3339_secs(t.revoked_at_unix),
+        })
+    };
+    match format {
+        Format::Json => print_json(&json!(tokens.iter().map(json_of).collect::<Vec<_>>())),
+        Format::Table => table(
+            &["ID", "EXPIRES", "USES LEFT", "CLUSTER", "REVOKED"],
+            tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.token_id.clone(),
+                        rfc3339_secs(t.expires_at_unix).unwrap_or_default(),
+                        t.uses_left.to_string(),
+                        if t.cluster_name.is_empty() {
+                            "<any new name>".into()
+                        } else {
+                            t.cluster_name.clone()
+                        },
+                        rfc3339_secs(t.revoked_at_unix).unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
 pub fn sync_requested(format: Format, app: &str, requested: &[SyncRequested]) {
     match format {
         Format::Json => print_json(&json!(

@@ -6,7 +6,10 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use sled::Transactional;
+
 use crate::apps::AppDocument;
+use crate::audit::Record;
 use crate::rollout::{Assigned, Rollout};
 use crate::{Error, Result};
 
@@ -86,6 +89,7 @@ pub struct AppStore {
     db: sled::Db,
     apps: sled::Tree,
     bundles: sled::Tree,
+    audit: crate::audit::Trees,
 }
 
 fn corrupt(key: &str, source: serde_json::Error) -> Error {
@@ -102,6 +106,7 @@ impl AppStore {
             gate,
             apps: db.open_tree("apps")?,
             bundles: db.open_tree("bundles")?,
+            audit: crate::audit::Trees::open(db)?,
             db: db.clone(),
         })
     }
@@ -123,8 +128,14 @@ impl AppStore {
             .collect()
     }
 
-    /// Creates or updates an app's document; returns the record (status kept, generation bumped on change).
-    pub async fn put_document(&self, doc: AppDocument, origin: &str) -> Result<AppRecord> {
+    /// Creates or updates an app's document; returns the record (status kept, generation bumped on
+    /// change). `audit` is written with it, atomically (`None` only for changes nobody made).
+    pub async fn put_document(
+        &self,
+        doc: AppDocument,
+        origin: &str,
+        audit: impl Fn(&AppRecord) -> Option<Record>,
+    ) -> Result<AppRecord> {
         let _write = self.writes.lock().await;
         let name = doc.metadata.name.clone();
         let record = match self.get(&name)? {
@@ -143,17 +154,28 @@ impl AppStore {
                 status: AppStatus::default(),
             },
         };
-        self.put(&record).await?;
+        self.put_with(&record, audit(&record).as_ref()).await?;
         Ok(record)
     }
 
     /// Writes a record and flushes.
     pub async fn put(&self, record: &AppRecord) -> Result<()> {
+        self.put_with(record, None).await
+    }
+
+    /// Writes a record (with its audit entry, in one transaction) and flushes.
+    async fn put_with(&self, record: &AppRecord, audit: Option<&Record>) -> Result<()> {
         let _gate = self.gate.read().await;
         let bytes =
             serde_json::to_vec(record).map_err(|e| corrupt(&record.doc.metadata.name, e))?;
-        self.apps
-            .insert(record.doc.metadata.name.as_bytes(), bytes)?;
+        let key = record.doc.metadata.name.as_bytes();
+        (&self.apps, &self.audit.log, &self.audit.meta).transaction(|(apps, log, meta)| {
+            apps.insert(key, bytes.clone())?;
+            if let Some(a) = audit {
+                crate::audit::append_in(log, meta, a)?;
+            }
+            Ok(())
+        })?;
         crate::store::flush(&self.db).await?;
         Ok(())
     }
@@ -177,22 +199,42 @@ impl AppStore {
         name: &str,
         update: impl FnOnce(&mut AppRecord) -> Result<()>,
     ) -> Result<Option<AppRecord>> {
+        self.try_update_audited(name, update, |_| None).await
+    }
+
+    /// An operator's update: written with its audit entry (made from the updated record) in one
+    /// transaction — also when the update changed nothing stored, since the operator did act.
+    pub async fn try_update_audited(
+        &self,
+        name: &str,
+        update: impl FnOnce(&mut AppRecord) -> Result<()>,
+        audit: impl FnOnce(&AppRecord) -> Option<Record>,
+    ) -> Result<Option<AppRecord>> {
         let _write = self.writes.lock().await;
         let Some(mut record) = self.get(name)? else {
             return Ok(None);
         };
         let before = record.clone();
         update(&mut record)?;
-        if record != before {
-            self.put(&record).await?;
+        let audit = audit(&record);
+        if record != before || audit.is_some() {
+            self.put_with(&record, audit.as_ref()).await?;
         }
         Ok(Some(record))
     }
 
-    pub async fn delete(&self, name: &str) -> Result<bool> {
+    /// Deletes an app (with its audit entry, atomically); whether it existed.
+    pub async fn delete(&self, name: &str, audit: Option<&Record>) -> Result<bool> {
         let _write = self.writes.lock().await;
         let _gate = self.gate.read().await;
-        let existed = self.apps.remove(name)?.is_some();
+        let existed =
+            (&self.apps, &self.audit.log, &self.audit.meta).transaction(|(apps, log, meta)| {
+                let existed = apps.remove(name.as_bytes())?.is_some();
+                if existed && let Some(a) = audit {
+                    crate::audit::append_in(log, meta, a)?;
+                }
+                Ok(existed)
+            })?;
         crate::store::flush(&self.db).await?;
         Ok(existed)
     }

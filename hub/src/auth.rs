@@ -92,6 +92,23 @@ impl Auth {
     }
 }
 
+impl Auth {
+    /// Who the caller claims to be, for the audit log of a refused call: its certificate's
+    /// identity when it has one (valid or not), else `unauthenticated`.
+    pub fn caller<T>(&self, request: &Request<T>) -> String {
+        let Some(leaf) = request.peer_certs().and_then(|c| c.first().cloned()) else {
+            return "unauthenticated".into();
+        };
+        match self.ca.peer_cert(&leaf) {
+            Ok(peer) => match peer.identity {
+                Identity::Cluster(name) => format!("cluster/{name}"),
+                Identity::Admin(who) => format!("admin/{who}"),
+            },
+            Err(_) => "unauthenticated".into(),
+        }
+    }
+}
+
 fn describe(identity: &Identity) -> String {
     match identity {
         Identity::Cluster(name) => format!("cluster {name:?}"),

@@ -1,6 +1,8 @@
 //! Hub backup and restore. A backup is an online snapshot of every sled tree (taken while writers
-//! are held off, so all trees are from one instant) plus the PKI; the private keys are sealed under
-//! an operator passphrase (PBKDF2-HMAC-SHA256 → AES-256-GCM, both from ring), never written in clear.
+//! are held off, so all trees are from one instant) plus the PKI; the private keys and the trees
+//! (bundles hold Secret data) are sealed under an operator passphrase (PBKDF2-HMAC-SHA256 →
+//! AES-256-GCM, both from ring), never written in clear. Only public certificates and the hub's
+//! settings are readable without it.
 //! A restore rebuilds a data directory that serves the same CA and hub identity, so agents
 //! reconnect with the certificates they hold and revocations keep holding.
 
@@ -15,7 +17,9 @@ use crate::fsutil::{create_private_dir, read_file, write_private, write_public};
 use crate::pki::{PkiPaths, hex};
 use crate::{Error, Hub, Result, now_unix};
 
-pub const FORMAT: &str = "flotilla-backup/v1";
+pub const FORMAT: &str = "flotilla-backup/v2";
+/// Backups from before the trees were sealed; still restored.
+const FORMAT_V1: &str = "flotilla-backup/v1";
 /// Every tree that holds acknowledged state (reports are included: restored status is not blank).
 const TREES: &[&str] = &[
     "clusters", "tokens", "certs", "revoked", "apps", "bundles", "reports", "audit",
@@ -48,10 +52,20 @@ pub struct Backup {
     pub hub_config: String,
     /// Public PKI files by name.
     pub public: BTreeMap<String, String>,
-    /// The private keys, sealed.
+    /// The private keys and (v2) the trees, sealed: [`Contents`].
     pub keys: Sealed,
-    /// Tree → [(hex key, hex value)], in key order.
+    /// v1 only: tree → [(hex key, hex value)] in clear.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trees: BTreeMap<String, Vec<(String, String)>>,
+}
+
+/// What a v2 backup seals.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Contents {
+    keys: BTreeMap<String, String>,
+    /// Tree → [(hex key, hex value)], in key order.
+    #[serde(default)]
+    trees: BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// What a restore brought back, for the operator.
@@ -122,9 +136,21 @@ pub fn read_passphrase(file: Option<&Path>) -> Result<String> {
 
 /// Seals `plaintext` under `passphrase`.
 pub fn seal(passphrase: &str, plaintext: &[u8]) -> Result<Sealed> {
+    seal_with(passphrase, plaintext, crate::system_random)
+}
+
+/// [`seal`] with the randomness for its salt and nonce from `random`: a failure refuses, it never
+/// seals under a predictable salt or nonce.
+fn seal_with(
+    passphrase: &str,
+    plaintext: &[u8],
+    random: impl Fn(&mut [u8]) -> Result<()>,
+) -> Result<Sealed> {
     check_passphrase(passphrase)?;
-    let salt = crate::random_bytes::<16>();
-    let nonce = crate::random_bytes::<12>();
+    let mut salt = [0u8; 16];
+    let mut nonce = [0u8; 12];
+    random(&mut salt)?;
+    random(&mut nonce)?;
     let key = derive_key(passphrase, &salt, PBKDF2_ITERATIONS)?;
     let mut data = plaintext.to_vec();
     key.seal_in_place_append_tag(
@@ -192,16 +218,6 @@ pub async fn take(hub: &Hub, passphrase: &str) -> Result<Vec<u8>> {
     }
     let hub_config = String::from_utf8(read_file(&hub.data_dir.join("hub.json"))?)
         .map_err(|_| Error::Internal("hub.json is not UTF-8".into()))?;
-    let keys_json = serde_json::to_vec(&keys).map_err(|e| Error::Corrupt {
-        key: "backup keys".into(),
-        source: e,
-    })?;
-    let passphrase = passphrase.to_string();
-    // Key derivation is deliberately slow: keep it off the async workers.
-    let sealed = tokio::task::spawn_blocking(move || seal(&passphrase, &keys_json))
-        .await
-        .map_err(|e| Error::Internal(format!("sealing task: {e}")))??;
-
     let trees = {
         let _exclusive = hub.store.gate().write_owned().await;
         let db = hub.store.db();
@@ -217,13 +233,22 @@ pub async fn take(hub: &Hub, passphrase: &str) -> Result<Vec<u8>> {
         }
         trees
     };
+    let contents = serde_json::to_vec(&Contents { keys, trees }).map_err(|e| Error::Corrupt {
+        key: "backup contents".into(),
+        source: e,
+    })?;
+    let passphrase = passphrase.to_string();
+    // Key derivation is deliberately slow: keep it off the async workers.
+    let sealed = tokio::task::spawn_blocking(move || seal(&passphrase, &contents))
+        .await
+        .map_err(|e| Error::Internal(format!("sealing task: {e}")))??;
     let backup = Backup {
         format: FORMAT.into(),
         created_at: now_unix(),
         hub_config,
         public,
         keys: sealed,
-        trees,
+        trees: BTreeMap::new(),
     };
     serde_json::to_vec(&backup).map_err(|e| Error::Corrupt {
         key: "backup".into(),
@@ -236,14 +261,23 @@ pub async fn take(hub: &Hub, passphrase: &str) -> Result<Vec<u8>> {
 pub fn restore(data_dir: &Path, bytes: &[u8], passphrase: &str) -> Result<Summary> {
     let backup: Backup = serde_json::from_slice(bytes)
         .map_err(|e| Error::invalid("backup", format!("not a Flotilla backup: {e}")))?;
-    if backup.format != FORMAT {
-        return Err(Error::invalid(
-            "backup",
-            format!("format {:?}, this hub reads {FORMAT}", backup.format),
-        ));
-    }
-    let keys: BTreeMap<String, String> = serde_json::from_slice(&unseal(passphrase, &backup.keys)?)
-        .map_err(|e| Error::invalid("backup", format!("sealed keys: {e}")))?;
+    let opened = unseal(passphrase, &backup.keys)?;
+    let contents: Contents = match backup.format.as_str() {
+        FORMAT => serde_json::from_slice(&opened)
+            .map_err(|e| Error::invalid("backup", format!("sealed contents: {e}")))?,
+        FORMAT_V1 => Contents {
+            keys: serde_json::from_slice(&opened)
+                .map_err(|e| Error::invalid("backup", format!("sealed keys: {e}")))?,
+            trees: backup.trees.clone(),
+        },
+        other => {
+            return Err(Error::invalid(
+                "backup",
+                format!("format {other:?}, this hub reads {FORMAT} and {FORMAT_V1}"),
+            ));
+        }
+    };
+    let keys = contents.keys;
     for name in KEY_FILES {
         if !keys.contains_key(*name) {
             return Err(Error::invalid("backup", format!("sealed keys lack {name}")));
@@ -255,7 +289,7 @@ pub fn restore(data_dir: &Path, bytes: &[u8], passphrase: &str) -> Result<Summar
         }
     }
     let mut decoded = BTreeMap::new();
-    for (tree, entries) in &backup.trees {
+    for (tree, entries) in &contents.trees {
         if !TREES.contains(&tree.as_str()) {
             return Err(Error::invalid("backup", format!("unknown tree {tree:?}")));
         }
@@ -335,5 +369,20 @@ mod tests {
         tampered.ciphertext.replace_range(0..2, flipped);
         assert!(unseal("correct horse battery", &tampered).is_err());
         assert!(seal("short", b"x").unwrap_err().to_string().contains("12"));
+    }
+
+    #[test]
+    fn a_failing_random_number_generator_refuses_to_seal() {
+        let failing = |_: &mut [u8]| Err(Error::Internal("rng down".into()));
+        let err = seal_with("correct horse battery", b"k", failing).unwrap_err();
+        assert!(err.to_string().contains("rng down"), "{err}");
+        // The salt and nonce come from the generator given.
+        let sevens = |buf: &mut [u8]| {
+            buf.fill(7);
+            Ok(())
+        };
+        let sealed = seal_with("correct horse battery", b"k", sevens).unwrap();
+        assert_eq!(sealed.salt, "07".repeat(16));
+        assert_eq!(sealed.nonce, "07".repeat(12));
     }
 }

@@ -55,6 +55,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Open connections at most from one source address, per listener.
     pub max_connections_per_address: usize,
+    /// Lifetime of a bootstrap token when none is asked for.
+    pub token_ttl_default: Duration,
+    /// The longest lifetime a bootstrap token may be given.
+    pub token_ttl_max: Duration,
 }
 
 impl Default for Settings {
@@ -66,6 +70,8 @@ impl Default for Settings {
             handshake_burst: 50,
             max_connections: 20_000,
             max_connections_per_address: 5_000,
+            token_ttl_default: Duration::from_secs(3600),
+            token_ttl_max: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -109,12 +115,20 @@ pub fn now_ms() -> i64 {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Random bytes from the system CSPRNG (zeros if it is unavailable, which only weakens jitter).
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    use ring::rand::SecureRandom;
+/// Random bytes from the system CSPRNG; an error when it fails, never zeros (they become salts,
+/// nonces and token secrets).
+pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    b
+    system_random(&mut b)?;
+    Ok(b)
+}
+
+/// Fills `buf` from the system CSPRNG.
+pub fn system_random(buf: &mut [u8]) -> Result<()> {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| Error::Internal("the system random number generator failed".into()))
 }
 
 /// The key a bootstrap token is stored under: SHA-256 of the whole token string.

@@ -59,6 +59,10 @@ enum Command {
         /// Open connections at most from one source address, per listener.
         #[arg(long, default_value_t = 5_000)]
         max_connections_per_address: usize,
+        /// The longest lifetime a bootstrap token may be given (`token create --ttl`); tokens
+        /// asked without one live 1h.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        max_token_ttl: Duration,
         /// How often each git source is fetched (±10% jitter).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         poll_interval: Duration,
@@ -158,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
             handshake_burst,
             max_connections,
             max_connections_per_address,
+            max_token_ttl,
             poll_interval,
             webhook_secret_file,
             kustomize_bin,
@@ -221,6 +226,8 @@ async fn main() -> anyhow::Result<()> {
                     handshake_burst,
                     max_connections,
                     max_connections_per_address,
+                    token_ttl_default: Duration::from_secs(3600).min(max_token_ttl),
+                    token_ttl_max: max_token_ttl,
                 },
                 http_listen,
                 sources: SourceOptions {

@@ -184,6 +184,18 @@ pub enum Action {
     Abort,
 }
 
+impl Action {
+    /// The word operators type (`flotilla rollout pause`), and the audit log's.
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Promote => "promote",
+            Self::Abort => "abort",
+        }
+    }
+}
+
 impl std::str::FromStr for Action {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -203,22 +215,38 @@ impl std::str::FromStr for Action {
 }
 
 /// Applies an operator action, persists it, and re-plans at once.
-pub async fn act(hub: &Hub, app: &str, action: Action) -> Result<AppRecord> {
+pub async fn act(hub: &Hub, actor: &str, app: &str, action: Action) -> Result<AppRecord> {
     let now = now_unix();
     let record = hub
         .apps
-        .try_update(app, |r| {
-            let rollout = r.status.rollout.as_mut().ok_or_else(|| {
-                Error::FailedPrecondition(format!("app {app:?} has no rollout yet"))
-            })?;
-            match action {
-                Action::Pause => rollout.pause(),
-                Action::Resume => rollout.resume(),
-                Action::Promote => rollout.promote(),
-                Action::Abort => rollout.abort(now),
-            }
-            .map_err(|e| Error::FailedPrecondition(format!("app {app:?}: {e}")))
-        })
+        .try_update_audited(
+            app,
+            |r| {
+                let rollout = r.status.rollout.as_mut().ok_or_else(|| {
+                    Error::FailedPrecondition(format!("app {app:?} has no rollout yet"))
+                })?;
+                match action {
+                    Action::Pause => rollout.pause(),
+                    Action::Resume => rollout.resume(),
+                    Action::Promote => rollout.promote(),
+                    Action::Abort => rollout.abort(now),
+                }
+                .map_err(|e| Error::FailedPrecondition(format!("app {app:?}: {e}")))
+            },
+            |r| {
+                let rollout = r.status.rollout.as_ref();
+                Some(crate::audit::Record::new(
+                    actor,
+                    &format!("rollout.{}", action.word()),
+                    format!("app/{app}"),
+                    format!(
+                        "revision {}: now {:?}",
+                        rollout.map(|r| r.revision.as_str()).unwrap_or(""),
+                        rollout.map(|r| r.phase)
+                    ),
+                ))
+            },
+        )
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
     plan_app(hub, app).await?;
@@ -227,10 +255,10 @@ pub async fn act(hub: &Hub, app: &str, action: Action) -> Result<AppRecord> {
 
 /// Pins `app` to an earlier revision (the newest stable one before the current, by default); the
 /// pinned render then reaches the fleet through a rollout like any other. Returns the revision.
-pub async fn pin(hub: &Hub, app: &str, to: Option<&str>) -> Result<String> {
+pub async fn pin(hub: &Hub, actor: &str, app: &str, to: Option<&str>) -> Result<String> {
     let mut chosen = String::new();
     hub.apps
-        .try_update(app, |r| {
+        .try_update_audited(app, |r| {
             let s = &mut r.status;
             let revision = match to {
                 Some(prefix) => {
@@ -269,6 +297,13 @@ pub async fn pin(hub: &Hub, app: &str, to: Option<&str>) -> Result<String> {
             s.pinned = Some(revision.clone());
             chosen = revision;
             Ok(())
+        }, |r| {
+            Some(crate::audit::Record::new(
+                actor,
+                "app.rollback",
+                format!("app/{app}"),
+                format!("pinned to {}", r.status.pinned.as_deref().unwrap_or("")),
+            ))
         })
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
@@ -276,9 +311,23 @@ pub async fn pin(hub: &Hub, app: &str, to: Option<&str>) -> Result<String> {
 }
 
 /// Returns an app to following its ref.
-pub async fn unpin(hub: &Hub, app: &str) -> Result<()> {
+pub async fn unpin(hub: &Hub, actor: &str, app: &str) -> Result<()> {
     hub.apps
-        .update_status(app, |r| r.status.pinned = None)
+        .try_update_audited(
+            app,
+            |r| {
+                r.status.pinned = None;
+                Ok(())
+            },
+            |_| {
+                Some(crate::audit::Record::new(
+                    actor,
+                    "app.rollback",
+                    format!("app/{app}"),
+                    "unpinned: follows its ref again",
+                ))
+            },
+        )
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
     Ok(())
@@ -297,10 +346,15 @@ pub struct Requested {
 /// Records a sync request for every cluster `app` targets (or only `cluster`): each is asked to
 /// apply, once, the bundle git wants it to run now. A manual app's rollout moves a cluster only on
 /// such a request; an automated app's agent applies at once instead of at its next resync.
-pub async fn request_sync(hub: &Hub, app: &str, cluster: Option<&str>) -> Result<Vec<Requested>> {
+pub async fn request_sync(
+    hub: &Hub,
+    actor: &str,
+    app: &str,
+    cluster: Option<&str>,
+) -> Result<Vec<Requested>> {
     let mut out = Vec::new();
     hub.apps
-        .try_update(app, |r| {
+        .try_update_audited(app, |r| {
             let s = &mut r.status;
             let chosen: Vec<(String, String)> = match cluster {
                 Some(c) => {
@@ -340,6 +394,16 @@ pub async fn request_sync(hub: &Hub, app: &str, cluster: Option<&str>) -> Result
                 });
             }
             Ok(())
+        }, |r| {
+            let asked = r
+                .status
+                .sync_requests
+                .iter()
+                .filter(|(c, _)| cluster.is_none_or(|one| one == c.as_str()))
+                .map(|(c, q)| format!("{c} (request {}, {})", q.id, q.digest))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Some(crate::audit::Record::new(actor, "app.sync", format!("app/{app}"), asked))
         })
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;

@@ -492,7 +492,19 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
             .iter()
             .find(|a| a.doc.metadata.name == name)
             .map(|a| a.generation);
-        let record = hub.apps.put_document(doc, "fleet").await?;
+        let record = hub
+            .apps
+            .put_document(doc, "fleet", |r| {
+                (before != Some(r.generation)).then(|| {
+                    crate::audit::Record::new(
+                        FLEET_ACTOR,
+                        "app.apply",
+                        format!("app/{}", r.doc.metadata.name),
+                        format!("generation {} from the fleet repository", r.generation),
+                    )
+                })
+            })
+            .await?;
         if before != Some(record.generation) {
             tracing::info!(app = %name, "fleet app added or changed");
             hub.sync.kick_repo(&url);
@@ -504,11 +516,22 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         .filter(|a| a.origin == "fleet" && !wanted.contains(&a.doc.metadata.name))
     {
         tracing::info!(app = %gone.doc.metadata.name, "fleet app removed");
-        hub.apps.delete(&gone.doc.metadata.name).await?;
+        let audit = crate::audit::Record::new(
+            FLEET_ACTOR,
+            "app.delete",
+            format!("app/{}", gone.doc.metadata.name),
+            "removed from the fleet repository",
+        );
+        hub.apps
+            .delete(&gone.doc.metadata.name, Some(&audit))
+            .await?;
         hub.assignments_changed.send_modify(|v| *v += 1);
     }
     Ok(())
 }
+
+/// Who changes apps defined in the fleet repository, in the audit log.
+const FLEET_ACTOR: &str = "fleet-repository";
 
 /// Fetches a repository and re-renders every app that uses it.
 pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
@@ -545,7 +568,8 @@ pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
 }
 
 fn jittered(interval: Duration) -> Duration {
-    let r = u32::from_le_bytes(crate::random_bytes::<4>());
+    // A failing RNG only costs the jitter here: no secret is made of it.
+    let r = u32::from_le_bytes(crate::random_bytes::<4>().unwrap_or([0x80; 4]));
     let fraction = 0.9 + 0.2 * (f64::from(r) / f64::from(u32::MAX));
     interval.mul_f64(fraction)
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
+use crate::audit::{Record, append_in};
 use crate::pki::IssuedCert;
 use crate::{Error, Result};
 
@@ -51,6 +52,9 @@ pub struct TokenRecord {
     pub uses_left: u32,
     /// When set, the only cluster name this token can register.
     pub cluster: Option<String>,
+    /// Set by `flotilla token revoke`: refused from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
 }
 
 /// A certificate the hub issued.
@@ -96,6 +100,7 @@ pub struct Store {
     tokens: sled::Tree,
     certs: sled::Tree,
     revoked: sled::Tree,
+    audit: crate::audit::Trees,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -132,6 +137,13 @@ fn format_time(unix: i64) -> String {
 
 /// Checks a token record for use by `name`; the error never includes the secret.
 fn check_token(token: &TokenRecord, name: &str, now: i64) -> Result<()> {
+    if let Some(at) = token.revoked_at {
+        return Err(Error::Token(format!(
+            "token {} was revoked at {}",
+            token.id,
+            format_time(at)
+        )));
+    }
     if token.expires_at <= now {
         return Err(Error::Token(format!(
             "token {} expired at {}",
@@ -166,6 +178,7 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
             revoked: db.open_tree("revoked")?,
+            audit: crate::audit::Trees::open(&db)?,
             db,
         })
     }
@@ -184,10 +197,77 @@ impl Store {
     }
 
     /// Stores a new token under `hash`.
-    pub async fn create_token(&self, hash: &[u8], token: &TokenRecord) -> Result<()> {
+    pub async fn create_token(
+        &self,
+        hash: &[u8],
+        token: &TokenRecord,
+        audit: &Record,
+    ) -> Result<()> {
         let _gate = self.gate.read().await;
-        self.tokens.insert(hash, encode(token))?;
+        (&self.tokens, &self.audit.log, &self.audit.meta).transaction(|(tokens, log, meta)| {
+            tokens.insert(hash, encode(token))?;
+            append_in(log, meta, audit)?;
+            Ok(())
+        })?;
         self.flush().await
+    }
+
+    /// The handle of the token stored under `hash`, if any.
+    pub fn token_id(&self, hash: &[u8]) -> Result<Option<String>> {
+        self.tokens
+            .get(hash)?
+            .map(|v| decode::<TokenRecord>(b"token", &v).map(|t| t.id))
+            .transpose()
+    }
+
+    /// Every token (hashes stay inside), oldest first.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let mut out: Vec<TokenRecord> = self
+            .tokens
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    /// Revokes the token with handle `id`; it is refused from now on.
+    pub async fn revoke_token(&self, id: &str, now: i64, actor: &str) -> Result<TokenRecord> {
+        let _gate = self.gate.read().await;
+        let mut key = None;
+        for kv in self.tokens.iter() {
+            let (k, v) = kv?;
+            let t: TokenRecord = decode(&k, &v)?;
+            if t.id == id {
+                key = Some(k);
+                break;
+            }
+        }
+        let key = key.ok_or_else(|| {
+            Error::invalid("id", format!("no token {id:?} (see `flotilla token list`)"))
+        })?;
+        let trees = (&self.tokens, &self.audit.log, &self.audit.meta);
+        let record = trees.transaction(|(tokens, log, meta)| {
+            let Some(bytes) = tokens.get(&key)? else {
+                return abort(Error::invalid("id", format!("no token {id:?}")));
+            };
+            let mut t: TokenRecord = tx_decode(&key, &bytes)?;
+            if t.revoked_at.is_none() {
+                t.revoked_at = Some(now);
+                tokens.insert(&key, encode(&t))?;
+                append_in(
+                    log,
+                    meta,
+                    &Record::new(actor, "token.revoke", format!("token/{id}"), ""),
+                )?;
+            }
+            Ok(t)
+        })?;
+        self.flush().await?;
+        Ok(record)
     }
 
     /// Checks, without consuming it, that the token could register `name` now.
@@ -203,8 +283,16 @@ impl Store {
     /// record and records the certificate, atomically. Nothing changes when any check fails.
     pub async fn register(&self, reg: Registration<'_>) -> Result<ClusterRecord> {
         let _gate = self.gate.read().await;
-        let record = (&self.tokens, &self.clusters, &self.certs, &self.revoked).transaction(
-            |(tokens, clusters, certs, revoked)| {
+        let trees = (
+            &self.tokens,
+            &self.clusters,
+            &self.certs,
+            &self.revoked,
+            &self.audit.log,
+            &self.audit.meta,
+        );
+        let record = trees.transaction(
+            |(tokens, clusters, certs, revoked, log, meta)| {
                 let Some(bytes) = tokens.get(reg.token_hash)? else {
                     return abort(Error::Token("unknown token".into()));
                 };
@@ -214,11 +302,26 @@ impl Store {
 
                 let mut labels = BTreeMap::new();
                 let mut recovery = (None, None);
+                let mut took_over = None;
                 if let Some(bytes) = clusters.get(reg.name)? {
                     let existing: ClusterRecord = tx_decode(reg.name.as_bytes(), &bytes)?;
                     if existing.cert_not_after > reg.now {
                         return abort(Error::AlreadyRegistered(reg.name.to_string()));
                     }
+                    // A name that exists — offline, expired or being rebuilt — is taken only with
+                    // a token an operator bound to it (`cluster rebuild`, `token create --cluster`):
+                    // an unbound token would hand whoever holds it that cluster's labels and apps.
+                    if token.cluster.as_deref() != Some(reg.name) {
+                        return abort(Error::PermissionDenied(format!(
+                            "cluster {:?} exists (its certificate lapsed); token {} is not bound to it: use `flotilla cluster rebuild {0}` or `flotilla token create --cluster {0}`",
+                            reg.name, token.id
+                        )));
+                    }
+                    took_over = Some(if existing.rebuild_requested_at.is_some() {
+                        "a rebuild"
+                    } else {
+                        "an expired registration"
+                    });
                     // A cluster whose certificate lapsed comes back as itself: same labels unless
                     // the new registration says otherwise; its old certificates stay dead.
                     labels = existing.labels.clone();
@@ -258,6 +361,23 @@ impl Store {
                         reason: format!("registered with token {}", token.id),
                     }),
                 )?;
+                let mut detail = format!(
+                    "serial {}, labels {:?}",
+                    reg.cert.serial, record.labels
+                );
+                if let Some(what) = took_over {
+                    detail.push_str(&format!("; replaces {what}"));
+                }
+                append_in(
+                    log,
+                    meta,
+                    &Record::new(
+                        &format!("token/{}", token.id),
+                        "cluster.register",
+                        format!("cluster/{}", reg.name),
+                        detail,
+                    ),
+                )?;
                 Ok(record)
             },
         )?;
@@ -268,7 +388,13 @@ impl Store {
     /// Records a renewed certificate for `name`.
     pub async fn renew(&self, name: &str, cert: &IssuedCert, now: i64) -> Result<ClusterRecord> {
         let _gate = self.gate.read().await;
-        let record = (&self.clusters, &self.certs).transaction(|(clusters, certs)| {
+        let trees = (
+            &self.clusters,
+            &self.certs,
+            &self.audit.log,
+            &self.audit.meta,
+        );
+        let record = trees.transaction(|(clusters, certs, log, meta)| {
             let Some(bytes) = clusters.get(name)? else {
                 return abort(Error::ClusterNotFound(name.to_string()));
             };
@@ -298,6 +424,16 @@ impl Store {
                     not_after: cert.not_after,
                     reason: "renewed".into(),
                 }),
+            )?;
+            append_in(
+                log,
+                meta,
+                &Record::new(
+                    &format!("cluster/{name}"),
+                    "cluster.renew",
+                    format!("cluster/{name}"),
+                    format!("serial {}", cert.serial),
+                ),
             )?;
             Ok(record)
         })?;
@@ -330,9 +466,11 @@ impl Store {
         name: &str,
         set: &BTreeMap<String, String>,
         remove: &[String],
+        audit: &Record,
     ) -> Result<ClusterRecord> {
         let _gate = self.gate.read().await;
-        let record = self.clusters.transaction(|clusters| {
+        let trees = (&self.clusters, &self.audit.log, &self.audit.meta);
+        let record = trees.transaction(|(clusters, log, meta)| {
             let Some(bytes) = clusters.get(name)? else {
                 return abort(Error::ClusterNotFound(name.to_string()));
             };
@@ -344,6 +482,7 @@ impl Store {
                 .labels
                 .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
             clusters.insert(name.as_bytes(), encode(&record))?;
+            append_in(log, meta, audit)?;
             Ok(record)
         })?;
         self.flush().await?;
@@ -351,9 +490,15 @@ impl Store {
     }
 
     /// Removes a cluster and revokes every certificate it may still hold. Returns the revoked serials.
-    pub async fn deregister(&self, name: &str, now: i64) -> Result<Vec<String>> {
+    pub async fn deregister(&self, name: &str, now: i64, actor: &str) -> Result<Vec<String>> {
         let _gate = self.gate.read().await;
-        let serials = (&self.clusters, &self.revoked).transaction(|(clusters, revoked)| {
+        let trees = (
+            &self.clusters,
+            &self.revoked,
+            &self.audit.log,
+            &self.audit.meta,
+        );
+        let serials = trees.transaction(|(clusters, revoked, log, meta)| {
             let Some(bytes) = clusters.remove(name.as_bytes())? else {
                 return abort(Error::ClusterNotFound(name.to_string()));
             };
@@ -361,6 +506,16 @@ impl Store {
             for serial in &record.serials {
                 revoke_in(revoked, serial, name, now, "deregistered")?;
             }
+            append_in(
+                log,
+                meta,
+                &Record::new(
+                    actor,
+                    "cluster.deregister",
+                    format!("cluster/{name}"),
+                    format!("revoked {:?}", record.serials),
+                ),
+            )?;
             Ok(record.serials)
         })?;
         self.flush().await?;
@@ -375,26 +530,46 @@ impl Store {
         now: i64,
         token_hash: &[u8],
         token: &TokenRecord,
+        actor: &str,
     ) -> Result<Vec<String>> {
         let _gate = self.gate.read().await;
-        let serials = (&self.clusters, &self.revoked, &self.tokens).transaction(
-            |(clusters, revoked, tokens)| {
-                let Some(bytes) = clusters.get(name.as_bytes())? else {
-                    return abort(Error::ClusterNotFound(name.to_string()));
-                };
-                let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
-                for serial in &record.serials {
-                    revoke_in(revoked, serial, name, now, "cluster rebuilt")?;
-                }
-                let revoked_serials = std::mem::take(&mut record.serials);
-                record.cert_not_after = now;
-                record.rebuild_requested_at = Some(now);
-                record.recovering_since_ms = None;
-                clusters.insert(name.as_bytes(), encode(&record))?;
-                tokens.insert(token_hash, encode(token))?;
-                Ok(revoked_serials)
-            },
-        )?;
+        let trees = (
+            &self.clusters,
+            &self.revoked,
+            &self.tokens,
+            &self.audit.log,
+            &self.audit.meta,
+        );
+        let serials = trees.transaction(|(clusters, revoked, tokens, log, meta)| {
+            let Some(bytes) = clusters.get(name.as_bytes())? else {
+                return abort(Error::ClusterNotFound(name.to_string()));
+            };
+            let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+            for serial in &record.serials {
+                revoke_in(revoked, serial, name, now, "cluster rebuilt")?;
+            }
+            let revoked_serials = std::mem::take(&mut record.serials);
+            record.cert_not_after = now;
+            record.rebuild_requested_at = Some(now);
+            record.recovering_since_ms = None;
+            clusters.insert(name.as_bytes(), encode(&record))?;
+            tokens.insert(token_hash, encode(token))?;
+            append_in(
+                log,
+                meta,
+                &Record::new(
+                    actor,
+                    "cluster.rebuild",
+                    format!("cluster/{name}"),
+                    format!(
+                        "revoked {revoked_serials:?}; token {} (bound to {name}, expires {})",
+                        token.id,
+                        format_time(token.expires_at)
+                    ),
+                ),
+            )?;
+            Ok(revoked_serials)
+        })?;
         self.flush().await?;
         Ok(serials)
     }
@@ -496,8 +671,10 @@ mod tests {
             expires_at: 1_000,
             uses_left: uses,
             cluster: cluster.map(Into::into),
+            revoked_at: None,
         };
-        store.create_token(hash, &record).await.unwrap();
+        let audit = Record::new("admin", "token.create", "token/t1", "");
+        store.create_token(hash, &record, &audit).await.unwrap();
     }
 
     fn reg<'a>(
@@ -555,7 +732,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn live_names_are_exclusive_and_lapsed_ones_come_back_with_their_labels() {
+    async fn live_names_are_exclusive_and_lapsed_ones_come_back_only_with_a_bound_token() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         token(&store, b"h", 5, None).await;
@@ -569,12 +746,32 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::AlreadyRegistered(_)));
-        let back = store
+        // Lapsed: an unbound token may not take the name (nor its labels and apps).
+        let err = store
             .register(reg(b"h", "a", &BTreeMap::new(), &cert("03", 300), 150))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+        assert!(err.to_string().contains("not bound"), "{err}");
+        assert_eq!(store.cluster("a").unwrap().unwrap().cert_serial, "01");
+        token(&store, b"bound", 1, Some("a")).await;
+        let back = store
+            .register(reg(b"bound", "a", &BTreeMap::new(), &cert("03", 300), 150))
             .await
             .unwrap();
         assert_eq!(back.labels, labels);
         assert!(store.revoked_serials().unwrap().contains("01"));
+        // Each registration is in the audit log with its token, in the same transaction.
+        let log = crate::audit::AuditLog::open(store.db(), store.gate()).unwrap();
+        let regs: Vec<_> = log
+            .recent(10)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == "cluster.register")
+            .collect();
+        assert_eq!(regs.len(), 2);
+        assert!(regs[1].detail.contains("replaces an expired registration"), "{regs:?}");
+        assert_eq!(regs[1].actor, "token/t1");
     }
 
     #[tokio::test]
@@ -588,7 +785,7 @@ mod tests {
                 .await
                 .unwrap();
             store.renew("a", &cert("02", 950), 20).await.unwrap();
-            let revoked = store.deregister("a", 30).await.unwrap();
+            let revoked = store.deregister("a", 30, "admin").await.unwrap();
             assert_eq!(revoked, vec!["01".to_string(), "02".to_string()]);
         }
         let store = Store::open(dir.path()).unwrap();

@@ -72,11 +72,70 @@ pub fn payload_urls(payload: &Value) -> Vec<String> {
     .collect()
 }
 
+/// How long a delivery is remembered: a replay within it triggers nothing.
+const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// The most deliveries remembered at once (the oldest are forgotten first).
+const MAX_REMEMBERED: usize = 10_000;
+
+/// Deliveries seen recently, by the forge's delivery id (`X-GitHub-Delivery`, `X-Gitea-Delivery`,
+/// `X-Gitlab-Event-UUID`) or, without one, the body's digest: a captured webhook replayed triggers
+/// nothing. Pure apart from the clock it is given.
+#[derive(Default)]
+pub struct Deliveries {
+    seen: std::collections::HashMap<String, std::time::Instant>,
+    order: std::collections::VecDeque<(std::time::Instant, String)>,
+}
+
+impl Deliveries {
+    /// Whether `key` is new (and now remembered).
+    pub fn first(&mut self, key: &str, now: std::time::Instant) -> bool {
+        while let Some((at, old)) = self.order.front() {
+            if now.saturating_duration_since(*at) <= REPLAY_WINDOW
+                && self.order.len() < MAX_REMEMBERED
+            {
+                break;
+            }
+            if self.seen.get(old) == Some(at) {
+                self.seen.remove(old);
+            }
+            self.order.pop_front();
+        }
+        if self.seen.contains_key(key) {
+            return false;
+        }
+        self.seen.insert(key.to_string(), now);
+        self.order.push_back((now, key.to_string()));
+        true
+    }
+}
+
+/// What identifies one delivery.
+fn delivery_key(headers: &HeaderMap, body: &[u8]) -> String {
+    for h in [
+        "x-github-delivery",
+        "x-gitea-delivery",
+        "x-gitlab-event-uuid",
+    ] {
+        if let Some(id) = headers.get(h).and_then(|v| v.to_str().ok()) {
+            return format!("{h}:{}", id.chars().take(128).collect::<String>());
+        }
+    }
+    let d = ring::digest::digest(&ring::digest::SHA256, body);
+    format!("body:{}", crate::pki::hex(d.as_ref()))
+}
+
+/// What the HTTP handlers share.
+pub struct Web {
+    pub hub: Arc<Hub>,
+    deliveries: std::sync::Mutex<Deliveries>,
+}
+
 async fn git_webhook(
-    State(hub): State<Arc<Hub>>,
+    State(web): State<Arc<Web>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, axum::Json<Value>) {
+    let hub = &web.hub;
     let reply = |code: StatusCode, v: Value| (code, axum::Json(v));
     let Some(secret) = &hub.source_settings.webhook_secret else {
         return reply(
@@ -89,6 +148,19 @@ async fn git_webhook(
         return reply(
             StatusCode::UNAUTHORIZED,
             json!({"error": "missing or invalid webhook signature"}),
+        );
+    }
+    let key = delivery_key(&headers, &body);
+    let first = web
+        .deliveries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .first(&key, std::time::Instant::now());
+    if !first {
+        tracing::warn!(delivery = %key, "webhook replayed; ignored");
+        return reply(
+            StatusCode::OK,
+            json!({"triggered": [], "duplicate": true, "note": "this delivery was already received"}),
         );
     }
     let payload: Value = match serde_json::from_slice(&body) {
@@ -118,6 +190,13 @@ async fn git_webhook(
     triggered.dedup();
     for url in &triggered {
         hub.sync.kick_repo(url);
+        if let Err(e) = hub
+            .audit
+            .record_event("webhook", "repo.fetch", &format!("repo/{url}"), &key)
+            .await
+        {
+            tracing::warn!(error = %e, "recording a webhook fetch");
+        }
     }
     tracing::info!(repos = ?triggered, "webhook accepted");
     reply(StatusCode::ACCEPTED, json!({"triggered": triggered}))
@@ -125,7 +204,8 @@ async fn git_webhook(
 
 /// Ready: the store answers and the hub is not shutting down (its gRPC listener is bound before this
 /// one).
-async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, String) {
+async fn readyz(State(web): State<Arc<Web>>) -> (StatusCode, String) {
+    let hub = &web.hub;
     if hub.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
     }
@@ -139,8 +219,9 @@ async fn readyz(State(hub): State<Arc<Hub>>) -> (StatusCode, String) {
 }
 
 async fn metrics(
-    State(hub): State<Arc<Hub>>,
+    State(web): State<Arc<Web>>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let hub = &web.hub;
     hub.metrics
         .connected_agents
         .set(i64::try_from(hub.sessions.connected_count()).unwrap_or(i64::MAX));
@@ -192,7 +273,10 @@ pub async fn serve(
         .route("/readyz", axum::routing::get(readyz))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(request_deadline))
-        .with_state(hub);
+        .with_state(Arc::new(Web {
+            hub,
+            deliveries: Default::default(),
+        }));
     axum::serve(guarded, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -212,6 +296,24 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_counts_once_within_the_window() {
+        let mut d = Deliveries::default();
+        let t0 = std::time::Instant::now();
+        assert!(d.first("a", t0));
+        assert!(!d.first("a", t0 + std::time::Duration::from_secs(1)));
+        assert!(d.first("b", t0));
+        // Forgotten after the window: a redelivery a forge makes much later is honoured.
+        assert!(d.first("a", t0 + REPLAY_WINDOW + std::time::Duration::from_secs(2)));
+        // Bounded: the oldest go first.
+        let mut d = Deliveries::default();
+        for i in 0..MAX_REMEMBERED + 10 {
+            assert!(d.first(&i.to_string(), t0));
+        }
+        assert!(d.seen.len() <= MAX_REMEMBERED);
+        assert!(d.first("0", t0), "the oldest was forgotten");
+    }
 
     #[test]
     fn signatures_and_urls() {

@@ -1081,6 +1081,7 @@ impl InProcessAgents {
                 identity_secret: None,
                 resync: Duration::from_secs(600),
                 metrics_listen: None,
+                token_file: None,
             };
             let cancel = shutdown.clone();
             runtime.spawn(async move {

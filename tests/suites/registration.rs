@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
-use flotilla_e2e::{Hub, HubOptions, stable_view};
+use anyhow::{Result, ensure};
+use flotilla_e2e::{Agent, Hub, HubOptions, stable_view, wait_for};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -105,28 +105,47 @@ fn bad_tokens_and_names_are_rejected_and_change_nothing() -> Result<()> {
 }
 
 #[test]
-fn an_agent_whose_certificate_expired_offline_asks_for_a_new_token() -> Result<()> {
+fn an_agent_whose_certificate_expired_offline_waits_for_a_bound_token() -> Result<()> {
     let hub = Hub::start(HubOptions {
         cert_ttl: "10s".into(),
         ..HubOptions::default()
     })?;
     let token = hub.token(&["--cluster", "lapsed"])?;
-    let mut agent = hub.agent("lapsed", Some(&token), "")?;
+    let agent = hub.agent("lapsed", Some(&token), "")?;
     hub.wait_connected("lapsed", T)?;
+    let mut agent = agent;
     agent.process.kill9();
     std::thread::sleep(Duration::from_secs(11));
 
-    agent.restart(&hub.url, &hub.pki("ca.pem"), None)?;
-    let (status, log) = agent.process.wait_exit(T)?;
-    assert_eq!(status.code(), Some(2), "{log}");
-    assert!(
-        log.contains("expired") && log.contains("new bootstrap token"),
-        "{log}"
-    );
+    // Without a token it does not exit: it says what it needs and keeps waiting for one.
+    let token_file = agent.data_dir.with_extension("token");
+    let extra = ["--token-file".to_string(), token_file.display().to_string()];
+    let mut agent = Agent::start_with(
+        &hub.url,
+        &hub.pki("ca.pem"),
+        &agent.data_dir.clone(),
+        None,
+        None,
+        "",
+        &extra,
+    )?;
+    wait_for(T, "the agent to say it needs a token", || {
+        let log = agent.process.log_text();
+        ensure!(
+            log.contains("expired") && log.contains("bootstrap token bound to its name"),
+            "{log}"
+        );
+        Ok(Some(()))
+    })?;
+    assert!(agent.process.running(), "{}", agent.process.log_text());
 
-    // With a new token it comes back as itself, from the same data directory.
+    // Given a token bound to its name, it comes back as itself, from the same data directory.
     let again = hub.token(&["--cluster", "lapsed"])?;
-    agent.restart(&hub.url, &hub.pki("ca.pem"), Some(&again))?;
+    std::fs::write(&token_file, format!("{again}\n"))?;
     hub.wait_connected("lapsed", T)?;
+    assert!(
+        !agent.process.log_text().contains(&again),
+        "the token is never logged"
+    );
     Ok(())
 }

@@ -144,15 +144,51 @@ async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result
         "refused webhooks changed nothing"
     );
 
-    let (code, body) = http_post(
-        &http,
-        "/webhooks/git",
-        &[("X-Hub-Signature-256", sign(payload.as_bytes()))],
-        payload.as_bytes(),
-    )?;
+    let headers = [
+        ("X-Hub-Signature-256", sign(payload.as_bytes())),
+        (
+            "X-GitHub-Delivery",
+            "72d3162e-cc78-11e3-81ab-4c9367dc0958".into(),
+        ),
+    ];
+    let (code, body) = http_post(&http, "/webhooks/git", &headers, payload.as_bytes())?;
     assert_eq!(code, 202, "{body}");
     hub.wait_revision("web", &second, Duration::from_secs(3))?;
     assert!(hub.process.running());
+    let audit = hub.cli_json(&["audit"])?;
+    assert!(
+        audit
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["action"] == "repo.fetch"
+                && e["actor"] == "webhook"
+                && e["detail"].as_str().unwrap_or("").contains("72d3162e")),
+        "{audit}"
+    );
+
+    // The same delivery replayed (a captured request sent again) triggers nothing.
+    repo.write("web/cm.yaml", &CM.replace("v: \"1\"", "v: \"3\""))?;
+    let third = repo.commit("third")?;
+    for _ in 0..3 {
+        let (code, body) = http_post(&http, "/webhooks/git", &headers, payload.as_bytes())?;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"duplicate\":true"), "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        hub.app("web")?["revision"],
+        second.as_str(),
+        "a replay fetched"
+    );
+    // A new delivery does.
+    let fresh = [
+        ("X-Hub-Signature-256", sign(payload.as_bytes())),
+        ("X-GitHub-Delivery", "a-new-delivery".into()),
+    ];
+    let (code, body) = http_post(&http, "/webhooks/git", &fresh, payload.as_bytes())?;
+    assert_eq!(code, 202, "{body}");
+    hub.wait_revision("web", &third, Duration::from_secs(3))?;
     Ok(())
 }
 

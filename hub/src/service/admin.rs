@@ -15,7 +15,7 @@ use flotilla_proto::v1::{
     RollbackAppRequest, RolloutActionRequest, RolloutCluster, RolloutStatus, SyncAppRequest,
     SyncAppResponse, SyncRequested, SyncStatus,
 };
-use ring::rand::{SecureRandom, SystemRandom};
+use flotilla_proto::v1::{ListTokensRequest, ListTokensResponse, RevokeTokenRequest, TokenInfo};
 use tonic::{Request, Response, Status};
 
 use crate::apps::AppDocument;
@@ -24,22 +24,13 @@ use crate::pki::hex;
 use crate::store::{ClusterRecord, TokenRecord};
 use crate::{Error, Hub, Result, now_unix, token_hash, validate};
 
-const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-
-/// A fresh bootstrap token: (secret, its hash, the record to store). `ttl_seconds` 0 = the default.
+/// A fresh bootstrap token for `ttl` (already bounded): (secret, its hash, the record to store).
 fn new_token(
-    ttl_seconds: u64,
+    ttl: Duration,
     uses: u32,
     cluster: Option<String>,
 ) -> Result<(String, Vec<u8>, TokenRecord)> {
-    let ttl = match ttl_seconds {
-        0 => DEFAULT_TOKEN_TTL,
-        secs => Duration::from_secs(secs),
-    };
-    let mut secret = [0u8; 32];
-    SystemRandom::new()
-        .fill(&mut secret)
-        .map_err(|_| Error::Internal("system randomness unavailable".into()))?;
+    let secret: [u8; 32] = crate::random_bytes()?;
     let token = format!("flt_{}", hex(&secret));
     let hash = token_hash(&token);
     let now = now_unix();
@@ -49,8 +40,33 @@ fn new_token(
         expires_at: now.saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
         uses_left: uses.max(1),
         cluster,
+        revoked_at: None,
     };
     Ok((token, hash, record))
+}
+
+fn token_info(t: &TokenRecord) -> TokenInfo {
+    TokenInfo {
+        token_id: t.id.clone(),
+        created_at_unix: t.created_at,
+        expires_at_unix: t.expires_at,
+        uses_left: t.uses_left,
+        cluster_name: t.cluster.clone().unwrap_or_default(),
+        revoked_at_unix: t.revoked_at.unwrap_or(0),
+    }
+}
+
+/// What the audit log says of a token (never its secret).
+fn token_detail(t: &TokenRecord) -> String {
+    format!(
+        "ttl {}s, {} use(s), {}",
+        t.expires_at - t.created_at,
+        t.uses_left,
+        match &t.cluster {
+            Some(c) => format!("bound to cluster {c}"),
+            None => "any new cluster name".into(),
+        }
+    )
 }
 
 /// Serves the admin API.
@@ -78,6 +94,42 @@ impl AdminService {
         }
     }
 
+    /// The calling operator; a refused caller is recorded in the audit log (at a bounded rate).
+    async fn admin<T>(&self, request: &Request<T>, rpc: &str) -> Result<String, Status> {
+        match self.hub.auth.admin(request) {
+            Ok(who) => Ok(who),
+            Err(err) => {
+                let caller = self.hub.auth.caller(request);
+                let target = format!("rpc/{rpc}");
+                if let Err(e) = self
+                    .hub
+                    .audit
+                    .record_event(&caller, "denied", &target, err.to_string())
+                    .await
+                {
+                    tracing::warn!(error = %e, "recording a denied call");
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    /// A requested token lifetime: 0 is the hub's default; more than its maximum is refused.
+    fn token_ttl(&self, seconds: u64) -> Result<Duration> {
+        let s = &self.hub.settings;
+        match seconds {
+            0 => Ok(s.token_ttl_default),
+            n if n > s.token_ttl_max.as_secs() => Err(Error::invalid(
+                "ttl",
+                format!(
+                    "{n}s is longer than the hub allows ({}s, `flotilla-hub serve --max-token-ttl`)",
+                    s.token_ttl_max.as_secs()
+                ),
+            )),
+            n => Ok(Duration::from_secs(n)),
+        }
+    }
+
     fn cluster(&self, name: &str) -> Result<ClusterRecord> {
         self.hub
             .store
@@ -85,13 +137,24 @@ impl AdminService {
             .ok_or_else(|| Error::ClusterNotFound(name.to_string()))
     }
 
-    async fn create_token(&self, req: CreateTokenRequest) -> Result<CreateTokenResponse> {
+    async fn create_token(
+        &self,
+        actor: &str,
+        req: CreateTokenRequest,
+    ) -> Result<CreateTokenResponse> {
         let cluster = (!req.cluster_name.is_empty()).then_some(req.cluster_name);
         if let Some(name) = &cluster {
             validate::cluster_name(name)?;
         }
-        let (token, hash, record) = new_token(req.ttl_seconds, req.uses, cluster)?;
-        self.hub.store.create_token(&hash, &record).await?;
+        let ttl = self.token_ttl(req.ttl_seconds)?;
+        let (token, hash, record) = new_token(ttl, req.uses, cluster)?;
+        let audit = crate::audit::Record::new(
+            actor,
+            "token.create",
+            format!("token/{}", record.id),
+            token_detail(&record),
+        );
+        self.hub.store.create_token(&hash, &record, &audit).await?;
         tracing::info!(token_id = %record.id, uses = record.uses_left, cluster = ?record.cluster, "bootstrap token created");
         Ok(CreateTokenResponse {
             token,
@@ -101,14 +164,19 @@ impl AdminService {
     }
 
     /// Revokes the cluster's certificates and returns a token that registers a replacement as it.
-    async fn rebuild(&self, req: RebuildClusterRequest) -> Result<RebuildClusterResponse> {
+    async fn rebuild(
+        &self,
+        actor: &str,
+        req: RebuildClusterRequest,
+    ) -> Result<RebuildClusterResponse> {
         let name = req.name;
         self.cluster(&name)?;
-        let (token, hash, record) = new_token(req.ttl_seconds, 1, Some(name.clone()))?;
+        let ttl = self.token_ttl(req.ttl_seconds)?;
+        let (token, hash, record) = new_token(ttl, 1, Some(name.clone()))?;
         let serials = self
             .hub
             .store
-            .rebuild(&name, now_unix(), &hash, &record)
+            .rebuild(&name, now_unix(), &hash, &record, actor)
             .await?;
         // As for deregistration: revoke in memory before dropping the stream.
         self.hub.auth.revoke(serials.iter().cloned());
@@ -124,13 +192,23 @@ impl AdminService {
         })
     }
 
-    async fn label(&self, req: LabelClusterRequest) -> Result<Cluster> {
+    async fn label(&self, actor: &str, req: LabelClusterRequest) -> Result<Cluster> {
         let set: BTreeMap<String, String> = req.set.into_iter().collect();
         validate::labels(&set)?;
         for key in &req.remove {
             validate::label_key(key)?;
         }
-        let record = self.hub.store.label(&req.name, &set, &req.remove).await?;
+        let audit = crate::audit::Record::new(
+            actor,
+            "cluster.label",
+            format!("cluster/{}", req.name),
+            format!("set {set:?} remove {:?}", req.remove),
+        );
+        let record = self
+            .hub
+            .store
+            .label(&req.name, &set, &req.remove, &audit)
+            .await?;
         tracing::info!(cluster = %req.name, labels = ?record.labels, "cluster relabeled");
         self.hub.sync.kick_recompute();
         Ok(self.to_proto(record))
@@ -237,23 +315,17 @@ impl AdminService {
 
     async fn rollback(&self, actor: &str, req: RollbackAppRequest) -> Result<App> {
         let record = self.app(&req.app)?;
-        let detail = if req.unpin {
-            crate::rollouts::unpin(&self.hub, &req.app).await?;
-            "unpinned: follows its ref again".to_string()
+        if req.unpin {
+            crate::rollouts::unpin(&self.hub, actor, &req.app).await?;
         } else {
             let to = (!req.to.is_empty()).then_some(req.to.as_str());
-            let revision = crate::rollouts::pin(&self.hub, &req.app, to).await?;
-            format!("pinned to {revision}")
-        };
-        self.hub
-            .audit
-            .record(actor, "app.rollback", &format!("app/{}", req.app), &detail)
-            .await?;
+            crate::rollouts::pin(&self.hub, actor, &req.app, to).await?;
+        }
         self.hub.sync.kick_repo(&record.doc.spec.source.repo_url);
         Ok(Self::app_to_proto(self.app(&req.app)?))
     }
 
-    async fn apply_app(&self, req: ApplyAppRequest) -> Result<App> {
+    async fn apply_app(&self, actor: &str, req: ApplyAppRequest) -> Result<App> {
         let text = req.document;
         let doc = crate::untrusted::run(
             "the App document",
@@ -270,14 +342,25 @@ impl AdminService {
             )));
         }
         let url = doc.spec.source.repo_url.clone();
-        let record = self.hub.apps.put_document(doc, "api").await?;
+        let record = self
+            .hub
+            .apps
+            .put_document(doc, "api", |r| {
+                Some(crate::audit::Record::new(
+                    actor,
+                    "app.apply",
+                    format!("app/{}", r.doc.metadata.name),
+                    format!("generation {}", r.generation),
+                ))
+            })
+            .await?;
         tracing::info!(app = %record.doc.metadata.name, generation = record.generation, "app applied");
         self.hub.sync.kick_repo(&url);
         Ok(Self::app_to_proto(record))
     }
 
-    async fn deregister(&self, name: &str) -> Result<DeregisterClusterResponse> {
-        let serials = self.hub.store.deregister(name, now_unix()).await?;
+    async fn deregister(&self, actor: &str, name: &str) -> Result<DeregisterClusterResponse> {
+        let serials = self.hub.store.deregister(name, now_unix(), actor).await?;
         // Revoke in memory before dropping streams, so the agent's reconnect is already refused.
         self.hub.auth.revoke(serials.iter().cloned());
         let dropped = self.hub.sessions.drop_cluster(name);
@@ -295,25 +378,36 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
-        let response = self.create_token(request.into_inner()).await?;
-        self.hub
-            .audit
-            .record(
-                &actor,
-                "token.create",
-                &format!("token/{}", response.token_id),
-                "",
-            )
-            .await?;
+        let actor = self.admin(&request, "CreateToken").await?;
+        let response = self.create_token(&actor, request.into_inner()).await?;
         Ok(Response::new(response))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.admin(&request, "ListTokens").await?;
+        let tokens = self.hub.store.tokens()?.iter().map(token_info).collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        let actor = self.admin(&request, "RevokeToken").await?;
+        let id = &request.get_ref().token_id;
+        let record = self.hub.store.revoke_token(id, now_unix(), &actor).await?;
+        tracing::info!(token_id = %id, "bootstrap token revoked");
+        Ok(Response::new(token_info(&record)))
     }
 
     async fn list_clusters(
         &self,
         request: Request<ListClustersRequest>,
     ) -> Result<Response<ListClustersResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "ListClusters").await?;
         let clusters = self
             .hub
             .store
@@ -328,7 +422,7 @@ impl Admin for AdminService {
         &self,
         request: Request<GetClusterRequest>,
     ) -> Result<Response<Cluster>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "GetCluster").await?;
         let record = self.cluster(&request.get_ref().name)?;
         Ok(Response::new(self.to_proto(record)))
     }
@@ -337,15 +431,8 @@ impl Admin for AdminService {
         &self,
         request: Request<LabelClusterRequest>,
     ) -> Result<Response<Cluster>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
-        let req = request.into_inner();
-        let detail = format!("set {:?} remove {:?}", req.set, req.remove);
-        let target = format!("cluster/{}", req.name);
-        let cluster = self.label(req).await?;
-        self.hub
-            .audit
-            .record(&actor, "cluster.label", &target, detail)
-            .await?;
+        let actor = self.admin(&request, "LabelCluster").await?;
+        let cluster = self.label(&actor, request.into_inner()).await?;
         Ok(Response::new(cluster))
     }
 
@@ -353,17 +440,8 @@ impl Admin for AdminService {
         &self,
         request: Request<DeregisterClusterRequest>,
     ) -> Result<Response<DeregisterClusterResponse>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
-        let response = self.deregister(&request.get_ref().name).await?;
-        self.hub
-            .audit
-            .record(
-                &actor,
-                "cluster.deregister",
-                &format!("cluster/{}", request.get_ref().name),
-                format!("revoked {:?}", response.revoked_serials),
-            )
-            .await?;
+        let actor = self.admin(&request, "DeregisterCluster").await?;
+        let response = self.deregister(&actor, &request.get_ref().name).await?;
         self.hub.sync.kick_recompute();
         Ok(Response::new(response))
     }
@@ -372,7 +450,7 @@ impl Admin for AdminService {
         &self,
         request: Request<FleetStatusRequest>,
     ) -> Result<Response<FleetStatusResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "FleetStatus").await?;
         let apps = self.hub.apps.list()?;
         let mut rows = Vec::new();
         for cluster in self.hub.store.clusters()? {
@@ -396,17 +474,8 @@ impl Admin for AdminService {
     }
 
     async fn apply_app(&self, request: Request<ApplyAppRequest>) -> Result<Response<App>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
-        let app = self.apply_app(request.into_inner()).await?;
-        self.hub
-            .audit
-            .record(
-                &actor,
-                "app.apply",
-                &format!("app/{}", app.name),
-                format!("generation {}", app.generation),
-            )
-            .await?;
+        let actor = self.admin(&request, "ApplyApp").await?;
+        let app = self.apply_app(&actor, request.into_inner()).await?;
         Ok(Response::new(app))
     }
 
@@ -414,7 +483,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ListAppsRequest>,
     ) -> Result<Response<ListAppsResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "ListApps").await?;
         let apps = self
             .hub
             .apps
@@ -426,7 +495,7 @@ impl Admin for AdminService {
     }
 
     async fn get_app(&self, request: Request<GetAppRequest>) -> Result<Response<App>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "GetApp").await?;
         let name = &request.get_ref().name;
         let record = self
             .hub
@@ -456,7 +525,7 @@ impl Admin for AdminService {
         &self,
         request: Request<DeleteAppRequest>,
     ) -> Result<Response<DeleteAppResponse>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
+        let actor = self.admin(&request, "DeleteApp").await?;
         let name = &request.get_ref().name;
         if let Some(existing) = self.hub.apps.get(name)?
             && existing.origin == "fleet"
@@ -466,13 +535,10 @@ impl Admin for AdminService {
             ))
             .into());
         }
-        if !self.hub.apps.delete(name).await? {
+        let audit = crate::audit::Record::new(&actor, "app.delete", format!("app/{name}"), "");
+        if !self.hub.apps.delete(name, Some(&audit)).await? {
             return Err(Error::AppNotFound(name.clone()).into());
         }
-        self.hub
-            .audit
-            .record(&actor, "app.delete", &format!("app/{name}"), "")
-            .await?;
         self.hub.assignments_changed.send_modify(|v| *v += 1);
         Ok(Response::new(DeleteAppResponse {}))
     }
@@ -483,7 +549,7 @@ impl Admin for AdminService {
         &self,
         request: Request<BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
+        let actor = self.admin(&request, "Backup").await?;
         let bytes = crate::backup::take(&self.hub, &request.get_ref().passphrase).await?;
         let total = bytes.len() as u64;
         self.hub
@@ -511,22 +577,8 @@ impl Admin for AdminService {
         &self,
         request: Request<RebuildClusterRequest>,
     ) -> Result<Response<RebuildClusterResponse>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
-        let req = request.into_inner();
-        let target = format!("cluster/{}", req.name);
-        let response = self.rebuild(req).await?;
-        self.hub
-            .audit
-            .record(
-                &actor,
-                "cluster.rebuild",
-                &target,
-                format!(
-                    "revoked {:?}; token {}",
-                    response.revoked_serials, response.token_id
-                ),
-            )
-            .await?;
+        let actor = self.admin(&request, "RebuildCluster").await?;
+        let response = self.rebuild(&actor, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 
@@ -534,7 +586,7 @@ impl Admin for AdminService {
         &self,
         request: Request<GetRolloutRequest>,
     ) -> Result<Response<RolloutStatus>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "GetRollout").await?;
         let record = self.app(&request.get_ref().app)?;
         Ok(Response::new(Self::rollout_to_proto(&record)?))
     }
@@ -543,20 +595,11 @@ impl Admin for AdminService {
         &self,
         request: Request<RolloutActionRequest>,
     ) -> Result<Response<RolloutStatus>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
+        let actor = self.admin(&request, "RolloutAction").await?;
         let req = request.into_inner();
         let action: crate::rollouts::Action = req.action.parse()?;
-        let record = crate::rollouts::act(&self.hub, &req.app, action).await?;
+        let record = crate::rollouts::act(&self.hub, &actor, &req.app, action).await?;
         let status = Self::rollout_to_proto(&record)?;
-        self.hub
-            .audit
-            .record(
-                &actor,
-                &format!("rollout.{}", req.action),
-                &format!("app/{}", req.app),
-                format!("revision {}: now {}", status.revision, status.phase),
-            )
-            .await?;
         Ok(Response::new(status))
     }
 
@@ -564,7 +607,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RollbackAppRequest>,
     ) -> Result<Response<App>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
+        let actor = self.admin(&request, "RollbackApp").await?;
         Ok(Response::new(
             self.rollback(&actor, request.into_inner()).await?,
         ))
@@ -574,19 +617,10 @@ impl Admin for AdminService {
         &self,
         request: Request<SyncAppRequest>,
     ) -> Result<Response<SyncAppResponse>, Status> {
-        let actor = self.hub.auth.admin(&request)?;
+        let actor = self.admin(&request, "SyncApp").await?;
         let req = request.into_inner();
         let cluster = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
-        let requested = crate::rollouts::request_sync(&self.hub, &req.app, cluster).await?;
-        let detail = requested
-            .iter()
-            .map(|q| format!("{} (request {}, {})", q.cluster, q.id, q.digest))
-            .collect::<Vec<_>>()
-            .join(", ");
-        self.hub
-            .audit
-            .record(&actor, "app.sync", &format!("app/{}", req.app), detail)
-            .await?;
+        let requested = crate::rollouts::request_sync(&self.hub, &actor, &req.app, cluster).await?;
         let requested = requested
             .into_iter()
             .map(|q| SyncRequested {
@@ -603,7 +637,7 @@ impl Admin for AdminService {
         &self,
         request: Request<DiffAppRequest>,
     ) -> Result<Response<DiffAppResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "DiffApp").await?;
         let req = request.into_inner();
         let record = self.app(&req.app)?;
         if !record.status.target.contains_key(&req.cluster)
@@ -647,7 +681,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ListAuditRequest>,
     ) -> Result<Response<ListAuditResponse>, Status> {
-        self.hub.auth.admin(&request)?;
+        self.admin(&request, "ListAudit").await?;
         let limit = match request.get_ref().limit {
             0 => 100,
             n => n as usize,

@@ -89,10 +89,24 @@ impl Registration for RegistrationService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let name = request.get_ref().cluster_name.clone();
+        let hash = token_hash(&request.get_ref().token);
         let result = self.register(request.into_inner()).await;
         if let Err(err) = &result {
-            // The token is never logged; the reason and the claimed name are.
+            // The token is never logged or audited; its id, the reason and the claimed name are.
             tracing::warn!(cluster = %name, error = %err, "registration rejected");
+            let actor = match self.hub.store.token_id(&hash) {
+                Ok(Some(id)) => format!("token/{id}"),
+                _ => "token/unknown".into(),
+            };
+            let target = format!("cluster/{}", name.chars().take(64).collect::<String>());
+            if let Err(e) = self
+                .hub
+                .audit
+                .record_event(&actor, "cluster.register.refused", &target, err.to_string())
+                .await
+            {
+                tracing::warn!(error = %e, "recording a refused registration");
+            }
         }
         Ok(Response::new(result?))
     }
