@@ -141,6 +141,12 @@ const SECRET_KEY: &str = "tls.key";
 const SECRET_RECEIVED: &str = "received-at";
 /// A bootstrap token an operator may leave in the identity Secret (instead of FLOTILLA_TOKEN).
 const SECRET_TOKEN: &str = "token";
+/// The bundle cache's key, beside the identity (hex), under a field manager of its own so that
+/// saving a renewed certificate never drops it.
+const SECRET_CACHE_KEY: &str = "cache-key";
+const CACHE_KEY_MANAGER: &str = "flotilla-agent-cache";
+/// Out of cluster: the cache key file, beside the identity file.
+const CACHE_KEY_FILE: &str = "cache.key";
 
 impl IdentityStore {
     pub fn new(data_dir: &Path) -> Self {
@@ -196,6 +202,64 @@ impl IdentityStore {
                 }))
             }
         }
+    }
+
+    /// The key the bundle cache is sealed under, created on first use.
+    pub async fn cache_key(&self) -> Result<crate::cache_seal::CacheKey> {
+        let decode = |text: &str, whence: &str| -> Result<[u8; 32]> {
+            let bytes = hex_decode(text.trim()).ok_or_else(|| Error::Credentials {
+                context: whence.to_string(),
+                reason: "the bundle cache key is not 64 hex digits".into(),
+            })?;
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| Error::Credentials {
+                context: whence.to_string(),
+                reason: "the bundle cache key is not 32 bytes".into(),
+            })
+        };
+        let bytes = match &self.place {
+            Place::File(identity) => {
+                let path = identity.with_file_name(CACHE_KEY_FILE);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => decode(&text, &path.display().to_string())?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        let key = crate::cache_seal::new_key()?;
+                        write_private_file(&path, hex_encode(&key).as_bytes())?;
+                        key
+                    }
+                    Err(e) => return Err(Error::io(&path, e)),
+                }
+            }
+            Place::Secret {
+                api,
+                namespace,
+                name,
+            } => match self
+                .secret_data(api)
+                .await?
+                .and_then(|d| d.get(SECRET_CACHE_KEY).cloned())
+            {
+                Some(text) => decode(&text, &self.describe())?,
+                None => {
+                    use base64::Engine as _;
+                    let key = crate::cache_seal::new_key()?;
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(hex_encode(&key));
+                    let secret = serde_json::json!({
+                        "apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": name, "namespace": namespace},
+                        "data": {SECRET_CACHE_KEY: b64},
+                    });
+                    api.patch(
+                        name,
+                        &kube::api::PatchParams::apply(CACHE_KEY_MANAGER).force(),
+                        &kube::api::Patch::Apply(&secret),
+                    )
+                    .await
+                    .map_err(|e| Error::kube(&format!("writing {}", self.describe()), e))?;
+                    key
+                }
+            },
+        };
+        crate::cache_seal::CacheKey::from_bytes(&bytes)
     }
 
     /// A bootstrap token left in the identity Secret, if any (a file store has none).
@@ -299,11 +363,26 @@ fn load_file(path: &Path) -> Result<Option<Credentials>> {
     }))
 }
 
-fn save_file(path: &Path, creds: &Credentials) -> Result<()> {
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Writes a new 0600 file whole (temp file + rename).
+fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let tmp = path.with_extension("pem.tmp");
+    let tmp = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -311,15 +390,20 @@ fn save_file(path: &Path, creds: &Credentials) -> Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        file.write_all(creds.cert_pem.as_bytes())?;
-        if !creds.cert_pem.ends_with('\n') {
-            file.write_all(b"\n")?;
-        }
-        file.write_all(creds.key_pem.as_bytes())?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| Error::io(path, e))
+}
+
+fn save_file(path: &Path, creds: &Credentials) -> Result<()> {
+    let mut text = creds.cert_pem.clone();
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&creds.key_pem);
+    write_private_file(path, text.as_bytes())
 }
 
 #[cfg(test)]

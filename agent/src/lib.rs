@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod cache_seal;
 pub mod cluster_config;
 pub mod credentials;
 pub mod engine;

@@ -62,7 +62,13 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     // Read everything first: a broken bundle must not touch the cluster at all.
     let manifests = manifest::load_dir(&opts.dir).map_err(|e| Error::Bundle(e.to_string()))?;
     let objects: Vec<serde_json::Value> = manifests.into_iter().map(|m| m.object).collect();
-    let cache = opts.data_dir.as_deref().map(LocalCache::open).transpose()?;
+    let cache = match opts.data_dir.as_deref() {
+        Some(dir) => {
+            let key = crate::credentials::IdentityStore::new(dir).cache_key().await?;
+            Some(LocalCache::open(dir, key)?)
+        }
+        None => None,
+    };
     let engine = Engine::new(client(&opts.kubeconfig).await?, cache);
     let app = &opts.app;
     println!(

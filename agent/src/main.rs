@@ -131,6 +131,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Its identity and bundle cache are for this user only.
+    flotilla_proto::private_files::owner_only_umask();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -178,6 +180,11 @@ async fn main() -> ExitCode {
 }
 
 async fn run_agent(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
+    // A data directory an earlier version left readable becomes owner-only.
+    if let Err(e) = flotilla_proto::private_files::restrict_tree(&args.data_dir) {
+        eprintln!("error: making {} owner-only: {e}", args.data_dir.display());
+        return ExitCode::from(2);
+    }
     let ca_pem = match std::fs::read(&args.ca) {
         Ok(pem) => pem,
         Err(e) => {

@@ -86,7 +86,7 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     // The cluster side never waits for the hub: cached apps keep being enforced while it is away.
     let fleet = match client {
         Some(client) => {
-            let cache = LocalCache::open(&opts.data_dir)?;
+            let cache = LocalCache::open(&opts.data_dir, store.cache_key().await?)?;
             let mut engine = Engine::new(client, Some(cache));
             let name = match &opts.cluster_name {
                 Some(name) => Some(name.clone()),

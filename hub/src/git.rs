@@ -165,12 +165,20 @@ pub fn fetch(
     }
     // Our credential function answers every request for credentials with none: if one was asked
     // for, the server wants authentication that --repo-credentials does not provide.
+    let with_credentials = credential.is_some();
     let explain = |e: &dyn std::error::Error| {
         let text = chain(e);
-        if credential.is_none() && text.contains("credentials") {
+        if !with_credentials && text.contains("credentials") {
             format!(
                 "{text} (the repository wants authentication; add its URL to --repo-credentials)"
             )
+        } else if with_credentials && text.contains("'dumb' protocol") {
+            // Redirects are not followed once credentials are attached (they would carry the
+            // secret to wherever the server points); gix then sees no smart-protocol answer.
+            "the server did not answer with git's smart HTTP protocol: most likely it redirected \
+             the request, which the hub refuses for repositories with credentials (so the secret \
+             never leaves the host it was configured for); use the URL it redirects to"
+                .to_string()
         } else {
             text
         }

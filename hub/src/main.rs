@@ -103,6 +103,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Bundles hold Secret data; keys, caches and the store are for this user only.
+    flotilla_proto::private_files::owner_only_umask();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -182,6 +184,9 @@ async fn main() -> anyhow::Result<()> {
                 None => Default::default(),
             };
             flotilla_hub::apps::check_path(&fleet_path).context("--fleet-path")?;
+            // A data directory an earlier version left readable becomes owner-only.
+            flotilla_proto::private_files::restrict_tree(&data_dir)
+                .with_context(|| format!("making {} owner-only", data_dir.display()))?;
             let fleet = fleet_repo.map(|url| flotilla_hub::sources::FleetRepo {
                 url,
                 reference: fleet_ref,

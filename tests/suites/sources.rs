@@ -319,6 +319,11 @@ async fn private_repositories_use_hub_side_credentials_sent_to_their_host_only()
         })?;
         println!("{name}: {}", app["last_error"]);
         assert!(!app.to_string().contains(SECRET));
+        if name == "bounced" {
+            let err = app["last_error"].as_str().unwrap_or("");
+            assert!(err.contains("redirected"), "{err}");
+            assert!(!err.contains("'dumb' protocol is not supported"), "{err}");
+        }
     }
     let elsewhere_log = std::fs::read_to_string(log("elsewhere")).unwrap_or_default();
     assert!(

@@ -48,13 +48,16 @@ pub struct CachedBundle {
 pub struct LocalCache {
     db: sled::Db,
     inventories: sled::Tree,
+    /// Sealed under `key`: bundles carry Secret data.
     bundles: sled::Tree,
+    key: std::sync::Arc<crate::cache_seal::CacheKey>,
 }
 
 impl LocalCache {
-    pub fn open(dir: &Path) -> Result<Self> {
+    pub fn open(dir: &Path, key: crate::cache_seal::CacheKey) -> Result<Self> {
         let db = sled::open(dir.join("engine")).map_err(|e| Error::Cache(e.to_string()))?;
         Ok(Self {
+            key: std::sync::Arc::new(key),
             inventories: db
                 .open_tree("inventories")
                 .map_err(|e| Error::Cache(e.to_string()))?,
@@ -96,7 +99,8 @@ impl LocalCache {
             .map_err(|e| Error::Cache(e.to_string()))?;
         bytes
             .map(|b| {
-                serde_json::from_slice(&b)
+                let plain = self.key.open(app, &b)?;
+                serde_json::from_slice(&plain)
                     .map_err(|e| Error::Cache(format!("bundle of {app}: {e}")))
             })
             .transpose()
@@ -117,8 +121,9 @@ impl LocalCache {
             revision: revision.to_string(),
         };
         let bytes = serde_json::to_vec(&cached).map_err(|e| Error::Cache(e.to_string()))?;
+        let sealed = self.key.seal(app, &bytes)?;
         self.bundles
-            .insert(app, bytes)
+            .insert(app, sealed)
             .map_err(|e| Error::Cache(e.to_string()))?;
         flush(&self.db).await?;
         Ok(())
@@ -194,6 +199,19 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
             .transpose()?
             .unwrap_or(0),
     }))
+}
+
+/// Deletes the in-cluster inventory of `app` (the app was removed and its objects pruned).
+pub async fn delete(client: &kube::Client, app: &str) -> Result<()> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
+    match api
+        .delete(&configmap_name(app), &kube::api::DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube("deleting the inventory", e)),
+    }
 }
 
 /// Writes the in-cluster inventory of `app` (creating the agent namespace when needed).

@@ -254,6 +254,15 @@ impl Engine {
             .unwrap_or_default())
     }
 
+    /// Forgets a removed app whose objects were pruned: its inventory, in the cluster and cached.
+    pub async fn forget(&self, app: &str) -> Result<()> {
+        inventory::delete(&self.client, app).await?;
+        if let Some(cache) = &self.cache {
+            cache.forget(app).await?;
+        }
+        Ok(())
+    }
+
     /// Records that the operator's sync request `id` for `app` was carried out.
     pub async fn mark_sync_request(&self, app: &str, id: u64) -> Result<()> {
         let mut inv = self.inventory(app).await?;
