@@ -22,10 +22,12 @@ impl std::fmt::Debug for CacheKey {
 /// 32 fresh random bytes for a new key; an error, never zeros, when the system RNG fails.
 pub fn new_key() -> Result<[u8; 32]> {
     let mut key = [0u8; 32];
-    SystemRandom::new().fill(&mut key).map_err(|_| Error::Credentials {
-        context: "the bundle cache key".into(),
-        reason: "the system random number generator failed".into(),
-    })?;
+    SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| Error::Credentials {
+            context: "the bundle cache key".into(),
+            reason: "the system random number generator failed".into(),
+        })?;
     Ok(key)
 }
 
@@ -66,7 +68,9 @@ impl CacheKey {
             return Ok(stored.to_vec());
         };
         if rest.len() < NONCE_LEN {
-            return Err(Error::Cache(format!("the cached bundle of {what} is truncated")));
+            return Err(Error::Cache(format!(
+                "the cached bundle of {what} is truncated"
+            )));
         }
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce)

@@ -450,7 +450,11 @@ impl Fleet {
                 );
                 // An object that could not be pruned stays in the inventory, so it is not lost.
                 if report.failed() > 0 {
-                    tracing::warn!(app, failed = report.failed(), "some objects of the removed app could not be pruned; its inventory is kept");
+                    tracing::warn!(
+                        app,
+                        failed = report.failed(),
+                        "some objects of the removed app could not be pruned; its inventory is kept"
+                    );
                 } else if let Err(e) = self.engine.forget(app).await {
                     tracing::warn!(app, error = %e, "forgetting the removed app's inventory");
                 }

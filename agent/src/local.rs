@@ -64,7 +64,9 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     let objects: Vec<serde_json::Value> = manifests.into_iter().map(|m| m.object).collect();
     let cache = match opts.data_dir.as_deref() {
         Some(dir) => {
-            let key = crate::credentials::IdentityStore::new(dir).cache_key().await?;
+            let key = crate::credentials::IdentityStore::new(dir)
+                .cache_key()
+                .await?;
             Some(LocalCache::open(dir, key)?)
         }
         None => None,

@@ -770,7 +770,10 @@ mod tests {
             .filter(|e| e.action == "cluster.register")
             .collect();
         assert_eq!(regs.len(), 2);
-        assert!(regs[1].detail.contains("replaces an expired registration"), "{regs:?}");
+        assert!(
+            regs[1].detail.contains("replaces an expired registration"),
+            "{regs:?}"
+        );
         assert_eq!(regs[1].actor, "token/t1");
     }
 

@@ -186,6 +186,29 @@ impl Default for HubOptions {
     }
 }
 
+/// The CLI with the admin's credentials for one hub.
+#[derive(Clone)]
+pub struct AdminCli {
+    url: String,
+    pki: PathBuf,
+}
+
+impl AdminCli {
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(bin("flotilla"))
+            .arg("--hub")
+            .arg(&self.url)
+            .arg("--ca")
+            .arg(self.pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(self.pki.join("admin.pem"))
+            .arg("--key")
+            .arg(self.pki.join("admin-key.pem"))
+            .args(args)
+            .output()?)
+    }
+}
+
 /// A hub in a temporary data directory.
 pub struct Hub {
     pub dir: tempfile::TempDir,
@@ -253,17 +276,15 @@ impl Hub {
 
     /// Runs the CLI as the admin.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(bin("flotilla"))
-            .arg("--hub")
-            .arg(&self.url)
-            .arg("--ca")
-            .arg(self.pki("ca.pem"))
-            .arg("--cert")
-            .arg(self.pki("admin.pem"))
-            .arg("--key")
-            .arg(self.pki("admin-key.pem"))
-            .args(args)
-            .output()?)
+        self.admin_cli().run(args)
+    }
+
+    /// The admin's CLI, as a handle another thread can use (while this one restarts the hub).
+    pub fn admin_cli(&self) -> AdminCli {
+        AdminCli {
+            url: self.url.clone(),
+            pki: self.data_dir().join("pki"),
+        }
     }
 
     /// Runs the CLI and parses its JSON output; fails with stderr if the command failed.
