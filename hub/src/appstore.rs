@@ -169,13 +169,21 @@ impl AppStore {
         let bytes =
             serde_json::to_vec(record).map_err(|e| corrupt(&record.doc.metadata.name, e))?;
         let key = record.doc.metadata.name.as_bytes();
-        (&self.apps, &self.audit.log, &self.audit.meta).transaction(|(apps, log, meta)| {
-            apps.insert(key, bytes.clone())?;
-            if let Some(a) = audit {
-                crate::audit::append_in(log, meta, a)?;
+        match audit {
+            // The controllers' own updates (renders, rollouts): one tree, no transaction needed.
+            None => {
+                self.apps.insert(key, bytes)?;
             }
-            Ok(())
-        })?;
+            Some(a) => {
+                (&self.apps, &self.audit.log, &self.audit.meta).transaction(
+                    |(apps, log, meta)| {
+                        apps.insert(key, bytes.clone())?;
+                        crate::audit::append_in(log, meta, a)?;
+                        Ok(())
+                    },
+                )?;
+            }
+        }
         crate::store::flush(&self.db).await?;
         Ok(())
     }

@@ -161,7 +161,7 @@ async fn commits_reach_every_cluster_labels_move_apps_and_deletes_prune() -> Res
     })?;
     wait_all(&hub, 2, &second)?;
 
-    // Deleting the app prunes it everywhere.
+    // Deleting the app prunes it everywhere, and its inventory with it.
     let out = hub.cli(&["app", "delete", "web"])?;
     assert!(out.status.success());
     for name in ["eu-1", "eu-2"] {
@@ -170,6 +170,14 @@ async fn commits_reach_every_cluster_labels_move_apps_and_deletes_prune() -> Res
                 .configmaps_in(name, "default")?
                 .contains(&"web".to_string()))
             .then_some(()))
+        })?;
+        wait_for(T, &format!("web's inventory gone from {name}"), || {
+            let left = clusters.configmaps_in(name, "flotilla-system")?;
+            anyhow::ensure!(
+                !left.contains(&"flotilla-inventory-web".to_string()),
+                "{left:?}"
+            );
+            Ok(Some(()))
         })?;
     }
     assert!(hub.status()?.is_empty());
