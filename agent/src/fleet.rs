@@ -252,11 +252,18 @@ impl Fleet {
     ) -> Result<()> {
         if let Some(cache) = self.engine.cache() {
             for app in cache.apps() {
-                if let Some(bundle) = cache.bundle(&app)? {
-                    let orders = Orders::cached(&bundle);
-                    self.start(bundle, None, orders, &cancel);
-                    // What it knew is enforced from here on, hub or not.
-                    self.metrics.enforcing.set(1);
+                match cache.bundle(&app) {
+                    Ok(Some(bundle)) => {
+                        let orders = Orders::cached(&bundle);
+                        self.start(bundle, None, orders, &cancel);
+                        // What it knew is enforced from here on, hub or not.
+                        self.metrics.enforcing.set(1);
+                    }
+                    Ok(None) => {}
+                    // Unreadable (its key was lost, say): the hub's assignment brings it back.
+                    Err(e) => {
+                        tracing::warn!(app, error = %e, "cached bundle unreadable; waiting for the hub")
+                    }
                 }
             }
         }
@@ -526,11 +533,18 @@ impl Fleet {
         // The hooks of the last sync that ran any (they run once per revision).
         let mut hooks: Vec<HookRun> = Vec::new();
         loop {
-            let pass = self.engine.inventory(&app.name).await.map(|inv| {
-                let failures_left = last_failures.as_ref().is_some_and(|f| !f.is_empty());
-                let pass = pass_for(&app, &orders, &inv.digest, inv.sync_request, failures_left);
-                (pass, inv.digest)
-            });
+            // The common case (automated, healing) always applies: no inventory read to decide.
+            let always_applies = !app.manual && app.self_heal && !orders.digest.is_empty();
+            let pass = if always_applies {
+                Ok((Pass::Apply, bundle.digest.clone()))
+            } else {
+                self.engine.inventory(&app.name).await.map(|inv| {
+                    let failures_left = last_failures.as_ref().is_some_and(|f| !f.is_empty());
+                    let pass =
+                        pass_for(&app, &orders, &inv.digest, inv.sync_request, failures_left);
+                    (pass, inv.digest)
+                })
+            };
             let outcome = match pass {
                 Ok((Pass::Apply, _)) => self
                     .apply_pass(&app, &bundle, &orders, &mut last_failures)

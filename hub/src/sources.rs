@@ -402,7 +402,8 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                             (cluster.clone(), to)
                         })
                         .collect();
-                    target_changed = s.target != target;
+                    // Only manual apps' agents see the target before the rollout moves them.
+                    target_changed = s.target != target && !r.doc.spec.sync_policy.automated;
                     s.target = target;
                     s.revision = Some(revision.clone());
                     s.observed_generation = generation;
@@ -507,6 +508,8 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
             .await?;
         if before != Some(record.generation) {
             tracing::info!(app = %name, "fleet app added or changed");
+            // Sync policy travels with each assignment: agents hear of a changed one at once.
+            hub.assignments_changed.send_modify(|v| *v += 1);
             hub.sync.kick_repo(&url);
         }
         wanted.insert(name);

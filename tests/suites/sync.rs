@@ -301,5 +301,26 @@ async fn self_heal_off_reports_drift_without_healing_and_never_shows_secret_valu
         Ok(Some(()))
     })?;
     f.wait_row("eu-1", "Synced", "Healthy", &first)?;
+
+    // Healing turned back on reaches the agent without a new commit: drift is healed again.
+    f.apply("{selfHeal: true}")?;
+    std::thread::sleep(Duration::from_secs(1));
+    f.clusters.kubectl(
+        "eu-1",
+        &[
+            "patch",
+            "configmap",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"v":"again"}}"#,
+        ],
+        "",
+    )?;
+    wait_for(T, "drift healed once selfHeal is back", || {
+        let v = f.configmap("eu-1")?.expect("kept")["data"]["v"].clone();
+        ensure!(v == "one", "{v}");
+        Ok(Some(()))
+    })?;
     Ok(())
 }

@@ -355,6 +355,8 @@ impl AdminService {
             })
             .await?;
         tracing::info!(app = %record.doc.metadata.name, generation = record.generation, "app applied");
+        // Sync policy travels with each assignment: agents hear of a changed one at once.
+        self.hub.assignments_changed.send_modify(|v| *v += 1);
         self.hub.sync.kick_repo(&url);
         Ok(Self::app_to_proto(record))
     }
