@@ -219,11 +219,23 @@ impl IdentityStore {
         let bytes = match &self.place {
             Place::File(identity) => {
                 let path = identity.with_file_name(CACHE_KEY_FILE);
-                match std::fs::read_to_string(&path) {
+                // File IO with an fsync: off the async workers (a thousand agents start at once
+                // in one process in the fleet bench).
+                let read = path.clone();
+                let found = tokio::task::spawn_blocking(move || std::fs::read_to_string(&read))
+                    .await
+                    .map_err(|e| Error::Cache(format!("cache key task: {e}")))?;
+                match found {
                     Ok(text) => decode(&text, &path.display().to_string())?,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         let key = crate::cache_seal::new_key()?;
-                        write_private_file(&path, hex_encode(&key).as_bytes())?;
+                        let text = hex_encode(&key);
+                        let write = path.clone();
+                        tokio::task::spawn_blocking(move || {
+                            write_private_file(&write, text.as_bytes())
+                        })
+                        .await
+                        .map_err(|e| Error::Cache(format!("cache key task: {e}")))??;
                         key
                     }
                     Err(e) => return Err(Error::io(&path, e)),
