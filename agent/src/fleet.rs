@@ -15,93 +15,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::backoff::{Backoff, random_fraction};
+pub use crate::board::StatusBoard;
+use crate::board::lock;
 use crate::credentials::IdentityStore;
 use crate::engine::health::{Health, HealthStatus};
 use crate::engine::inventory::CachedBundle;
 use crate::engine::plan::ObjRef;
 use crate::engine::{AppSpec, Engine, Outcome};
 use crate::link::HubLink;
+use crate::pass::{Orders, Pass, pass_for, with_difference};
 use crate::{Error, Result};
-
-/// Statuses of the apps on this cluster, for the session to send.
-pub struct StatusBoard {
-    map: Mutex<BTreeMap<String, AppStatus>>,
-    changed: Mutex<BTreeMap<String, AppStatus>>,
-    version: watch::Sender<u64>,
-}
-
-impl Default for StatusBoard {
-    fn default() -> Self {
-        Self {
-            map: Mutex::new(BTreeMap::new()),
-            changed: Mutex::new(BTreeMap::new()),
-            version: watch::channel(0).0,
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Single map operations under the lock: a poisoned lock still guards sound data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
-}
-
-impl StatusBoard {
-    /// Publishes a status when it differs from the last one (ignoring its timestamp).
-    pub fn set(&self, mut status: AppStatus) {
-        let mut map = lock(&self.map);
-        let same = map.get(&status.app).is_some_and(|old| {
-            let mut o = old.clone();
-            o.at_unix_ms = 0;
-            let mut n = status.clone();
-            n.at_unix_ms = 0;
-            o == n
-        });
-        if same {
-            return;
-        }
-        status.at_unix_ms = now_ms();
-        if status.removed {
-            map.remove(&status.app);
-        } else {
-            map.insert(status.app.clone(), status.clone());
-        }
-        lock(&self.changed).insert(status.app.clone(), status);
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    /// Publishes a status with a fresh time even when nothing else changed: every reconcile
-    /// attempt says when it was judged, so the hub can tell a live verdict from a stale one.
-    pub fn refresh(&self, mut status: AppStatus) {
-        status.at_unix_ms = now_ms();
-        let mut map = lock(&self.map);
-        map.insert(status.app.clone(), status.clone());
-        lock(&self.changed).insert(status.app.clone(), status);
-        drop(map);
-        self.version.send_modify(|v| *v += 1);
-    }
-
-    pub fn all(&self) -> Vec<AppStatus> {
-        lock(&self.changed).clear();
-        lock(&self.map).values().cloned().collect()
-    }
-
-    pub fn take_changed(&self) -> Vec<AppStatus> {
-        std::mem::take(&mut *lock(&self.changed))
-            .into_values()
-            .collect()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
-    }
-}
 
 /// The objects of a fetched bundle (its digest already verified): a JSON array of Kubernetes
 /// objects, each with an apiVersion, a kind and a name. Anything else is refused whole, so a
@@ -128,71 +51,9 @@ pub fn decode_bundle(digest: &str, bytes: &[u8]) -> Result<Vec<serde_json::Value
     Ok(objects)
 }
 
-/// What an app task runs from: a change of any of these restarts it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Orders {
-    digest: String,
-    preview_digest: String,
-    sync_request: u64,
-    manual: bool,
-    self_heal: bool,
-}
-
-impl Orders {
-    fn of(a: &Assignment) -> Self {
-        Self {
-            digest: a.digest.clone(),
-            preview_digest: a.preview_digest.clone(),
-            sync_request: a.sync_request,
-            manual: a.manual,
-            self_heal: a.self_heal,
-        }
-    }
-
-    /// A bundle from the cache, before the hub said anything.
-    fn cached(b: &CachedBundle) -> Self {
-        Self {
-            digest: b.digest.clone(),
-            preview_digest: String::new(),
-            sync_request: 0,
-            manual: b.spec.manual,
-            self_heal: b.spec.self_heal,
-        }
-    }
-}
-
 struct Running {
     orders: Orders,
     cancel: CancellationToken,
-}
-
-/// How one pass of an app's task goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    /// Apply the bundle (a sync).
-    Apply,
-    /// Compare only: what a sync would change is reported, nothing is written.
-    Compare,
-}
-
-/// Whether a pass applies: automated apps whenever the bundle is new to the cluster, healing is on,
-/// the last pass left failures or an operator asked; manual apps only on an operator's request
-/// that was not carried out yet. Nothing applies without a bundle (a manual app never synced).
-fn pass_for(
-    spec: &AppSpec,
-    orders: &Orders,
-    applied_digest: &str,
-    done_request: u64,
-    failures_left: bool,
-) -> Pass {
-    let requested = orders.sync_request > done_request;
-    let apply = !orders.digest.is_empty()
-        && if spec.manual {
-            requested
-        } else {
-            spec.self_heal || requested || failures_left || applied_digest != orders.digest
-        };
-    if apply { Pass::Apply } else { Pass::Compare }
 }
 
 /// The apps this agent runs.
@@ -738,77 +599,5 @@ impl Fleet {
                 tracing::warn!(app = %app.name, error = %e, "drift watch ended; the next full pass restarts it");
             }
         });
-    }
-}
-
-/// Says in the app's message what a difference means and how to resolve it.
-fn with_difference(h: &mut Health, sync: SyncStatus, app: &AppSpec) {
-    if sync != SyncStatus::OutOfSync {
-        return;
-    }
-    let why = if app.manual {
-        format!(
-            "differs from git (manual sync): `flotilla app diff {0} --cluster …` shows it, `flotilla app sync {0}` applies it",
-            app.name
-        )
-    } else {
-        "differs from git and selfHeal is off: the next revision or `flotilla app sync` applies it"
-            .to_string()
-    };
-    h.message = if h.message.is_empty() {
-        why
-    } else {
-        format!("{why}; {}", h.message)
-    };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn which_passes_apply() {
-        let spec = |manual: bool, self_heal: bool| AppSpec {
-            name: "web".into(),
-            namespace: "default".into(),
-            prune: true,
-            allow_empty: false,
-            create_namespace: false,
-            manual,
-            self_heal,
-        };
-        let orders = |digest: &str, sync_request: u64| Orders {
-            digest: digest.into(),
-            preview_digest: String::new(),
-            sync_request,
-            manual: false,
-            self_heal: true,
-        };
-        use Pass::{Apply, Compare};
-        // (manual, selfHeal, assigned, request, applied digest, done request, failures) → pass
-        let table = [
-            (false, true, "d2", 0, "d2", 0, false, Apply),
-            (false, false, "d2", 0, "d1", 0, false, Apply),
-            (false, false, "d2", 0, "d2", 0, false, Compare),
-            (false, false, "d2", 0, "d2", 0, true, Apply),
-            (false, false, "d2", 3, "d2", 2, false, Apply),
-            (true, true, "d2", 0, "d1", 0, false, Compare),
-            (true, true, "d2", 0, "d1", 0, true, Compare),
-            (true, true, "d2", 4, "d1", 3, false, Apply),
-            (true, true, "d2", 4, "d2", 4, false, Compare),
-            (true, true, "", 0, "", 0, false, Compare),
-        ];
-        for (i, (manual, heal, digest, req, applied, done, failures, want)) in
-            table.into_iter().enumerate()
-        {
-            let got = pass_for(
-                &spec(manual, heal),
-                &orders(digest, req),
-                applied,
-                done,
-                failures,
-            );
-            assert_eq!(got, want, "case {i}");
-        }
     }
 }

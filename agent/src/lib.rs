@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+mod board;
 pub mod cache_seal;
 pub mod cluster_config;
 pub mod credentials;
@@ -15,6 +16,7 @@ pub mod fleet;
 pub mod link;
 pub mod local;
 pub mod metrics;
+mod pass;
 pub mod runner;
 
 pub use error::{Error, Result};

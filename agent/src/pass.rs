@@ -1,0 +1,142 @@
+//! What one pass of an app's task does — apply the bundle (a sync) or only compare — decided from
+//! the hub's orders and what the cluster last ran. Pure, and tested with a table.
+
+use flotilla_proto::v1::{Assignment, SyncStatus};
+
+use crate::engine::AppSpec;
+use crate::engine::health::Health;
+use crate::engine::inventory::CachedBundle;
+
+/// What an app task runs from: a change of any of these restarts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Orders {
+    pub(crate) digest: String,
+    pub(crate) preview_digest: String,
+    pub(crate) sync_request: u64,
+    pub(crate) manual: bool,
+    pub(crate) self_heal: bool,
+}
+
+impl Orders {
+    pub(crate) fn of(a: &Assignment) -> Self {
+        Self {
+            digest: a.digest.clone(),
+            preview_digest: a.preview_digest.clone(),
+            sync_request: a.sync_request,
+            manual: a.manual,
+            self_heal: a.self_heal,
+        }
+    }
+
+    /// A bundle from the cache, before the hub said anything.
+    pub(crate) fn cached(b: &CachedBundle) -> Self {
+        Self {
+            digest: b.digest.clone(),
+            preview_digest: String::new(),
+            sync_request: 0,
+            manual: b.spec.manual,
+            self_heal: b.spec.self_heal,
+        }
+    }
+}
+
+/// How one pass of an app's task goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    /// Apply the bundle (a sync).
+    Apply,
+    /// Compare only: what a sync would change is reported, nothing is written.
+    Compare,
+}
+
+/// Whether a pass applies: automated apps whenever the bundle is new to the cluster, healing is on,
+/// the last pass left failures or an operator asked; manual apps only on an operator's request
+/// that was not carried out yet. Nothing applies without a bundle (a manual app never synced).
+pub(crate) fn pass_for(
+    spec: &AppSpec,
+    orders: &Orders,
+    applied_digest: &str,
+    done_request: u64,
+    failures_left: bool,
+) -> Pass {
+    let requested = orders.sync_request > done_request;
+    let apply = !orders.digest.is_empty()
+        && if spec.manual {
+            requested
+        } else {
+            spec.self_heal || requested || failures_left || applied_digest != orders.digest
+        };
+    if apply { Pass::Apply } else { Pass::Compare }
+}
+
+/// Says in the app's message what a difference means and how to resolve it.
+pub(crate) fn with_difference(h: &mut Health, sync: SyncStatus, app: &AppSpec) {
+    if sync != SyncStatus::OutOfSync {
+        return;
+    }
+    let why = if app.manual {
+        format!(
+            "differs from git (manual sync): `flotilla app diff {0} --cluster …` shows it, `flotilla app sync {0}` applies it",
+            app.name
+        )
+    } else {
+        "differs from git and selfHeal is off: the next revision or `flotilla app sync` applies it"
+            .to_string()
+    };
+    h.message = if h.message.is_empty() {
+        why
+    } else {
+        format!("{why}; {}", h.message)
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_passes_apply() {
+        let spec = |manual: bool, self_heal: bool| AppSpec {
+            name: "web".into(),
+            namespace: "default".into(),
+            prune: true,
+            allow_empty: false,
+            create_namespace: false,
+            manual,
+            self_heal,
+        };
+        let orders = |digest: &str, sync_request: u64| Orders {
+            digest: digest.into(),
+            preview_digest: String::new(),
+            sync_request,
+            manual: false,
+            self_heal: true,
+        };
+        use Pass::{Apply, Compare};
+        // (manual, selfHeal, assigned, request, applied digest, done request, failures) → pass
+        let table = [
+            (false, true, "d2", 0, "d2", 0, false, Apply),
+            (false, false, "d2", 0, "d1", 0, false, Apply),
+            (false, false, "d2", 0, "d2", 0, false, Compare),
+            (false, false, "d2", 0, "d2", 0, true, Apply),
+            (false, false, "d2", 3, "d2", 2, false, Apply),
+            (true, true, "d2", 0, "d1", 0, false, Compare),
+            (true, true, "d2", 0, "d1", 0, true, Compare),
+            (true, true, "d2", 4, "d1", 3, false, Apply),
+            (true, true, "d2", 4, "d2", 4, false, Compare),
+            (true, true, "", 0, "", 0, false, Compare),
+        ];
+        for (i, (manual, heal, digest, req, applied, done, failures, want)) in
+            table.into_iter().enumerate()
+        {
+            let got = pass_for(
+                &spec(manual, heal),
+                &orders(digest, req),
+                applied,
+                done,
+                failures,
+            );
+            assert_eq!(got, want, "case {i}");
+        }
+    }
+}
