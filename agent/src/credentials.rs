@@ -130,6 +130,7 @@ enum Place {
     File(PathBuf),
     Secret {
         api: Box<kube::Api<k8s_openapi::api::core::v1::Secret>>,
+        client: Box<kube::Client>,
         namespace: String,
         name: String,
     },
@@ -159,7 +160,8 @@ impl IdentityStore {
     pub fn in_secret(client: kube::Client, namespace: &str, name: &str) -> Self {
         Self {
             place: Place::Secret {
-                api: Box::new(kube::Api::namespaced(client, namespace)),
+                api: Box::new(kube::Api::namespaced(client.clone(), namespace)),
+                client: Box::new(client),
                 namespace: namespace.to_string(),
                 name: name.to_string(),
             },
@@ -245,6 +247,7 @@ impl IdentityStore {
                 api,
                 namespace,
                 name,
+                ..
             } => match self
                 .secret_data(api)
                 .await?
@@ -260,18 +263,39 @@ impl IdentityStore {
                         "metadata": {"name": name, "namespace": namespace},
                         "data": {SECRET_CACHE_KEY: b64},
                     });
-                    api.patch(
-                        name,
-                        &kube::api::PatchParams::apply(CACHE_KEY_MANAGER).force(),
-                        &kube::api::Patch::Apply(&secret),
-                    )
-                    .await
-                    .map_err(|e| Error::kube(&format!("writing {}", self.describe()), e))?;
+                    self.apply_secret(&secret, CACHE_KEY_MANAGER).await?;
                     key
                 }
             },
         };
         crate::cache_seal::CacheKey::from_bytes(&bytes)
+    }
+
+    /// Server-side applies `secret` as `manager`, creating its namespace when it is missing (an
+    /// agent run out of cluster with `--identity-secret`; an install creates it itself).
+    async fn apply_secret(&self, secret: &serde_json::Value, manager: &str) -> Result<()> {
+        let Place::Secret {
+            api,
+            client,
+            namespace,
+            name,
+        } = &self.place
+        else {
+            return Ok(());
+        };
+        let pp = kube::api::PatchParams::apply(manager).force();
+        let patch = kube::api::Patch::Apply(secret);
+        let apply = || api.patch(name, &pp, &patch);
+        let result = match apply().await {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                crate::engine::inventory::ensure_namespace(client, namespace).await?;
+                apply().await
+            }
+            other => other,
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| Error::kube(&format!("writing {}", self.describe()), e))
     }
 
     /// A bootstrap token left in the identity Secret, if any (a file store has none).
@@ -318,9 +342,7 @@ impl IdentityStore {
         match &self.place {
             Place::File(path) => save_file(path, creds),
             Place::Secret {
-                api,
-                namespace,
-                name,
+                namespace, name, ..
             } => {
                 use base64::Engine as _;
                 let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
@@ -336,14 +358,7 @@ impl IdentityStore {
                         SECRET_RECEIVED: b64(&creds.received_at.to_string()),
                     },
                 });
-                api.patch(
-                    name,
-                    &kube::api::PatchParams::apply("flotilla-agent-identity").force(),
-                    &kube::api::Patch::Apply(&secret),
-                )
-                .await
-                .map_err(|e| Error::kube(&format!("writing {}", self.describe()), e))?;
-                Ok(())
+                self.apply_secret(&secret, "flotilla-agent-identity").await
             }
         }
     }

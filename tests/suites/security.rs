@@ -136,6 +136,22 @@ async fn a_lapsed_cluster_name_is_taken_only_with_a_bound_token_and_attempts_are
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_whose_certificate_expired_keeps_healing_and_re_registers_with_a_bound_token()
 -> Result<()> {
+    expired_agent_comes_back(Handover::TokenFile)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_keeping_its_identity_in_a_secret_takes_its_new_token_from_there() -> Result<()> {
+    expired_agent_comes_back(Handover::IdentitySecret)
+}
+
+/// How the operator hands an expired agent its new token.
+#[derive(Clone, Copy, PartialEq)]
+enum Handover {
+    TokenFile,
+    IdentitySecret,
+}
+
+fn expired_agent_comes_back(via: Handover) -> Result<()> {
     let sim = SimCluster::start_many(&["eu-1"])?;
     let mut hub = Hub::start(HubOptions {
         cert_ttl: "10s".into(),
@@ -153,7 +169,13 @@ async fn an_agent_whose_certificate_expired_keeps_healing_and_re_registers_with_
     let token = hub.token(&["--cluster", "eu-1"])?;
     let token_file = dir.path().join("token");
     let mut extra = cluster_args(&sim.kubeconfig_of("eu-1"));
-    extra.extend(["--token-file".into(), token_file.display().to_string()]);
+    extra.extend(match via {
+        Handover::TokenFile => ["--token-file".into(), token_file.display().to_string()],
+        Handover::IdentitySecret => [
+            "--identity-secret".into(),
+            "flotilla-system/flotilla-agent-identity".into(),
+        ],
+    });
     let data_dir = dir.path().join("agent");
     let agent = Agent::start_with(
         &hub.url,
@@ -167,7 +189,8 @@ async fn an_agent_whose_certificate_expired_keeps_healing_and_re_registers_with_
     let present = |sim: &SimCluster| -> Result<bool> {
         Ok(sim.object("eu-1", "ConfigMap", "default", "web")?.is_some())
     };
-    wait_for(T, "web applied", || Ok(present(&sim)?.then_some(())))?;
+    wait_for(T, "web applied", || Ok(present(&sim)?.then_some(())))
+        .inspect_err(|_| eprintln!("agent log:\n{}", agent.process.log_text()))?;
 
     // A hub outage longer than the certificate's life.
     hub.kill9();
@@ -186,7 +209,26 @@ async fn an_agent_whose_certificate_expired_keeps_healing_and_re_registers_with_
 
     // Given a token bound to its name, it registers again and keeps its apps.
     let bound = hub.token(&["--cluster", "eu-1"])?;
-    std::fs::write(&token_file, &bound)?;
+    match via {
+        Handover::TokenFile => std::fs::write(&token_file, &bound)?,
+        Handover::IdentitySecret => {
+            let patch = serde_json::json!({"stringData": {"token": bound}}).to_string();
+            sim.kubectl(
+                "eu-1",
+                &[
+                    "-n",
+                    "flotilla-system",
+                    "patch",
+                    "secret",
+                    "flotilla-agent-identity",
+                    "--type=merge",
+                    "-p",
+                    &patch,
+                ],
+                "",
+            )?;
+        }
+    }
     wait_for(T, "eu-1 Synced and Healthy again", || {
         let rows = hub.status()?;
         let ok = rows.iter().any(|r| {
@@ -200,6 +242,12 @@ async fn an_agent_whose_certificate_expired_keeps_healing_and_re_registers_with_
     })?;
     let log = agent.process.log_text();
     assert!(!log.contains(&bound), "the token is never logged");
+    if via == Handover::IdentitySecret {
+        assert!(
+            !data_dir.join("identity.pem").exists(),
+            "the identity lives in the Secret"
+        );
+    }
     Ok(())
 }
 

@@ -201,6 +201,19 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
     }))
 }
 
+/// Creates the namespace the agent keeps its own state in, unless it exists.
+pub(crate) async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    match namespaces.patch(name, &pp, &Patch::Apply(&ns)).await {
+        Ok(_) => Ok(()),
+        // A least-privilege install may not write namespaces; it created this one itself.
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(()),
+        Err(e) => Err(Error::kube(&format!("creating namespace {name}"), e)),
+    }
+}
+
 /// Deletes the in-cluster inventory of `app` (the app was removed and its objects pruned).
 pub async fn delete(client: &kube::Client, app: &str) -> Result<()> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
@@ -217,18 +230,7 @@ pub async fn delete(client: &kube::Client, app: &str) -> Result<()> {
 /// Writes the in-cluster inventory of `app` (creating the agent namespace when needed).
 pub async fn write(client: &kube::Client, app: &str, inv: &Inventory) -> Result<()> {
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns =
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}});
-    match namespaces
-        .patch(AGENT_NAMESPACE, &pp, &Patch::Apply(&ns))
-        .await
-    {
-        Ok(_) => {}
-        // A least-privilege install may not write namespaces; it created this one itself.
-        Err(kube::Error::Api(s)) if s.code == 403 => {}
-        Err(e) => return Err(Error::kube("creating the agent namespace", e)),
-    }
+    ensure_namespace(client, AGENT_NAMESPACE).await?;
     let objects = serde_json::to_string(&inv.objects).map_err(|e| Error::Cache(e.to_string()))?;
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": configmap_name(app), "namespace": AGENT_NAMESPACE,
