@@ -69,6 +69,9 @@ impl Default for SourceOptions {
 }
 
 /// Serves until `shutdown` is cancelled. `on_ready` gets the bound address once the port is open.
+/// How long a token that can never register again is still listed (`token list`).
+const TOKEN_RETENTION_SECS: i64 = 30 * 24 * 3600;
+
 pub async fn serve(
     opts: ServeOptions,
     shutdown: CancellationToken,
@@ -88,6 +91,12 @@ pub async fn serve(
 
     let db_path = opts.data_dir.join("db");
     let store = store::Store::open(&db_path)?;
+    let pruned = store
+        .prune_tokens(crate::now_unix(), TOKEN_RETENTION_SECS)
+        .await?;
+    if pruned > 0 {
+        tracing::info!(pruned, "forgot bootstrap tokens dead for more than 30 days");
+    }
     let revoked = store.revoked_serials()?;
     let apps = crate::appstore::AppStore::open(store.db(), store.gate())?;
     let reports = crate::reports::Reports::open(store.db())?;

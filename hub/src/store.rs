@@ -212,6 +212,30 @@ impl Store {
         self.flush().await
     }
 
+    /// Forgets tokens that can never register anything again (expired, used up or revoked) for
+    /// longer than `keep` seconds; their creation and use stay in the audit log. Returns how many.
+    pub async fn prune_tokens(&self, now: i64, keep: i64) -> Result<usize> {
+        let _gate = self.gate.read().await;
+        let mut doomed = Vec::new();
+        for kv in self.tokens.iter() {
+            let (k, v) = kv?;
+            let t: TokenRecord = decode(&k, &v)?;
+            // Dead from its revocation or its expiry, whichever came first (a used-up token's last
+            // use is not recorded: its expiry bounds it).
+            let dead_since = t.revoked_at.map_or(t.expires_at, |r| r.min(t.expires_at));
+            if now.saturating_sub(dead_since) > keep {
+                doomed.push(k);
+            }
+        }
+        for k in &doomed {
+            self.tokens.remove(k)?;
+        }
+        if !doomed.is_empty() {
+            self.flush().await?;
+        }
+        Ok(doomed.len())
+    }
+
     /// The handle of the token stored under `hash`, if any.
     pub fn token_id(&self, hash: &[u8]) -> Result<Option<String>> {
         self.tokens
@@ -775,6 +799,25 @@ mod tests {
             "{regs:?}"
         );
         assert_eq!(regs[1].actor, "token/t1");
+    }
+
+    #[tokio::test]
+    async fn tokens_that_can_never_register_again_are_forgotten_after_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Expires at 1_000 (see `token`).
+        token(&store, b"old", 1, None).await;
+        assert_eq!(
+            store.prune_tokens(1_500, 3_600).await.unwrap(),
+            0,
+            "kept a while"
+        );
+        assert_eq!(store.prune_tokens(5_000, 3_600).await.unwrap(), 1);
+        assert!(store.tokens().unwrap().is_empty());
+        // Revoked early: its revocation starts the clock.
+        token(&store, b"rev", 1, None).await;
+        store.revoke_token("t1", 100, "admin").await.unwrap();
+        assert_eq!(store.prune_tokens(500, 300).await.unwrap(), 1);
     }
 
     #[tokio::test]
