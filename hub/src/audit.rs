@@ -111,6 +111,8 @@ pub fn append_in(
 /// so a flood cannot grow the log without bound; what was left out is counted in the next entry.
 const EVENTS_PER_SECOND: f64 = 10.0;
 const EVENT_BURST: f64 = 100.0;
+/// The longest detail kept from such an event.
+const MAX_EVENT_DETAIL: usize = 1024;
 
 struct Budget {
     tokens: f64,
@@ -164,6 +166,15 @@ impl AuditLog {
             std::mem::take(&mut b.suppressed)
         };
         let mut detail = detail.into();
+        // What the caller sent (a claimed name inside an error, say) is theirs to make long.
+        if detail.len() > MAX_EVENT_DETAIL {
+            let mut at = MAX_EVENT_DETAIL;
+            while !detail.is_char_boundary(at) {
+                at -= 1;
+            }
+            detail.truncate(at);
+            detail.push_str(" …(cut)");
+        }
         if suppressed > 0 {
             detail.push_str(&format!(
                 " ({suppressed} more such events before this one were not recorded: over {EVENTS_PER_SECOND}/s)"
@@ -227,5 +238,33 @@ mod tests {
         log.record("admin", "a.three", "x/3", "").await.unwrap();
         let seqs: Vec<u64> = log.recent(10).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn events_anyone_can_cause_are_bounded_in_size_and_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = AuditLog::open(&db, Default::default()).unwrap();
+        for _ in 0..1_000 {
+            log.record_event(
+                "token/unknown",
+                "cluster.register.refused",
+                "cluster/x",
+                "é".repeat(100_000),
+            )
+            .await
+            .unwrap();
+        }
+        let entries = log.recent(10_000).unwrap();
+        assert!(
+            entries.len() <= EVENT_BURST as usize + 20,
+            "{}",
+            entries.len()
+        );
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.detail.len() <= MAX_EVENT_DETAIL + 200)
+        );
     }
 }
