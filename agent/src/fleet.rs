@@ -395,14 +395,12 @@ impl Fleet {
         let mut hooks: Vec<HookRun> = Vec::new();
         loop {
             // The common case (automated, healing) always applies: no inventory read to decide.
-            let always_applies = !app.manual && app.self_heal && !orders.digest.is_empty();
-            let pass = if always_applies {
+            let pass = if orders.always_applies() {
                 Ok((Pass::Apply, bundle.digest.clone()))
             } else {
                 self.engine.inventory(&app.name).await.map(|inv| {
                     let failures_left = last_failures.as_ref().is_some_and(|f| !f.is_empty());
-                    let pass =
-                        pass_for(&app, &orders, &inv.digest, inv.sync_request, failures_left);
+                    let pass = pass_for(&orders, &inv.digest, inv.sync_request, failures_left);
                     (pass, inv.digest)
                 })
             };
@@ -422,12 +420,10 @@ impl Fleet {
                             String::new(),
                         )
                     }),
-                Ok((Pass::Compare, applied)) => {
-                    let target = preview.as_deref().unwrap_or(&bundle.objects);
-                    self.compare_pass(&app, &bundle, target)
-                        .await
-                        .map(|(objects, sync, diff)| (objects, sync, Vec::new(), applied, diff))
-                }
+                Ok((Pass::Compare, applied)) => self
+                    .compare_pass(&app, &bundle, preview.as_deref())
+                    .await
+                    .map(|(objects, sync, diff)| (objects, sync, Vec::new(), applied, diff)),
                 Err(e) => Err(e),
             };
             let (objects, sync, failures, digest, diff) = match outcome {
@@ -546,19 +542,21 @@ impl Fleet {
         Ok((objects, sync, failures, report.hooks))
     }
 
-    /// A comparison: what a sync of `target` would change, nothing written. Health is judged over
-    /// what the cluster runs (the assigned bundle; `target` when nothing was ever applied).
+    /// A comparison: what a sync of the preview (else the assigned bundle) would change, nothing
+    /// written. Health is judged over what the cluster runs (the assigned bundle; the preview when
+    /// nothing was ever applied).
     async fn compare_pass(
         &self,
         app: &AppSpec,
         bundle: &CachedBundle,
-        target: &[serde_json::Value],
+        preview: Option<&[serde_json::Value]>,
     ) -> Result<(Vec<(ObjRef, Option<String>)>, SyncStatus, String)> {
+        let target = preview.unwrap_or(&bundle.objects);
         let difference = self.engine.diff(app, target).await?;
-        let runs = if bundle.digest.is_empty() {
-            difference.objects.clone()
-        } else {
-            self.engine.refs(app, &bundle.objects).await
+        // The diff's own refs are the running bundle's unless a preview is compared.
+        let runs = match preview {
+            Some(_) if !bundle.digest.is_empty() => self.engine.refs(app, &bundle.objects).await,
+            _ => difference.objects.clone(),
         };
         let sync = if difference.differing == 0 {
             SyncStatus::Synced
@@ -568,6 +566,7 @@ impl Fleet {
         let objects = runs.into_iter().map(|r| (r, None)).collect();
         Ok((objects, sync, difference.text))
     }
+
     /// Heals drift of `bundle` until `cancel`: its own task, so a burst of watch events can never
     /// starve the health reports.
     fn spawn_drift_watch(

@@ -40,6 +40,14 @@ impl Orders {
     }
 }
 
+impl Orders {
+    /// Automated and healing, with a bundle: every pass applies, whatever the cluster last ran
+    /// (so deciding needs no inventory read — the common case).
+    pub(crate) fn always_applies(&self) -> bool {
+        !self.digest.is_empty() && !self.manual && self.self_heal
+    }
+}
+
 /// How one pass of an app's task goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pass {
@@ -53,18 +61,20 @@ pub(crate) enum Pass {
 /// the last pass left failures or an operator asked; manual apps only on an operator's request
 /// that was not carried out yet. Nothing applies without a bundle (a manual app never synced).
 pub(crate) fn pass_for(
-    spec: &AppSpec,
     orders: &Orders,
     applied_digest: &str,
     done_request: u64,
     failures_left: bool,
 ) -> Pass {
+    if orders.always_applies() {
+        return Pass::Apply;
+    }
     let requested = orders.sync_request > done_request;
     let apply = !orders.digest.is_empty()
-        && if spec.manual {
+        && if orders.manual {
             requested
         } else {
-            spec.self_heal || requested || failures_left || applied_digest != orders.digest
+            requested || failures_left || applied_digest != orders.digest
         };
     if apply { Pass::Apply } else { Pass::Compare }
 }
@@ -96,21 +106,12 @@ mod tests {
 
     #[test]
     fn which_passes_apply() {
-        let spec = |manual: bool, self_heal: bool| AppSpec {
-            name: "web".into(),
-            namespace: "default".into(),
-            prune: true,
-            allow_empty: false,
-            create_namespace: false,
-            manual,
-            self_heal,
-        };
-        let orders = |digest: &str, sync_request: u64| Orders {
+        let orders = |manual: bool, self_heal: bool, digest: &str, sync_request: u64| Orders {
             digest: digest.into(),
             preview_digest: String::new(),
             sync_request,
-            manual: false,
-            self_heal: true,
+            manual,
+            self_heal,
         };
         use Pass::{Apply, Compare};
         // (manual, selfHeal, assigned, request, applied digest, done request, failures) → pass
@@ -129,13 +130,7 @@ mod tests {
         for (i, (manual, heal, digest, req, applied, done, failures, want)) in
             table.into_iter().enumerate()
         {
-            let got = pass_for(
-                &spec(manual, heal),
-                &orders(digest, req),
-                applied,
-                done,
-                failures,
-            );
+            let got = pass_for(&orders(manual, heal, digest, req), applied, done, failures);
             assert_eq!(got, want, "case {i}");
         }
     }

@@ -162,19 +162,14 @@ mod tests {
             assert_eq!(has_token, d["kind"] == "Secret", "{d}");
             assert!(d.get("stringData").is_none(), "{d}");
         }
-        assert!(
-            manifests(&Join {
-                hub_address: "http://plain",
-                ..Join {
-                    cluster: "eu-1",
-                    labels: &labels,
-                    hub_address: "",
-                    token: "t",
-                    ca_pem: "-----BEGIN CERTIFICATE-----",
-                }
-            })
-            .is_err()
-        );
+        let plain = Join {
+            cluster: "eu-1",
+            labels: &labels,
+            hub_address: "http://plain",
+            token: "t",
+            ca_pem: "-----BEGIN CERTIFICATE-----",
+        };
+        assert!(manifests(&plain).is_err(), "agents dial https only");
         assert!(parse_labels("novalue").is_err());
     }
 }

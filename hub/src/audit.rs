@@ -167,14 +167,7 @@ impl AuditLog {
         };
         let mut detail = detail.into();
         // What the caller sent (a claimed name inside an error, say) is theirs to make long.
-        if detail.len() > MAX_EVENT_DETAIL {
-            let mut at = MAX_EVENT_DETAIL;
-            while !detail.is_char_boundary(at) {
-                at -= 1;
-            }
-            detail.truncate(at);
-            detail.push_str(" …(cut)");
-        }
+        crate::untrusted::cut(&mut detail, MAX_EVENT_DETAIL);
         if suppressed > 0 {
             detail.push_str(&format!(
                 " ({suppressed} more such events before this one were not recorded: over {EVENTS_PER_SECOND}/s)"

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use flotilla_proto::v1::{AppStatus, Assignment};
 
+use crate::untrusted::cut;
+
 /// The longest message kept from a report (the rest is cut, marked).
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// The longest diff kept from a report; agents bound theirs below this already.
@@ -89,18 +91,6 @@ impl ReportGate {
             }
         }
         Ok(())
-    }
-}
-
-/// Cuts `text` to at most `max` bytes on a character boundary, marked.
-fn cut(text: &mut String, max: usize) {
-    if text.len() > max {
-        let mut at = max;
-        while !text.is_char_boundary(at) {
-            at -= 1;
-        }
-        text.truncate(at);
-        text.push_str(" …(cut)");
     }
 }
 

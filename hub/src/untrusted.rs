@@ -6,6 +6,19 @@ use std::time::Duration;
 
 use crate::{Error, Result};
 
+/// Cuts `text` to at most `max` bytes on a character boundary, marked: what someone else sent is
+/// kept only to a bound.
+pub(crate) fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push_str(" …(cut)");
+    }
+}
+
 /// The time budget of parsing one App document or fleet file.
 pub const PARSE_BUDGET: Duration = Duration::from_secs(5);
 /// The time budget of rendering one cluster variant.

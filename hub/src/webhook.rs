@@ -81,14 +81,14 @@ const MAX_REMEMBERED: usize = 10_000;
 /// `X-Gitlab-Event-UUID`) or, without one, the body's digest: a captured webhook replayed triggers
 /// nothing. Pure apart from the clock it is given.
 #[derive(Default)]
-pub struct Deliveries {
+pub(crate) struct Deliveries {
     seen: std::collections::HashMap<String, std::time::Instant>,
     order: std::collections::VecDeque<(std::time::Instant, String)>,
 }
 
 impl Deliveries {
     /// Whether `key` is new (and now remembered).
-    pub fn first(&mut self, key: &str, now: std::time::Instant) -> bool {
+    pub(crate) fn first(&mut self, key: &str, now: std::time::Instant) -> bool {
         while let Some((at, old)) = self.order.front() {
             if now.saturating_duration_since(*at) <= REPLAY_WINDOW
                 && self.order.len() < MAX_REMEMBERED
@@ -125,8 +125,8 @@ fn delivery_key(headers: &HeaderMap, body: &[u8]) -> String {
 }
 
 /// What the HTTP handlers share.
-pub struct Web {
-    pub hub: Arc<Hub>,
+struct Web {
+    hub: Arc<Hub>,
     deliveries: std::sync::Mutex<Deliveries>,
 }
 

@@ -512,6 +512,48 @@ fn unique_log(dir: &Path, prefix: &str) -> PathBuf {
     dir.join(format!("{prefix}-{n}.log"))
 }
 
+/// A hub (polling every 300 ms), simulated clusters each with a real agent process, and a git
+/// repository: the fixture of the suites that drive apps end to end.
+pub struct Fleet {
+    pub hub: Hub,
+    pub clusters: SimCluster,
+    pub repo: GitRepo,
+    _agents: Vec<Agent>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// `clusters`: (name, labels `k=v,...`); returns once every agent is connected.
+    pub fn start(clusters: &[(&str, &str)]) -> Result<Self> {
+        let names: Vec<&str> = clusters.iter().map(|(n, _)| *n).collect();
+        let sim = SimCluster::start_many(&names)?;
+        let hub = Hub::start(HubOptions {
+            poll_interval: "300ms".into(),
+            ..HubOptions::default()
+        })?;
+        let token = hub.token(&["--uses", &clusters.len().to_string()])?;
+        let mut agents = Vec::new();
+        for (name, labels) in clusters {
+            agents.push(hub.agent_with_cluster_labels(
+                name,
+                Some(&token),
+                &sim.kubeconfig_of(name),
+                labels,
+            )?);
+        }
+        hub.wait_all_connected(clusters.len(), Duration::from_secs(60))?;
+        let dir = tempfile::tempdir()?;
+        let repo = GitRepo::init(&dir.path().join("repo"))?;
+        Ok(Self {
+            hub,
+            clusters: sim,
+            repo,
+            _agents: agents,
+            _dir: dir,
+        })
+    }
+}
+
 /// A running `flotilla-agent run`.
 pub struct Agent {
     pub data_dir: PathBuf,

@@ -6,49 +6,25 @@
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use flotilla_e2e::{Agent, GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use flotilla_e2e::wait_for;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A hub, clusters with real agent processes, and a git repository.
-struct Fleet {
-    _agents: Vec<Agent>,
-    hub: Hub,
-    clusters: SimCluster,
-    repo: GitRepo,
-    _dir: tempfile::TempDir,
+/// The harness's fleet, with this suite's helpers.
+struct Fleet(flotilla_e2e::Fleet);
+
+impl std::ops::Deref for Fleet {
+    type Target = flotilla_e2e::Fleet;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Fleet {
     /// `clusters`: (name, labels).
     fn start(clusters: &[(&str, &str)]) -> Result<Self> {
-        let names: Vec<&str> = clusters.iter().map(|(n, _)| *n).collect();
-        let sim = SimCluster::start_many(&names)?;
-        let hub = Hub::start(HubOptions {
-            poll_interval: "300ms".into(),
-            ..HubOptions::default()
-        })?;
-        let token = hub.token(&["--uses", &clusters.len().to_string()])?;
-        let mut agents = Vec::new();
-        for (name, labels) in clusters {
-            agents.push(hub.agent_with_cluster_labels(
-                name,
-                Some(&token),
-                &sim.kubeconfig_of(name),
-                labels,
-            )?);
-        }
-        hub.wait_all_connected(clusters.len(), T)?;
-        let dir = tempfile::tempdir()?;
-        let repo = GitRepo::init(&dir.path().join("repo"))?;
-        Ok(Self {
-            _agents: agents,
-            hub,
-            clusters: sim,
-            repo,
-            _dir: dir,
-        })
+        Ok(Self(flotilla_e2e::Fleet::start(clusters)?))
     }
 
     fn apply(&self, name: &str, path: &str, spec: &str) -> Result<()> {

@@ -6,46 +6,26 @@
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use flotilla_e2e::{Agent, GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use flotilla_e2e::wait_for;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-struct Fleet {
-    _agents: Vec<Agent>,
-    hub: Hub,
-    clusters: SimCluster,
-    repo: GitRepo,
-    _dir: tempfile::TempDir,
+/// The harness's fleet, with this suite's helpers.
+struct Fleet(flotilla_e2e::Fleet);
+
+impl std::ops::Deref for Fleet {
+    type Target = flotilla_e2e::Fleet;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Fleet {
+    /// Clusters `names`, all labelled `region=eu`.
     fn start(names: &[&str]) -> Result<Self> {
-        let sim = SimCluster::start_many(names)?;
-        let hub = Hub::start(HubOptions {
-            poll_interval: "300ms".into(),
-            ..HubOptions::default()
-        })?;
-        let token = hub.token(&["--uses", &names.len().to_string()])?;
-        let mut agents = Vec::new();
-        for name in names {
-            agents.push(hub.agent_with_cluster_labels(
-                name,
-                Some(&token),
-                &sim.kubeconfig_of(name),
-                "region=eu",
-            )?);
-        }
-        hub.wait_all_connected(names.len(), T)?;
-        let dir = tempfile::tempdir()?;
-        let repo = GitRepo::init(&dir.path().join("repo"))?;
-        Ok(Self {
-            _agents: agents,
-            hub,
-            clusters: sim,
-            repo,
-            _dir: dir,
-        })
+        let clusters: Vec<(&str, &str)> = names.iter().map(|n| (*n, "region=eu")).collect();
+        Ok(Self(flotilla_e2e::Fleet::start(&clusters)?))
     }
 
     fn apply(&self, sync_policy: &str) -> Result<()> {
@@ -99,6 +79,12 @@ impl Fleet {
             }
             Ok(Some(text))
         })
+    }
+
+    /// What an operator does with kubectl: a merge patch of `kind`/web in eu-1.
+    fn edit_by_hand(&self, kind: &str, patch: &str) -> Result<()> {
+        let args = ["patch", kind, "web", "--type=merge", "-p", patch];
+        self.clusters.kubectl("eu-1", &args, "").map(|_| ())
     }
 
     fn configmap(&self, cluster: &str) -> Result<Option<Value>> {
@@ -175,18 +161,7 @@ async fn a_manual_app_changes_nothing_until_synced_and_diff_shows_the_pending_ch
     assert_eq!(f.configmap("eu-1")?.expect("kept")["data"]["v"], "one");
 
     // Drift by hand is reported, not healed.
-    f.clusters.kubectl(
-        "eu-1",
-        &[
-            "patch",
-            "configmap",
-            "web",
-            "--type=merge",
-            "-p",
-            r#"{"data":{"v":"by-hand"}}"#,
-        ],
-        "",
-    )?;
+    f.edit_by_hand("configmap", r#"{"data":{"v":"by-hand"}}"#)?;
     f.wait_diff("eu-1", &["-  v: by-hand", "+  v: two"])?;
     assert_eq!(f.configmap("eu-1")?.expect("kept")["data"]["v"], "by-hand");
 
@@ -233,30 +208,8 @@ async fn self_heal_off_reports_drift_without_healing_and_never_shows_secret_valu
     // Automated: the new revision is applied.
     f.wait_row("eu-1", "Synced", "Healthy", &first)?;
 
-    f.clusters.kubectl(
-        "eu-1",
-        &[
-            "patch",
-            "configmap",
-            "web",
-            "--type=merge",
-            "-p",
-            r#"{"data":{"v":"by-hand"}}"#,
-        ],
-        "",
-    )?;
-    f.clusters.kubectl(
-        "eu-1",
-        &[
-            "patch",
-            "secret",
-            "web",
-            "--type=merge",
-            "-p",
-            r#"{"stringData":{"password":"changed-by-hand"}}"#,
-        ],
-        "",
-    )?;
+    f.edit_by_hand("configmap", r#"{"data":{"v":"by-hand"}}"#)?;
+    f.edit_by_hand("secret", r#"{"stringData":{"password":"changed-by-hand"}}"#)?;
     let text = f.wait_diff(
         "eu-1",
         &[
@@ -305,18 +258,7 @@ async fn self_heal_off_reports_drift_without_healing_and_never_shows_secret_valu
     // Healing turned back on reaches the agent without a new commit: drift is healed again.
     f.apply("{selfHeal: true}")?;
     std::thread::sleep(Duration::from_secs(1));
-    f.clusters.kubectl(
-        "eu-1",
-        &[
-            "patch",
-            "configmap",
-            "web",
-            "--type=merge",
-            "-p",
-            r#"{"data":{"v":"again"}}"#,
-        ],
-        "",
-    )?;
+    f.edit_by_hand("configmap", r#"{"data":{"v":"again"}}"#)?;
     wait_for(T, "drift healed once selfHeal is back", || {
         let v = f.configmap("eu-1")?.expect("kept")["data"]["v"].clone();
         ensure!(v == "one", "{v}");
