@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_proto::v1::{AppDigest, AppStatus, Assignment, HookRun, SyncStatus};
+use flotilla_proto::v1::{AppDigest, AppStatus, Assignment, Assignments, HookRun, SyncStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,6 +22,7 @@ use crate::engine::health::{Health, HealthStatus};
 use crate::engine::inventory::CachedBundle;
 use crate::engine::plan::ObjRef;
 use crate::engine::{AppSpec, Engine, Outcome};
+use crate::leaving::{Fate, fate, leaving};
 use crate::link::HubLink;
 use crate::pass::{Orders, Pass, pass_for, with_difference};
 use crate::{Error, Result};
@@ -64,6 +65,10 @@ pub struct Fleet {
     board: Arc<StatusBoard>,
     resync: Duration,
     running: Mutex<HashMap<String, Running>>,
+    /// Apps the hub says it cannot read: not enforced, nothing of them deleted (app → why).
+    held: Mutex<BTreeMap<String, String>>,
+    /// Running apps the hub's last message did not mention (kept; logged once each).
+    unmentioned: Mutex<std::collections::BTreeSet<String>>,
     tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -84,6 +89,8 @@ impl Fleet {
             board,
             resync,
             running: Mutex::new(HashMap::new()),
+            held: Mutex::new(BTreeMap::new()),
+            unmentioned: Mutex::new(Default::default()),
             tasks: TaskTracker::new(),
             metrics,
         })
@@ -108,7 +115,7 @@ impl Fleet {
     /// Runs until cancelled: cached apps at once, then whatever the assignments say.
     pub async fn run(
         self: Arc<Self>,
-        mut assignments: watch::Receiver<Option<Vec<Assignment>>>,
+        mut assignments: watch::Receiver<Option<Assignments>>,
         cancel: CancellationToken,
     ) -> Result<()> {
         if let Some(cache) = self.engine.cache() {
@@ -172,16 +179,24 @@ impl Fleet {
         Ok(())
     }
 
-    /// Starts what changed and removes what left; `false` if some bundle could not be fetched.
+    /// Starts what changed, prunes what the hub removed, holds what it cannot read; `false` if
+    /// some bundle could not be fetched. An app the message does not mention keeps running as it
+    /// is (`leaving.rs`): only an explicit removal prunes.
     async fn apply_assignments(
         self: &Arc<Self>,
-        desired: Vec<Assignment>,
+        message: Assignments,
         cancel: &CancellationToken,
     ) -> Result<bool> {
         let mut complete = true;
-        let wanted: BTreeMap<String, Assignment> =
-            desired.into_iter().map(|a| (a.app.clone(), a)).collect();
+        let wanted: BTreeMap<String, Assignment> = message
+            .apps
+            .iter()
+            .filter(|a| fate(&a.app, &message) == Fate::Run)
+            .map(|a| (a.app.clone(), a.clone()))
+            .collect();
         for (app, a) in &wanted {
+            lock(&self.held).remove(app);
+            lock(&self.unmentioned).remove(app);
             let orders = Orders::of(a);
             let current = lock(&self.running).get(app).map(|r| r.orders.clone());
             if current.as_ref() == Some(&orders) {
@@ -214,15 +229,56 @@ impl Fleet {
             tracing::info!(app, digest = %a.digest, revision = %a.revision, manual = a.manual, sync_request = a.sync_request, "running new orders");
             self.start(bundle, preview, orders, cancel);
         }
-        let leaving: Vec<String> = lock(&self.running)
+        let known: Vec<String> = lock(&self.running)
             .keys()
-            .filter(|k| !wanted.contains_key(*k))
+            .chain(lock(&self.held).keys())
             .cloned()
             .collect();
-        for app in leaving {
-            self.remove(&app).await;
+        for (app, fate) in leaving(known.iter().map(String::as_str), &message) {
+            match fate {
+                Fate::Run => {}
+                Fate::Prune => {
+                    lock(&self.held).remove(&app);
+                    lock(&self.unmentioned).remove(&app);
+                    self.remove(&app).await;
+                }
+                Fate::Hold(reason) => self.hold(&app, &reason),
+                Fate::Keep => {
+                    if lock(&self.running).contains_key(&app)
+                        && lock(&self.unmentioned).insert(app.clone())
+                    {
+                        tracing::warn!(app, "the hub neither assigns nor removes this app; it keeps running as it is (only an explicit removal prunes)");
+                    }
+                }
+            }
         }
         Ok(complete)
+    }
+
+    /// Stops enforcing an app the hub cannot read, leaving every object of it as it is.
+    fn hold(&self, app: &str, reason: &str) {
+        let previous = lock(&self.running).remove(app);
+        let digest = previous.as_ref().map(|r| r.orders.digest.clone());
+        if let Some(running) = previous {
+            running.cancel.cancel();
+        }
+        let newly = lock(&self.held)
+            .insert(app.to_string(), reason.to_string())
+            .is_none();
+        if newly {
+            tracing::error!(app, reason, "the hub cannot read this app: holding it (nothing applied, nothing pruned) until an operator fixes or deletes it");
+        }
+        self.metrics
+            .apps
+            .set(i64::try_from(lock(&self.running).len()).unwrap_or(i64::MAX));
+        self.board.set(AppStatus {
+            app: app.to_string(),
+            digest: digest.unwrap_or_default(),
+            sync: SyncStatus::Unknown.into(),
+            health: HealthStatus::Unknown.into(),
+            message: format!("held: {reason}; its objects are left as they are"),
+            ..AppStatus::default()
+        });
     }
 
     /// The bundle `digest` for an assignment: from the cache when the digest matches, else

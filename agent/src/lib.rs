@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod engine;
 mod error;
 pub mod fleet;
+mod leaving;
 pub mod link;
 pub mod local;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use flotilla_proto::v1::agent_client::AgentClient;
 use flotilla_proto::v1::registration_client::RegistrationClient;
 use flotilla_proto::v1::{
-    AgentMessage, AppDigest, AppStatus, Assignment, FetchBundleRequest, Heartbeat, Hello,
+    AgentMessage, AppDigest, AppStatus, Assignments, FetchBundleRequest, Heartbeat, Hello,
     HubMessage, RegisterRequest, RenewRequest, agent_message, hub_message,
 };
 use flotilla_proto::{ClientTls, endpoint, error_chain};
@@ -203,8 +203,8 @@ impl HubLink {
                 }
                 message = session.inbound.message() => match message {
                     Ok(Some(HubMessage { kind: Some(hub_message::Kind::Assignments(a)) })) => {
-                        tracing::info!(apps = a.apps.len(), "assignments received");
-                        fleet.assignments.send_replace(Some(a.apps));
+                        tracing::info!(apps = a.apps.len(), removed = a.removed.len(), held = a.held.len(), "assignments received");
+                        fleet.assignments.send_replace(Some(a));
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => return Err(Error::Unreachable("the hub closed the agent stream".into())),
@@ -278,7 +278,7 @@ fn status_message(status: AppStatus) -> AgentMessage {
 /// What a session shares with the cluster side: assignments in, statuses out.
 #[derive(Clone)]
 pub struct FleetLink {
-    pub assignments: watch::Sender<Option<Vec<Assignment>>>,
+    pub assignments: watch::Sender<Option<Assignments>>,
     pub board: std::sync::Arc<crate::fleet::StatusBoard>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }

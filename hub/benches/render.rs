@@ -108,7 +108,7 @@ async fn main() {
         }
     }
     let assign = t.elapsed();
-    let (count, bytes) = store.bundle_usage();
+    let (count, bytes) = store.bundle_usage().expect("bundle store readable");
     let raw: usize = variants
         .values()
         .map(|d| store.bundle(d).unwrap().unwrap().len())

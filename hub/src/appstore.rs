@@ -1,5 +1,7 @@
-//! Durable app state in sled: app documents with their status and revision history, and rendered
-//! bundles stored once per digest, compressed.
+//! Durable app state in sled: app documents with their status and revision history, rendered
+//! bundles stored once per digest (compressed), and tombstones of deleted apps. A record that does
+//! not decode is never skipped silently: reads return it as an [`UnreadableApp`], so callers hold
+//! that app instead of treating it as absent (absent means "prune it" to an agent).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -80,6 +82,40 @@ pub struct AppRecord {
     pub status: AppStatus,
 }
 
+/// How long a deleted app's tombstone tells agents to prune it: an agent away for longer keeps
+/// the app's objects (and says so) rather than prune on a guess.
+pub const TOMBSTONE_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// An app record that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableApp {
+    pub name: String,
+    /// The error, naming the record and the fix (it carries no secret).
+    pub error: String,
+}
+
+/// Every app as stored: the ones that read, the ones that do not, and the names of apps deleted
+/// within [`TOMBSTONE_TTL_MS`] (and not created again).
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub apps: Vec<AppRecord>,
+    pub unreadable: Vec<UnreadableApp>,
+    pub deleted: Vec<String>,
+}
+
+impl Catalog {
+    /// Whether `name` is an app the hub cannot read now.
+    pub fn is_unreadable(&self, name: &str) -> bool {
+        self.unreadable.iter().any(|u| u.name == name)
+    }
+}
+
+/// Unreadable records seen so far, each audited once (name → error, audited).
+#[derive(Default)]
+struct Seen {
+    unreadable: BTreeMap<String, (String, bool)>,
+}
+
 /// Apps and bundles.
 #[derive(Clone)]
 pub struct AppStore {
@@ -89,14 +125,31 @@ pub struct AppStore {
     db: sled::Db,
     apps: sled::Tree,
     bundles: sled::Tree,
+    /// Deleted app → when (ms since the epoch, big-endian i64).
+    tombstones: sled::Tree,
     audit: crate::audit::Trees,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
 }
 
-fn corrupt(key: &str, source: serde_json::Error) -> Error {
-    Error::Corrupt {
+fn unreadable(key: &str, source: serde_json::Error) -> Error {
+    Error::Unreadable {
+        tree: "apps",
         key: key.to_string(),
         source,
     }
+}
+
+fn encode(record: &AppRecord) -> Result<Vec<u8>> {
+    serde_json::to_vec(record).map_err(|source| Error::Corrupt {
+        key: record.doc.metadata.name.clone(),
+        source,
+    })
+}
+
+fn tombstone_time(name: &str, v: &[u8]) -> Result<i64> {
+    <[u8; 8]>::try_from(v)
+        .map(i64::from_be_bytes)
+        .map_err(|_| Error::Internal(format!("tombstone of app {name:?} is not 8 bytes")))
 }
 
 impl AppStore {
@@ -106,24 +159,81 @@ impl AppStore {
             gate,
             apps: db.open_tree("apps")?,
             bundles: db.open_tree("bundles")?,
+            tombstones: db.open_tree("app_tombstones")?,
             audit: crate::audit::Trees::open(db)?,
+            seen: Default::default(),
             db: db.clone(),
         })
     }
 
-    pub fn get(&self, name: &str) -> Result<Option<AppRecord>> {
-        self.apps
-            .get(name)?
-            .map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(name, e)))
-            .transpose()
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // Each critical section is one map update: a poisoned lock still holds sound data.
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn list(&self) -> Result<Vec<AppRecord>> {
-        self.apps
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                serde_json::from_slice(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), e))
+    /// One app; `Err(Error::Unreadable)` when its record does not decode.
+    pub fn get(&self, name: &str) -> Result<Option<AppRecord>> {
+        let Some(bytes) = self.apps.get(name)? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(record) => Ok(Some(record)),
+            Err(e) => {
+                let err = unreadable(name, e);
+                self.note_unreadable(name, &err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// Every app. An error only when the store itself failed (then nothing may be concluded from
+    /// it); a record that does not decode is in [`Catalog::unreadable`], never left out.
+    pub fn list(&self) -> Result<Catalog> {
+        let mut catalog = Catalog::default();
+        for kv in self.apps.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            match serde_json::from_slice(&v) {
+                Ok(record) => catalog.apps.push(record),
+                Err(e) => {
+                    let error = unreadable(&name, e).to_string();
+                    catalog.unreadable.push(UnreadableApp { name, error });
+                }
+            }
+        }
+        let now = crate::now_ms();
+        for kv in self.tombstones.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            if now - tombstone_time(&name, &v)? < TOMBSTONE_TTL_MS {
+                catalog.deleted.push(name);
+            }
+        }
+        let mut seen = self.seen();
+        seen.unreadable
+            .retain(|name, _| catalog.is_unreadable(name));
+        for u in &catalog.unreadable {
+            note(&mut seen, &u.name, &u.error);
+        }
+        Ok(catalog)
+    }
+
+    fn note_unreadable(&self, name: &str, error: &str) {
+        note(&mut self.seen(), name, error);
+    }
+
+    /// Unreadable records not audited yet (each record once per distinct error); marks them.
+    pub fn unaudited_unreadable(&self) -> Vec<UnreadableApp> {
+        let mut seen = self.seen();
+        seen.unreadable
+            .iter_mut()
+            .filter(|(_, (_, audited))| !*audited)
+            .map(|(name, (error, audited))| {
+                *audited = true;
+                UnreadableApp {
+                    name: name.clone(),
+                    error: error.clone(),
+                }
             })
             .collect()
     }
@@ -138,8 +248,8 @@ impl AppStore {
     ) -> Result<AppRecord> {
         let _write = self.writes.lock().await;
         let name = doc.metadata.name.clone();
-        let record = match self.get(&name)? {
-            Some(mut existing) => {
+        let record = match self.get(&name) {
+            Ok(Some(mut existing)) => {
                 if existing.doc != doc || existing.origin != origin {
                     existing.doc = doc;
                     existing.origin = origin.to_string();
@@ -147,15 +257,39 @@ impl AppStore {
                 }
                 existing
             }
-            None => AppRecord {
+            Ok(None) => AppRecord {
                 doc,
                 origin: origin.to_string(),
                 generation: 1,
                 status: AppStatus::default(),
             },
+            // The operator's fix for an unreadable record: a new document replaces it. Its status
+            // starts over (its generation past the old one's, when that much can be read), so
+            // nothing is assigned or removed until the new document is rendered.
+            Err(Error::Unreadable { .. }) => {
+                tracing::warn!(app = %name, "replacing an unreadable app record with a new document");
+                AppRecord {
+                    doc,
+                    origin: origin.to_string(),
+                    generation: self.raw_generation(&name)? + 1,
+                    status: AppStatus::default(),
+                }
+            }
+            Err(e) => return Err(e),
         };
         self.put_with(&record, audit(&record).as_ref()).await?;
         Ok(record)
+    }
+
+    /// The generation an unreadable record had, when that field still reads (else 0).
+    fn raw_generation(&self, name: &str) -> Result<u64> {
+        let raw = self.apps.get(name)?;
+        // Only a hint for the replacement's generation: an unreadable field means "unknown".
+        let generation = raw
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("generation").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0);
+        Ok(generation)
     }
 
     /// Writes a record and flushes.
@@ -166,25 +300,32 @@ impl AppStore {
     /// Writes a record (with its audit entry, in one transaction) and flushes.
     async fn put_with(&self, record: &AppRecord, audit: Option<&Record>) -> Result<()> {
         let _gate = self.gate.read().await;
-        let bytes =
-            serde_json::to_vec(record).map_err(|e| corrupt(&record.doc.metadata.name, e))?;
+        let bytes = encode(record)?;
         let key = record.doc.metadata.name.as_bytes();
         match audit {
             // The controllers' own updates (renders, rollouts): one tree, no transaction needed.
             None => {
                 self.apps.insert(key, bytes)?;
             }
+            // An operator's (or the fleet repository's) write: with its audit entry, and the name
+            // no longer a tombstone.
             Some(a) => {
-                (&self.apps, &self.audit.log, &self.audit.meta).transaction(
-                    |(apps, log, meta)| {
+                (
+                    &self.apps,
+                    &self.tombstones,
+                    &self.audit.log,
+                    &self.audit.meta,
+                )
+                    .transaction(|(apps, tombstones, log, meta)| {
                         apps.insert(key, bytes.clone())?;
+                        tombstones.remove(key)?;
                         crate::audit::append_in(log, meta, a)?;
                         Ok(())
-                    },
-                )?;
+                    })?;
             }
         }
         crate::store::flush(&self.db).await?;
+        self.seen().unreadable.remove(&record.doc.metadata.name);
         Ok(())
     }
 
@@ -231,20 +372,55 @@ impl AppStore {
         Ok(Some(record))
     }
 
-    /// Deletes an app (with its audit entry, atomically); whether it existed.
+    /// Deletes an app, readable or not, with its audit entry and a tombstone (so agents that
+    /// run it are told to prune it), atomically; whether it existed.
     pub async fn delete(&self, name: &str, audit: Option<&Record>) -> Result<bool> {
         let _write = self.writes.lock().await;
         let _gate = self.gate.read().await;
-        let existed =
-            (&self.apps, &self.audit.log, &self.audit.meta).transaction(|(apps, log, meta)| {
+        let at = crate::now_ms().to_be_bytes();
+        let existed = (
+            &self.apps,
+            &self.tombstones,
+            &self.audit.log,
+            &self.audit.meta,
+        )
+            .transaction(|(apps, tombstones, log, meta)| {
                 let existed = apps.remove(name.as_bytes())?.is_some();
-                if existed && let Some(a) = audit {
-                    crate::audit::append_in(log, meta, a)?;
+                if existed {
+                    tombstones.insert(name.as_bytes(), &at[..])?;
+                    if let Some(a) = audit {
+                        crate::audit::append_in(log, meta, a)?;
+                    }
                 }
                 Ok(existed)
             })?;
         crate::store::flush(&self.db).await?;
+        self.seen().unreadable.remove(name);
         Ok(existed)
+    }
+
+    /// Forgets tombstones older than [`TOMBSTONE_TTL_MS`]; how many.
+    pub fn expire_tombstones(&self) -> Result<usize> {
+        let now = crate::now_ms();
+        let mut expired = 0;
+        for kv in self.tombstones.iter() {
+            let (k, v) = kv?;
+            if now - tombstone_time(&String::from_utf8_lossy(&k), &v)? >= TOMBSTONE_TTL_MS {
+                self.tombstones.remove(k)?;
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Test hook (`FLOTILLA_TEST_HOOKS`): stores raw bytes as an app's record, as a hand edit or
+    /// a version skew would leave it.
+    pub async fn put_raw_for_test(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let _write = self.writes.lock().await;
+        let _gate = self.gate.read().await;
+        self.apps.insert(name.as_bytes(), bytes)?;
+        crate::store::flush(&self.db).await?;
+        Ok(())
     }
 
     /// Stores a bundle under its digest (once); returns the compressed size.
@@ -276,15 +452,27 @@ impl AppStore {
     }
 
     /// Number of stored bundles and their total compressed bytes.
-    pub fn bundle_usage(&self) -> (usize, u64) {
-        self.bundles
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .fold((0, 0), |(n, b), (_, v)| (n + 1, b + v.len() as u64))
+    pub fn bundle_usage(&self) -> Result<(usize, u64)> {
+        self.bundles.iter().try_fold((0, 0), |(n, b), kv| {
+            let (_, v) = kv?;
+            Ok((n + 1, b + v.len() as u64))
+        })
     }
 
     pub async fn flush(&self) -> Result<()> {
         crate::store::flush(&self.db).await?;
         Ok(())
+    }
+}
+
+/// Records an unreadable record in `seen`; a changed error is audited again.
+fn note(seen: &mut Seen, name: &str, error: &str) {
+    match seen.unreadable.get(name) {
+        Some((known, _)) if known == error => {}
+        _ => {
+            tracing::error!(app = name, error, "app record unreadable: holding the app on every cluster");
+            seen.unreadable
+                .insert(name.to_string(), (error.to_string(), false));
+        }
     }
 }

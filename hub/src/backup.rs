@@ -22,7 +22,15 @@ pub const FORMAT: &str = "flotilla-backup/v2";
 const FORMAT_V1: &str = "flotilla-backup/v1";
 /// Every tree that holds acknowledged state (reports are included: restored status is not blank).
 const TREES: &[&str] = &[
-    "clusters", "tokens", "certs", "revoked", "apps", "bundles", "reports", "audit",
+    "clusters",
+    "tokens",
+    "certs",
+    "revoked",
+    "apps",
+    "app_tombstones",
+    "bundles",
+    "reports",
+    "audit",
 ];
 /// OWASP's 2023 recommendation for PBKDF2-HMAC-SHA256.
 const PBKDF2_ITERATIONS: u32 = 600_000;
@@ -73,6 +81,61 @@ struct Contents {
 pub struct Summary {
     pub created_at: i64,
     pub records: BTreeMap<String, usize>,
+    /// App records restored although they do not decode (`--keep-unreadable`): the hub holds
+    /// each such app until an operator fixes or deletes it.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A record of a backup that does not decode as what its tree holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub tree: String,
+    pub key: String,
+    pub error: String,
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tree {}, key {:?}: {}", self.tree, self.key, self.error)
+    }
+}
+
+/// Whether one record decodes as what its tree holds; the error if not. Bundles are checked when
+/// served (their digest), not here.
+fn check_record(tree: &str, value: &[u8]) -> std::result::Result<(), String> {
+    fn json<T: serde::de::DeserializeOwned>(v: &[u8]) -> std::result::Result<(), String> {
+        serde_json::from_slice::<T>(v).map(drop).map_err(|e| e.to_string())
+    }
+    match tree {
+        "clusters" => json::<crate::store::ClusterRecord>(value),
+        "tokens" => json::<crate::store::TokenRecord>(value),
+        "certs" => json::<crate::store::CertRecord>(value),
+        "revoked" => json::<crate::store::Revocation>(value),
+        "apps" => json::<crate::appstore::AppRecord>(value),
+        "audit" => json::<crate::audit::AuditEntry>(value),
+        "reports" => <flotilla_proto::v1::AppStatus as prost::Message>::decode(value)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        "app_tombstones" if value.len() == 8 => Ok(()),
+        "app_tombstones" => Err(format!("{} bytes, not 8", value.len())),
+        _ => Ok(()),
+    }
+}
+
+/// Every record of `trees` that does not decode.
+fn unreadable_records(trees: &BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>) -> Vec<Unreadable> {
+    trees
+        .iter()
+        .flat_map(|(tree, rows)| {
+            rows.iter().filter_map(move |(k, v)| {
+                check_record(tree, v).err().map(|error| Unreadable {
+                    tree: tree.clone(),
+                    key: String::from_utf8_lossy(k).into_owned(),
+                    error,
+                })
+            })
+        })
+        .collect()
 }
 
 fn unhex(field: &str, text: &str) -> Result<Vec<u8>> {
@@ -258,7 +321,16 @@ pub async fn take(hub: &Hub, passphrase: &str) -> Result<Vec<u8>> {
 
 /// Rebuilds a hub data directory from a backup. `data_dir` must not exist or be empty; nothing is
 /// written until the backup has been parsed and its keys opened.
-pub fn restore(data_dir: &Path, bytes: &[u8], passphrase: &str) -> Result<Summary> {
+///
+/// Every record is decoded first. One that does not read is refused, naming tree, key and error —
+/// unless it is an app record and `keep_unreadable` is set: then it is restored as it is and
+/// returned in the summary (the hub holds such an app, and says so, until it is fixed).
+pub fn restore(
+    data_dir: &Path,
+    bytes: &[u8],
+    passphrase: &str,
+    keep_unreadable: bool,
+) -> Result<Summary> {
     let backup: Backup = serde_json::from_slice(bytes)
         .map_err(|e| Error::invalid("backup", format!("not a Flotilla backup: {e}")))?;
     let opened = unseal(passphrase, &backup.keys)?;
@@ -299,6 +371,27 @@ pub fn restore(data_dir: &Path, bytes: &[u8], passphrase: &str) -> Result<Summar
         }
         decoded.insert(tree.clone(), rows);
     }
+    let unreadable = unreadable_records(&decoded);
+    let refused: Vec<&Unreadable> = unreadable
+        .iter()
+        .filter(|u| !(keep_unreadable && u.tree == "apps"))
+        .collect();
+    if !refused.is_empty() {
+        let list: Vec<String> = refused.iter().map(|u| u.to_string()).collect();
+        let hint = if refused.iter().all(|u| u.tree == "apps") {
+            "; restore with --keep-unreadable to keep them as they are (the hub then holds each such app, neither applying nor pruning it, until it is fixed or deleted)"
+        } else {
+            ""
+        };
+        return Err(Error::invalid(
+            "backup",
+            format!(
+                "{} record(s) cannot be read: {}{hint}",
+                refused.len(),
+                list.join("; ")
+            ),
+        ));
+    }
     if data_dir.exists()
         && std::fs::read_dir(data_dir)
             .map_err(|e| Error::io(data_dir, e))?
@@ -318,6 +411,7 @@ pub fn restore(data_dir: &Path, bytes: &[u8], passphrase: &str) -> Result<Summar
     let mut summary = Summary {
         created_at: backup.created_at,
         records: BTreeMap::new(),
+        unreadable,
     };
     for (name, rows) in decoded {
         let tree = db.open_tree(&name)?;

@@ -55,6 +55,18 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// An app's stored record does not decode (a version skew, a hand edit): that app is held
+    /// (nothing of it applied or pruned) until an operator replaces or deletes the record.
+    #[error(
+        "app record {key:?} (store tree {tree}) cannot be read: {source}. Its objects are left as they are on every cluster. Fix: apply the app's document again (`flotilla app apply -f FILE`) or delete the app (`flotilla app delete {key}`)"
+    )]
+    Unreadable {
+        tree: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// Filesystem IO on a named path.
     #[error("{path}: {source}")]
     Io {
@@ -127,6 +139,8 @@ impl From<Error> for Status {
             Error::Source(_) | Error::Render(_) | Error::FailedPrecondition(_) => {
                 Code::FailedPrecondition
             }
+            // Names the record and the fix; it carries no secret (app documents hold none).
+            Error::Unreadable { .. } => Code::DataLoss,
             Error::DataDir { .. }
             | Error::Pki { .. }
             | Error::Store(_)

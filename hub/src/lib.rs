@@ -27,6 +27,7 @@ pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod sources;
+pub mod test_hooks;
 pub mod store;
 pub(crate) mod untrusted;
 pub mod validate;

@@ -98,6 +98,10 @@ enum Command {
         /// File holding the passphrase the backup was taken with (else FLOTILLA_BACKUP_PASSPHRASE).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// Restore app records that do not decode as they are (else the restore is refused); the
+        /// hub holds each such app on every cluster until it is fixed or deleted.
+        #[arg(long)]
+        keep_unreadable: bool,
     },
 }
 
@@ -132,11 +136,13 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             from,
             passphrase_file,
+            keep_unreadable,
         } => {
             let passphrase = flotilla_hub::backup::read_passphrase(passphrase_file.as_deref())?;
             let bytes =
                 std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
-            let summary = flotilla_hub::backup::restore(&data_dir, &bytes, &passphrase)
+            let summary =
+                flotilla_hub::backup::restore(&data_dir, &bytes, &passphrase, keep_unreadable)
                 .with_context(|| {
                     format!("restoring {} into {}", from.display(), data_dir.display())
                 })?;
@@ -150,7 +156,10 @@ async fn main() -> anyhow::Result<()> {
                 data_dir.display()
             );
             for (tree, n) in &summary.records {
-                println!("  {tree:<9} {n}");
+                println!("  {tree:<14} {n}");
+            }
+            for u in &summary.unreadable {
+                println!("  kept unreadable: {u} (the hub holds this app until it is fixed or deleted)");
             }
             Ok(())
         }

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub admissions: Counter,
     pub admissions_delayed: Counter,
     pub admissions_peak_per_second: Gauge,
+    /// Store reads that failed, by what they were for (a closed set).
+    pub store_read_errors: Family<ResultLabel, Counter>,
+    /// App records that do not decode now (each such app is held on every cluster).
+    pub unreadable_app_records: Gauge,
 }
 
 impl Default for Metrics {
@@ -59,6 +63,18 @@ impl Default for Metrics {
         let admissions = Counter::default();
         let admissions_delayed = Counter::default();
         let admissions_peak_per_second = Gauge::default();
+        let store_read_errors = Family::<ResultLabel, Counter>::default();
+        let unreadable_app_records = Gauge::default();
+        registry.register(
+            "store_read_errors",
+            "Store reads that failed (nothing was concluded from them), by what they were for",
+            store_read_errors.clone(),
+        );
+        registry.register(
+            "unreadable_app_records",
+            "App records that do not decode; each such app is held (neither applied nor pruned)",
+            unreadable_app_records.clone(),
+        );
         registry.register(
             "admissions",
             "Connections admitted to the TLS listener",
@@ -118,6 +134,8 @@ impl Default for Metrics {
             admissions,
             admissions_delayed,
             admissions_peak_per_second,
+            store_read_errors,
+            unreadable_app_records,
         }
     }
 }
@@ -142,6 +160,15 @@ impl Metrics {
             .get_or_create(&RefusalLabels {
                 listener: listener.into(),
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// A store read failed (`what`: a closed set of purposes).
+    pub fn store_read_failed(&self, what: &'static str) {
+        self.store_read_errors
+            .get_or_create(&ResultLabel {
+                result: what.into(),
             })
             .inc();
     }

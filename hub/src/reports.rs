@@ -6,11 +6,13 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use flotilla_proto::v1::{AppStatus, Assignment, FleetStatusRow, HealthStatus, SyncStatus};
+use flotilla_proto::v1::{
+    AppStatus, Assignment, Assignments, FleetStatusRow, HealthStatus, HeldApp, SyncStatus,
+};
 use prost::Message;
 
 use crate::Result;
-use crate::appstore::AppRecord;
+use crate::appstore::{AppRecord, Catalog};
 
 /// How often an unchanged report is written through to sled at most: reports that only refresh
 /// their time or message live in memory, so a chatty agent costs no disk.
@@ -118,6 +120,43 @@ impl Reports {
             .get(&(cluster.to_string(), app.to_string()))
             .map(|l| l.status.clone())
     }
+}
+
+/// Everything one cluster is told: its assignments, the apps it must prune (only where the hub read
+/// the app and the app positively leaves it, or was deleted), and the apps held because their
+/// record does not read. Pure.
+pub fn orders_for(cluster: &str, catalog: &Catalog) -> Assignments {
+    let removed = catalog
+        .apps
+        .iter()
+        .filter(|a| leaves(a, cluster))
+        .map(|a| a.doc.metadata.name.clone())
+        .chain(catalog.deleted.iter().cloned().filter(|name| {
+            !catalog.is_unreadable(name) && !catalog.apps.iter().any(|a| &a.doc.metadata.name == name)
+        }))
+        .collect();
+    Assignments {
+        apps: assignments_for(cluster, &catalog.apps),
+        removed,
+        held: catalog
+            .unreadable
+            .iter()
+            .map(|u| HeldApp {
+                app: u.name.clone(),
+                reason: u.error.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Whether an app's record says `cluster` is not its own: rendered at its current generation (a
+/// document not rendered yet decides nothing), and neither targeting nor assigning the cluster.
+fn leaves(a: &AppRecord, cluster: &str) -> bool {
+    let s = &a.status;
+    s.revision.is_some()
+        && s.observed_generation == a.generation
+        && !s.target.contains_key(cluster)
+        && !s.assignments.contains_key(cluster)
 }
 
 /// The assignments of one cluster: every app whose current render assigns it a bundle, and (for

@@ -143,23 +143,38 @@ async fn plan_app_with(hub: &Hub, name: &str, clusters: &[ClusterRecord]) -> Res
     Ok(())
 }
 
+/// How often old tombstones of deleted apps are looked for.
+const TOMBSTONE_CHECK: Duration = Duration::from_secs(600);
+
 /// The controller loop; returns at shutdown.
 pub async fn run(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(PLAN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tombstones_checked: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = hub.shutdown.cancelled() => return,
             _ = tick.tick() => {}
             _ = hub.rollouts_kick.notified() => {}
         }
-        let names = match hub.apps.list() {
-            Ok(apps) => apps.into_iter().map(|a| a.doc.metadata.name),
+        let catalog = match hub.apps.list() {
+            Ok(catalog) => catalog,
             Err(e) => {
+                hub.metrics.store_read_failed("rollouts");
                 tracing::error!(error = %e, "listing apps for rollouts");
                 continue;
             }
         };
+        report_unreadable(&hub, &catalog).await;
+        if tombstones_checked.is_none_or(|at| at.elapsed() >= TOMBSTONE_CHECK) {
+            tombstones_checked = Some(tokio::time::Instant::now());
+            match hub.apps.expire_tombstones() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "forgot old tombstones of deleted apps"),
+                Err(e) => tracing::warn!(error = %e, "expiring tombstones; next check retries"),
+            }
+        }
+        let names = catalog.apps.into_iter().map(|a| a.doc.metadata.name);
         let clusters = match hub.store.clusters() {
             Ok(clusters) => clusters,
             Err(e) => {
@@ -171,6 +186,23 @@ pub async fn run(hub: Arc<Hub>) {
             if let Err(e) = plan_app_with(&hub, &name, &clusters).await {
                 tracing::error!(app = %name, error = %e, "planning the rollout");
             }
+        }
+    }
+}
+
+/// Unreadable app records: counted, and each audited once (the apps themselves are held by the
+/// sessions: `reports::orders_for`).
+async fn report_unreadable(hub: &Hub, catalog: &crate::appstore::Catalog) {
+    hub.metrics
+        .unreadable_app_records
+        .set(i64::try_from(catalog.unreadable.len()).unwrap_or(i64::MAX));
+    for u in hub.apps.unaudited_unreadable() {
+        if let Err(e) = hub
+            .audit
+            .record("hub", "app.unreadable", &format!("app/{}", u.name), u.error)
+            .await
+        {
+            tracing::warn!(app = %u.name, error = %e, "auditing an unreadable app record");
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct SyncState {
     recompute: Mutex<bool>,
     in_flight: Mutex<HashSet<String>>,
     repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One render of an app at a time: a recompute and a poll of the same app never overlap.
+    app_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     fetch_slots: Semaphore,
     /// app → (revision, generation, base render): one render per revision serves every cluster.
     bases: Mutex<HashMap<String, CachedBase>>,
@@ -65,6 +67,7 @@ impl SyncState {
             recompute: Mutex::new(false),
             in_flight: Mutex::new(HashSet::new()),
             repo_locks: Mutex::new(HashMap::new()),
+            app_locks: Mutex::new(HashMap::new()),
             fetch_slots: Semaphore::new(max_concurrent_fetches.max(1)),
             bases: Mutex::new(HashMap::new()),
         }
@@ -372,7 +375,10 @@ async fn cluster_base(
 
 /// Renders one app and records the outcome on it.
 pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
+    let app_lock = Arc::clone(lock(&hub.sync.app_locks).entry(name.to_string()).or_default());
+    let _one_render_per_app = app_lock.lock().await;
     let Some(record) = hub.apps.get(name)? else {
+        lock(&hub.sync.app_locks).remove(name);
         return Ok(());
     };
     let outcome = render_app(hub, &record).await;
@@ -477,10 +483,17 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         .map_err(|e| Error::Render(format!("fleet {file}: {}", render::reason(e))))?;
         docs.extend(parsed);
     }
-    let existing = hub.apps.list()?;
+    let catalog = hub.apps.list()?;
+    let existing = &catalog.apps;
     let mut wanted = BTreeSet::new();
     for doc in docs {
         let name = doc.metadata.name.clone();
+        // Its origin cannot be read: it might be hand-applied. An operator fixes or deletes it.
+        if catalog.is_unreadable(&name) {
+            tracing::warn!(app = %name, "the fleet repository defines an app whose record is unreadable; leaving it to an operator (`flotilla app apply` or `app delete`)");
+            wanted.insert(name);
+            continue;
+        }
         if existing
             .iter()
             .any(|a| a.doc.metadata.name == name && a.origin != "fleet")
@@ -541,6 +554,7 @@ pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
     let users: Vec<String> = hub
         .apps
         .list()?
+        .apps
         .into_iter()
         .filter(|r| r.doc.spec.source.repo_url == url)
         .map(|r| r.doc.metadata.name)
@@ -588,12 +602,14 @@ pub async fn run(hub: Arc<Hub>) {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         let urls: BTreeSet<String> = match hub.apps.list() {
-            Ok(apps) => apps
+            Ok(catalog) => catalog
+                .apps
                 .into_iter()
                 .map(|r| r.doc.spec.source.repo_url)
                 .chain(hub.source_settings.fleet.iter().map(|f| f.url.clone()))
                 .collect(),
             Err(e) => {
+                hub.metrics.store_read_failed("sources");
                 tracing::error!(error = %e, "listing apps");
                 continue;
             }
@@ -620,12 +636,17 @@ pub async fn run(hub: Arc<Hub>) {
         if std::mem::take(&mut *lock(&hub.sync.recompute)) {
             let hub2 = Arc::clone(&hub);
             hub.tasks.spawn(async move {
-                let names = hub2.apps.list().map(|a| {
-                    a.into_iter()
-                        .map(|r| r.doc.metadata.name)
-                        .collect::<Vec<_>>()
-                });
-                for name in names.unwrap_or_default() {
+                let names: Vec<String> = match hub2.apps.list() {
+                    Ok(catalog) => catalog.apps.into_iter().map(|r| r.doc.metadata.name).collect(),
+                    Err(e) => {
+                        // Asked again: the next loop turn retries the whole recompute.
+                        hub2.metrics.store_read_failed("recompute");
+                        tracing::error!(error = %e, "listing apps to recompute; retrying");
+                        hub2.sync.kick_recompute();
+                        return;
+                    }
+                };
+                for name in names {
                     if let Err(e) = sync_app(&hub2, &name).await {
                         tracing::error!(app = name, error = %e, "recompute failed");
                     }

@@ -173,15 +173,22 @@ async fn git_webhook(
         }
     };
     let named = payload_urls(&payload);
-    let known: Vec<String> = hub
-        .apps
-        .list()
-        .map(|apps| {
-            apps.into_iter()
-                .map(|a| a.doc.spec.source.repo_url)
-                .collect()
-        })
-        .unwrap_or_default();
+    // A store that cannot be read says so: the sender retries, rather than hear "nothing to do".
+    let known: Vec<String> = match hub.apps.list() {
+        Ok(catalog) => catalog
+            .apps
+            .into_iter()
+            .map(|a| a.doc.spec.source.repo_url)
+            .collect(),
+        Err(e) => {
+            hub.metrics.store_read_failed("webhook");
+            tracing::error!(error = %e, "webhook: listing apps");
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "the hub cannot read its apps now; retry"}),
+            );
+        }
+    };
     let mut triggered: Vec<String> = known
         .into_iter()
         .filter(|u| named.contains(&normalize_url(u)))
@@ -266,7 +273,11 @@ pub async fn serve(
         limiter,
         hub: Arc::clone(&hub),
     };
-    let app = Router::new()
+    let mut app = Router::new();
+    if crate::test_hooks::enabled() {
+        app = app.merge(crate::test_hooks::routes(Arc::clone(&hub)));
+    }
+    let app = app
         .route("/webhooks/git", post(git_webhook))
         .route("/metrics", axum::routing::get(metrics))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))

@@ -171,6 +171,8 @@ pub struct HubOptions {
     pub webhook_secret: Option<String>,
     /// More `flotilla-hub serve` arguments.
     pub extra_args: Vec<String>,
+    /// More environment for `flotilla-hub serve` (e.g. `FLOTILLA_TEST_HOOKS=1`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for HubOptions {
@@ -182,6 +184,7 @@ impl Default for HubOptions {
             http: false,
             webhook_secret: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -474,6 +477,7 @@ fn serve(
         .args(["--listen", listen, "--cert-ttl", &opts.cert_ttl])
         .args(["--heartbeat-interval", &opts.heartbeat_interval])
         .env("RUST_LOG", "info")
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
@@ -525,11 +529,16 @@ pub struct Fleet {
 impl Fleet {
     /// `clusters`: (name, labels `k=v,...`); returns once every agent is connected.
     pub fn start(clusters: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(clusters, HubOptions::default())
+    }
+
+    /// Like [`Fleet::start`], with the hub's options (its poll interval is always 300 ms).
+    pub fn start_with(clusters: &[(&str, &str)], opts: HubOptions) -> Result<Self> {
         let names: Vec<&str> = clusters.iter().map(|(n, _)| *n).collect();
         let sim = SimCluster::start_many(&names)?;
         let hub = Hub::start(HubOptions {
             poll_interval: "300ms".into(),
-            ..HubOptions::default()
+            ..opts
         })?;
         let token = hub.token(&["--uses", &clusters.len().to_string()])?;
         let mut agents = Vec::new();
@@ -1061,6 +1070,15 @@ pub fn http_post(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
+    http_exchange(addr, head.as_bytes(), body)
+}
+
+/// A raw HTTP/1.1 PUT on loopback; returns the status code and body.
+pub fn http_put(addr: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     http_exchange(addr, head.as_bytes(), body)
 }
 

@@ -333,7 +333,7 @@ impl AdminService {
             move || AppDocument::parse(&text),
         )
         .await?;
-        if let Some(existing) = self.hub.apps.get(&doc.metadata.name)?
+        if let Some(existing) = readable_or_replaceable(self.hub.apps.get(&doc.metadata.name))?
             && existing.origin == "fleet"
         {
             return Err(Error::PermissionDenied(format!(
@@ -453,11 +453,12 @@ impl Admin for AdminService {
         request: Request<FleetStatusRequest>,
     ) -> Result<Response<FleetStatusResponse>, Status> {
         self.admin(&request, "FleetStatus").await?;
-        let apps = self.hub.apps.list()?;
+        let catalog = self.hub.apps.list()?;
+        let apps = &catalog.apps;
         let mut rows = Vec::new();
         for cluster in self.hub.store.clusters()? {
             let (connected, _) = self.hub.sessions.status(&cluster.name);
-            for desired in crate::reports::assignments_for(&cluster.name, &apps) {
+            for desired in crate::reports::assignments_for(&cluster.name, apps) {
                 let report = self.hub.reports.get(&cluster.name, &desired.app);
                 rows.push(crate::reports::row(
                     &cluster.name,
@@ -467,10 +468,13 @@ impl Admin for AdminService {
                 ));
             }
         }
-        for app in &apps {
+        for app in apps {
             if let Some(note) = crate::reports::unreached(app) {
                 rows.push(crate::reports::unreached_row(&app.doc.metadata.name, note));
             }
+        }
+        for u in &catalog.unreadable {
+            rows.push(crate::reports::unreached_row(&u.name, held_note(&u.error)));
         }
         Ok(Response::new(FleetStatusResponse { rows }))
     }
@@ -486,12 +490,18 @@ impl Admin for AdminService {
         request: Request<ListAppsRequest>,
     ) -> Result<Response<ListAppsResponse>, Status> {
         self.admin(&request, "ListApps").await?;
-        let apps = self
-            .hub
+        let catalog = self.hub.apps.list()?;
+        let unreadable = catalog.unreadable.into_iter().map(|u| App {
+            note: held_note(&u.error),
+            last_error: u.error,
+            name: u.name,
+            ..App::default()
+        });
+        let apps = catalog
             .apps
-            .list()?
             .into_iter()
             .map(Self::app_to_proto)
+            .chain(unreadable)
             .collect();
         Ok(Response::new(ListAppsResponse { apps }))
     }
@@ -529,7 +539,7 @@ impl Admin for AdminService {
     ) -> Result<Response<DeleteAppResponse>, Status> {
         let actor = self.admin(&request, "DeleteApp").await?;
         let name = &request.get_ref().name;
-        if let Some(existing) = self.hub.apps.get(name)?
+        if let Some(existing) = readable_or_replaceable(self.hub.apps.get(name))?
             && existing.origin == "fleet"
         {
             return Err(Error::PermissionDenied(format!(
@@ -703,5 +713,19 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(ListAuditResponse { entries }))
+    }
+}
+
+/// What `status` and `app list` say of an app whose record does not read.
+fn held_note(error: &str) -> String {
+    format!("held on every cluster (nothing applied, nothing pruned): {error}")
+}
+
+/// An app as the operator's apply or delete sees it: an unreadable record is theirs to replace or
+/// delete (its origin cannot be read, so it is not guarded as a fleet app's).
+fn readable_or_replaceable(got: Result<Option<AppRecord>>) -> Result<Option<AppRecord>> {
+    match got {
+        Err(Error::Unreadable { .. }) => Ok(None),
+        other => other,
     }
 }

@@ -24,21 +24,27 @@ const OUTBOUND_BUFFER: usize = 16;
 /// Bundle chunk size: well under gRPC's default 4 MiB message limit.
 const CHUNK: usize = 256 * 1024;
 
-fn assignments_of(hub: &Hub, cluster: &str) -> Vec<Assignment> {
+/// A cluster's orders, or nothing when the store could not be read: a session that cannot read
+/// sends nothing (its agent keeps enforcing what it has) and tries again.
+fn orders_of(hub: &Hub, cluster: &str) -> Option<Assignments> {
     match hub.apps.list() {
-        Ok(apps) => crate::reports::assignments_for(cluster, &apps),
+        Ok(catalog) => Some(crate::reports::orders_for(cluster, &catalog)),
         Err(e) => {
-            tracing::error!(cluster, error = %e, "reading assignments");
-            Vec::new()
+            hub.metrics.store_read_failed("assignments");
+            tracing::error!(cluster, error = %e, "reading assignments; sending nothing and retrying");
+            None
         }
     }
 }
 
-fn assignments_message(apps: Vec<Assignment>) -> HubMessage {
+fn assignments_message(orders: Assignments) -> HubMessage {
     HubMessage {
-        kind: Some(hub_message::Kind::Assignments(Assignments { apps })),
+        kind: Some(hub_message::Kind::Assignments(orders)),
     }
 }
+
+/// How soon a session tries again after its store read failed, at first and at most.
+const READ_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
 /// Serves agent streams.
 pub struct AgentService {
@@ -65,7 +71,7 @@ impl Agent for AgentService {
         // A cluster may fetch only what it is assigned: the bundles of other clusters can carry
         // their own customizations (and secrets' shapes) and are none of its business. What git
         // wants it to run next counts as its own (a manual app's agent diffs against it).
-        let assigned = self.hub.apps.list()?.iter().any(|a| {
+        let assigned = self.hub.apps.list()?.apps.iter().any(|a| {
             [a.status.assignments.get(&name), a.status.target.get(&name)]
                 .into_iter()
                 .flatten()
@@ -154,23 +160,20 @@ async fn run_session(
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
     let mut changes = hub.assignments_changed.subscribe();
-    let mut sent = assignments_of(&hub, &name);
+    // What the agent was last told; `None` until a read succeeds (reports wait for it too).
+    let mut sent: Option<Assignments> = None;
     let mut gate = crate::report_gate::ReportGate::new(std::time::Instant::now());
-    if tx
-        .send(Ok(assignments_message(sent.clone())))
-        .await
-        .is_err()
-    {
-        return;
-    }
-
-    if let Some(since) = recovering_since
-        && recovered(&hub, &name, &sent, since).await
-    {
-        recovering_since = None;
-    }
+    // Due when the last read failed; the delay doubles while reads keep failing.
+    let mut retry: Option<(tokio::time::Instant, Duration)> =
+        Some((tokio::time::Instant::now(), READ_RETRY.0));
 
     let end: Option<Status> = loop {
+        let read_again = async {
+            match retry {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = session.cancel.cancelled() => {
                 break Some(if hub.auth.is_revoked(&peer.serial) {
@@ -189,12 +192,25 @@ async fn run_session(
                 if changed.is_err() {
                     break Some(Status::unavailable("hub is shutting down"));
                 }
-                let now = assignments_of(&hub, &name);
-                if now != sent {
-                    sent = now;
-                    if tx.send(Ok(assignments_message(sent.clone()))).await.is_err() {
+                retry = Some((tokio::time::Instant::now(), retry.map_or(READ_RETRY.0, |(_, d)| d)));
+            }
+            _ = read_again => {
+                let delay = retry.map_or(READ_RETRY.0, |(_, d)| d);
+                let Some(now) = orders_of(&hub, &name) else {
+                    retry = Some((tokio::time::Instant::now() + delay, (delay * 2).min(READ_RETRY.1)));
+                    continue;
+                };
+                retry = None;
+                if sent.as_ref() != Some(&now) {
+                    if tx.send(Ok(assignments_message(now.clone()))).await.is_err() {
                         break None;
                     }
+                    sent = Some(now);
+                }
+                if let (Some(since), Some(sent)) = (recovering_since, &sent)
+                    && recovered(&hub, &name, &sent.apps, since).await
+                {
+                    recovering_since = None;
                 }
             }
             next = tokio::time::timeout(silence_limit, inbound.message()) => match next {
@@ -203,8 +219,13 @@ async fn run_session(
                 Ok(Ok(Some(mut message))) => {
                     hub.sessions.touch(&name, now_ms());
                     if let Some(agent_message::Kind::Status(status)) = &mut message.kind {
+                        let Some(sent) = &sent else {
+                            // Nothing assigned yet (the store could not be read): nothing to admit.
+                            hub.metrics.report_refused(crate::report_gate::Refusal::Unassigned.label());
+                            continue;
+                        };
                         // Only this cluster's assigned apps, bounded in size and rate.
-                        if let Err(refusal) = gate.admit(status, &sent, std::time::Instant::now()) {
+                        if let Err(refusal) = gate.admit(status, &sent.apps, std::time::Instant::now()) {
                             hub.metrics.report_refused(refusal.label());
                             tracing::debug!(cluster = %name, app = %status.app, reason = refusal.label(), "report dropped");
                             continue;
@@ -213,7 +234,7 @@ async fn run_session(
                         hub.metrics.reported(&name, &status.digest, status.sync(), status.health());
                         hub.reports.record(&name, status.clone());
                         if let Some(since) = recovering_since
-                            && recovered(&hub, &name, &sent, since).await
+                            && recovered(&hub, &name, &sent.apps, since).await
                         {
                             recovering_since = None;
                         }
