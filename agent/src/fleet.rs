@@ -101,9 +101,16 @@ impl Fleet {
         let Some(cache) = self.engine.cache() else {
             return Vec::new();
         };
-        cache
-            .apps()
-            .into_iter()
+        // The hello only informs the hub (it decides nothing from it): what cannot be read is left
+        // out, and said.
+        let apps = match cache.apps() {
+            Ok(apps) => apps,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing cached apps for the hello");
+                return Vec::new();
+            }
+        };
+        apps.into_iter()
             .filter_map(|app| cache.bundle(&app).ok().flatten())
             .map(|b| AppDigest {
                 app: b.spec.name.clone(),
@@ -118,8 +125,12 @@ impl Fleet {
         mut assignments: watch::Receiver<Option<Assignments>>,
         cancel: CancellationToken,
     ) -> Result<()> {
-        if let Some(cache) = self.engine.cache() {
-            for app in cache.apps() {
+        let cached = self.engine.cache().map(|c| (c, c.apps()));
+        if let Some((_, Err(e))) = &cached {
+            tracing::error!(error = %e, "the bundle cache cannot be listed; waiting for the hub's assignments");
+        }
+        if let Some((cache, Ok(apps))) = cached {
+            for app in apps {
                 match cache.bundle(&app) {
                     Ok(Some(bundle)) => {
                         let orders = Orders::cached(&bundle);
@@ -247,7 +258,10 @@ impl Fleet {
                     if lock(&self.running).contains_key(&app)
                         && lock(&self.unmentioned).insert(app.clone())
                     {
-                        tracing::warn!(app, "the hub neither assigns nor removes this app; it keeps running as it is (only an explicit removal prunes)");
+                        tracing::warn!(
+                            app,
+                            "the hub neither assigns nor removes this app; it keeps running as it is (only an explicit removal prunes)"
+                        );
                     }
                 }
             }
@@ -266,7 +280,11 @@ impl Fleet {
             .insert(app.to_string(), reason.to_string())
             .is_none();
         if newly {
-            tracing::error!(app, reason, "the hub cannot read this app: holding it (nothing applied, nothing pruned) until an operator fixes or deletes it");
+            tracing::error!(
+                app,
+                reason,
+                "the hub cannot read this app: holding it (nothing applied, nothing pruned) until an operator fixes or deletes it"
+            );
         }
         self.metrics
             .apps

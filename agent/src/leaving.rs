@@ -79,13 +79,43 @@ mod tests {
     fn fates_by_table() {
         let hold = || Fate::Hold("unreadable".into());
         let cases: &[(&str, Assignments, &str, Fate)] = &[
-            ("a full drop keeps everything", message(&[], &[], &[]), "shop", Fate::Keep),
-            ("an explicit removal prunes", message(&[], &["shop"], &[]), "shop", Fate::Prune),
-            ("assigned runs", message(&["shop"], &[], &[]), "shop", Fate::Run),
-            ("another app's removal keeps", message(&["x"], &["x2"], &[]), "shop", Fate::Keep),
+            (
+                "a full drop keeps everything",
+                message(&[], &[], &[]),
+                "shop",
+                Fate::Keep,
+            ),
+            (
+                "an explicit removal prunes",
+                message(&[], &["shop"], &[]),
+                "shop",
+                Fate::Prune,
+            ),
+            (
+                "assigned runs",
+                message(&["shop"], &[], &[]),
+                "shop",
+                Fate::Run,
+            ),
+            (
+                "another app's removal keeps",
+                message(&["x"], &["x2"], &[]),
+                "shop",
+                Fate::Keep,
+            ),
             ("held is held", message(&[], &[], &["shop"]), "shop", hold()),
-            ("held wins over removed", message(&[], &["shop"], &["shop"]), "shop", hold()),
-            ("removed wins over assigned", message(&["shop"], &["shop"], &[]), "shop", Fate::Prune),
+            (
+                "held wins over removed",
+                message(&[], &["shop"], &["shop"]),
+                "shop",
+                hold(),
+            ),
+            (
+                "removed wins over assigned",
+                message(&["shop"], &["shop"], &[]),
+                "shop",
+                Fate::Prune,
+            ),
         ];
         for (why, m, app, want) in cases {
             assert_eq!(fate(app, m), *want, "{why}");
@@ -98,7 +128,10 @@ mod tests {
         let out = leaving(known, &message(&[], &[], &[]));
         assert_eq!(
             out,
-            vec![("extra".to_string(), Fate::Keep), ("shop".to_string(), Fate::Keep)]
+            vec![
+                ("extra".to_string(), Fate::Keep),
+                ("shop".to_string(), Fate::Keep)
+            ]
         );
     }
 

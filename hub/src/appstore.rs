@@ -470,7 +470,11 @@ fn note(seen: &mut Seen, name: &str, error: &str) {
     match seen.unreadable.get(name) {
         Some((known, _)) if known == error => {}
         _ => {
-            tracing::error!(app = name, error, "app record unreadable: holding the app on every cluster");
+            tracing::error!(
+                app = name,
+                error,
+                "app record unreadable: holding the app on every cluster"
+            );
             seen.unreadable
                 .insert(name.to_string(), (error.to_string(), false));
         }

@@ -83,10 +83,16 @@ pub fn append_in(
     meta: &TransactionalTree,
     record: &Record,
 ) -> std::result::Result<u64, ConflictableTransactionError<Error>> {
-    let seq = meta
-        .get(NEXT)?
-        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-        .map_or(1, u64::from_be_bytes);
+    // A counter of the wrong size would restart at 1 and overwrite the log: refuse instead.
+    let seq = match meta.get(NEXT)? {
+        None => 1,
+        Some(v) => u64::from_be_bytes(<[u8; 8]>::try_from(&v[..]).map_err(|_| {
+            ConflictableTransactionError::Abort(Error::Internal(format!(
+                "the audit counter is {} bytes, not 8",
+                v.len()
+            )))
+        })?),
+    };
     meta.insert(NEXT, &(seq + 1).to_be_bytes())?;
     let entry = AuditEntry {
         seq,

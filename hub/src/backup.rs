@@ -104,7 +104,9 @@ impl std::fmt::Display for Unreadable {
 /// served (their digest), not here.
 fn check_record(tree: &str, value: &[u8]) -> std::result::Result<(), String> {
     fn json<T: serde::de::DeserializeOwned>(v: &[u8]) -> std::result::Result<(), String> {
-        serde_json::from_slice::<T>(v).map(drop).map_err(|e| e.to_string())
+        serde_json::from_slice::<T>(v)
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
     match tree {
         "clusters" => json::<crate::store::ClusterRecord>(value),
@@ -122,8 +124,11 @@ fn check_record(tree: &str, value: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
+/// Tree → its (key, value) rows, as decoded from a backup.
+type Rows = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
+
 /// Every record of `trees` that does not decode.
-fn unreadable_records(trees: &BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>) -> Vec<Unreadable> {
+fn unreadable_records(trees: &Rows) -> Vec<Unreadable> {
     trees
         .iter()
         .flat_map(|(tree, rows)| {

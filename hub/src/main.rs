@@ -143,9 +143,9 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
             let summary =
                 flotilla_hub::backup::restore(&data_dir, &bytes, &passphrase, keep_unreadable)
-                .with_context(|| {
-                    format!("restoring {} into {}", from.display(), data_dir.display())
-                })?;
+                    .with_context(|| {
+                        format!("restoring {} into {}", from.display(), data_dir.display())
+                    })?;
             println!(
                 "restored {} (backup of {}) into {}",
                 from.display(),
@@ -159,7 +159,9 @@ async fn main() -> anyhow::Result<()> {
                 println!("  {tree:<14} {n}");
             }
             for u in &summary.unreadable {
-                println!("  kept unreadable: {u} (the hub holds this app until it is fixed or deleted)");
+                println!(
+                    "  kept unreadable: {u} (the hub holds this app until it is fixed or deleted)"
+                );
             }
             Ok(())
         }

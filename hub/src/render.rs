@@ -215,11 +215,9 @@ pub async fn helm(
     let chart_dir = scratch.join("chart");
     materialize(files, &chart_dir)?;
     let values_file = scratch.join(".flotilla-values.json");
-    std::fs::write(
-        &values_file,
-        serde_json::to_vec(opts.values).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(&values_file, e))?;
+    let values = serde_json::to_vec(opts.values)
+        .map_err(|e| Error::Render(format!("encoding the Helm values: {e}")))?;
+    std::fs::write(&values_file, values).map_err(|e| Error::io(&values_file, e))?;
     let mut cmd = tokio::process::Command::new(bin);
     cmd.arg("template")
         .arg(opts.release)

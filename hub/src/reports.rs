@@ -48,9 +48,15 @@ impl Reports {
             let (k, v) = entry?;
             let Some((cluster, app)) = std::str::from_utf8(&k).ok().and_then(|k| k.split_once('/'))
             else {
+                // Not a key this hub writes; the cluster re-sends its reports on its next session.
+                tracing::warn!(key = %String::from_utf8_lossy(&k), "ignoring a malformed report key");
                 continue;
             };
-            if let Ok(status) = AppStatus::decode(&v[..]) {
+            let decoded = AppStatus::decode(&v[..]);
+            if let Err(e) = &decoded {
+                tracing::warn!(cluster, app, error = %e, "ignoring an undecodable stored report; the cluster reports again");
+            }
+            if let Ok(status) = decoded {
                 let persisted = decision(&status);
                 latest.insert(
                     (cluster.to_string(), app.to_string()),
@@ -79,7 +85,9 @@ impl Reports {
         let k = key(cluster, &status.app);
         let map_key = (cluster.to_string(), status.app.clone());
         if status.removed {
-            let _ = self.tree.remove(k.as_bytes());
+            if let Err(e) = self.tree.remove(k.as_bytes()) {
+                tracing::warn!(cluster, app = %status.app, error = %e, "forgetting a stored report");
+            }
             self.lock().remove(&map_key);
             return;
         }
@@ -94,8 +102,11 @@ impl Reports {
             persisted_at: now,
             persisted: decision(&status),
         });
+        // Best effort (the module's rule): the agent re-sends its reports on every session.
         if persist {
-            let _ = self.tree.insert(k.as_bytes(), status.encode_to_vec());
+            if let Err(e) = self.tree.insert(k.as_bytes(), status.encode_to_vec()) {
+                tracing::warn!(cluster, app = %status.app, error = %e, "persisting a report");
+            }
             entry.persisted_at = now;
             entry.persisted = decision(&status);
         }
@@ -111,7 +122,9 @@ impl Reports {
             .keys()
             .flatten()
         {
-            let _ = self.tree.remove(k);
+            if let Err(e) = self.tree.remove(k) {
+                tracing::warn!(cluster, error = %e, "forgetting a deregistered cluster's report");
+            }
         }
     }
 
@@ -131,9 +144,16 @@ pub fn orders_for(cluster: &str, catalog: &Catalog) -> Assignments {
         .iter()
         .filter(|a| leaves(a, cluster))
         .map(|a| a.doc.metadata.name.clone())
-        .chain(catalog.deleted.iter().cloned().filter(|name| {
-            !catalog.is_unreadable(name) && !catalog.apps.iter().any(|a| &a.doc.metadata.name == name)
-        }))
+        .chain(
+            catalog
+                .deleted
+                .iter()
+                .filter(|name| {
+                    !catalog.is_unreadable(name)
+                        && !catalog.apps.iter().any(|a| &a.doc.metadata.name == *name)
+                })
+                .cloned(),
+        )
         .collect();
     Assignments {
         apps: assignments_for(cluster, &catalog.apps),
@@ -222,10 +242,9 @@ pub fn unreached(record: &AppRecord) -> Option<String> {
     let t = &record.doc.spec.targets;
     let mut what = Vec::new();
     if let Some(sel) = &t.selector {
-        what.push(format!(
-            "selector {}",
-            serde_json::to_string(sel).unwrap_or_default()
-        ));
+        // A selector is strings all the way down: JSON encoding cannot fail; Debug if it ever did.
+        let text = serde_json::to_string(sel).unwrap_or_else(|_| format!("{sel:?}"));
+        what.push(format!("selector {text}"));
     }
     if !t.clusters.is_empty() {
         what.push(format!("clusters [{}]", t.clusters.join(", ")));

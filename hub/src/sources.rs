@@ -375,7 +375,11 @@ async fn cluster_base(
 
 /// Renders one app and records the outcome on it.
 pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
-    let app_lock = Arc::clone(lock(&hub.sync.app_locks).entry(name.to_string()).or_default());
+    let app_lock = Arc::clone(
+        lock(&hub.sync.app_locks)
+            .entry(name.to_string())
+            .or_default(),
+    );
     let _one_render_per_app = app_lock.lock().await;
     let Some(record) = hub.apps.get(name)? else {
         lock(&hub.sync.app_locks).remove(name);
@@ -637,7 +641,11 @@ pub async fn run(hub: Arc<Hub>) {
             let hub2 = Arc::clone(&hub);
             hub.tasks.spawn(async move {
                 let names: Vec<String> = match hub2.apps.list() {
-                    Ok(catalog) => catalog.apps.into_iter().map(|r| r.doc.metadata.name).collect(),
+                    Ok(catalog) => catalog
+                        .apps
+                        .into_iter()
+                        .map(|r| r.doc.metadata.name)
+                        .collect(),
                     Err(e) => {
                         // Asked again: the next loop turn retries the whole recompute.
                         hub2.metrics.store_read_failed("recompute");

@@ -105,9 +105,17 @@ pub struct Store {
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serializing these plain structs to JSON cannot fail: no maps with non-string keys, no floats.
-    serde_json::to_vec(value).unwrap_or_default()
+/// A record's bytes. Serializing these plain structs should not fail; if it ever does, the write
+/// fails with it (never an empty record stored in its place).
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|source| Error::Corrupt {
+        key: std::any::type_name::<T>().to_string(),
+        source,
+    })
+}
+
+fn tx_encode<T: Serialize>(value: &T) -> TxResult<Vec<u8>> {
+    encode(value).map_err(ConflictableTransactionError::Abort)
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
@@ -205,7 +213,7 @@ impl Store {
     ) -> Result<()> {
         let _gate = self.gate.read().await;
         (&self.tokens, &self.audit.log, &self.audit.meta).transaction(|(tokens, log, meta)| {
-            tokens.insert(hash, encode(token))?;
+            tokens.insert(hash, tx_encode(token)?)?;
             append_in(log, meta, audit)?;
             Ok(())
         })?;
@@ -281,7 +289,7 @@ impl Store {
             let mut t: TokenRecord = tx_decode(&key, &bytes)?;
             if t.revoked_at.is_none() {
                 t.revoked_at = Some(now);
-                tokens.insert(&key, encode(&t))?;
+                tokens.insert(&key, tx_encode(&t)?)?;
                 append_in(
                     log,
                     meta,
@@ -360,7 +368,7 @@ impl Store {
                 labels.extend(reg.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
 
                 token.uses_left -= 1;
-                tokens.insert(reg.token_hash, encode(&token))?;
+                tokens.insert(reg.token_hash, tx_encode(&token)?)?;
                 let record = ClusterRecord {
                     name: reg.name.to_string(),
                     labels,
@@ -373,17 +381,17 @@ impl Store {
                     recovering_since_ms: recovery.0,
                     last_recovery_ms: recovery.1,
                 };
-                clusters.insert(reg.name.as_bytes(), encode(&record))?;
+                clusters.insert(reg.name.as_bytes(), tx_encode(&record)?)?;
                 certs.insert(
                     reg.cert.serial.as_bytes(),
-                    encode(&CertRecord {
+                    tx_encode(&CertRecord {
                         serial: reg.cert.serial.clone(),
                         cluster: reg.name.to_string(),
                         fingerprint: reg.cert.fingerprint.clone(),
                         issued_at: reg.now,
                         not_after: reg.cert.not_after,
                         reason: format!("registered with token {}", token.id),
-                    }),
+                    })?,
                 )?;
                 let mut detail = format!(
                     "serial {}, labels {:?}",
@@ -437,17 +445,17 @@ impl Store {
             }
             live.push(cert.serial.clone());
             record.serials = live;
-            clusters.insert(name.as_bytes(), encode(&record))?;
+            clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
             certs.insert(
                 cert.serial.as_bytes(),
-                encode(&CertRecord {
+                tx_encode(&CertRecord {
                     serial: cert.serial.clone(),
                     cluster: name.to_string(),
                     fingerprint: cert.fingerprint.clone(),
                     issued_at: now,
                     not_after: cert.not_after,
                     reason: "renewed".into(),
-                }),
+                })?,
             )?;
             append_in(
                 log,
@@ -505,7 +513,7 @@ impl Store {
             record
                 .labels
                 .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
-            clusters.insert(name.as_bytes(), encode(&record))?;
+            clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
             append_in(log, meta, audit)?;
             Ok(record)
         })?;
@@ -576,8 +584,8 @@ impl Store {
             record.cert_not_after = now;
             record.rebuild_requested_at = Some(now);
             record.recovering_since_ms = None;
-            clusters.insert(name.as_bytes(), encode(&record))?;
-            tokens.insert(token_hash, encode(token))?;
+            clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
+            tokens.insert(token_hash, tx_encode(token)?)?;
             append_in(
                 log,
                 meta,
@@ -606,7 +614,7 @@ impl Store {
                 let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
                 record.recovering_since_ms = None;
                 record.last_recovery_ms = Some(elapsed_ms);
-                clusters.insert(name.as_bytes(), encode(&record))?;
+                clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
             }
             Ok(())
         })?;
@@ -629,7 +637,7 @@ impl Store {
                 if let Some(bytes) = clusters.get(name)? {
                     let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
                     record.last_seen_ms = record.last_seen_ms.max(last_seen_ms);
-                    clusters.insert(name.as_bytes(), encode(&record))?;
+                    clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
                 }
                 Ok(())
             })
@@ -665,12 +673,12 @@ fn revoke_in(
 ) -> TxResult<()> {
     revoked.insert(
         serial.as_bytes(),
-        encode(&Revocation {
+        tx_encode(&Revocation {
             serial: serial.to_string(),
             cluster: cluster.to_string(),
             revoked_at: now,
             reason: reason.to_string(),
-        }),
+        })?,
     )?;
     Ok(())
 }

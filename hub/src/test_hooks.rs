@@ -24,7 +24,10 @@ pub fn enabled() -> bool {
 pub fn routes<S: Clone + Send + Sync + 'static>(hub: Arc<Hub>) -> Router<S> {
     tracing::warn!("{ENV}=1: test hooks are served on the HTTP listener; never in production");
     Router::new()
-        .route("/test-hooks/apps/{name}", axum::routing::put(put_app_record))
+        .route(
+            "/test-hooks/apps/{name}",
+            axum::routing::put(put_app_record),
+        )
         .with_state(hub)
 }
 

@@ -152,8 +152,7 @@ fn fix_then_delete(fleet: &Fleet) -> Result<()> {
     wait_for(T, "shop pruned, extra kept", || {
         let now = all_versions(fleet)?;
         ensure!(
-            now.iter()
-                .all(|v| v.len() == 1 && v[0].0 == "extra"),
+            now.iter().all(|v| v.len() == 1 && v[0].0 == "extra"),
             "{now:?}"
         );
         Ok(Some(()))
@@ -248,7 +247,10 @@ fn a_restored_unreadable_record_holds_its_app_and_deletes_nothing() -> Result<()
             && err.contains("--keep-unreadable"),
         "{err}"
     );
-    ensure!(!data_dir.exists(), "a refused restore left a data directory");
+    ensure!(
+        !data_dir.exists(),
+        "a refused restore left a data directory"
+    );
     let out = restore(&["--keep-unreadable"])?;
     let said = String::from_utf8_lossy(&out.stdout);
     ensure!(
@@ -311,8 +313,8 @@ fn a_record_corrupted_in_a_live_hub_holds_its_app_and_deletes_nothing() -> Resul
     wait_for(T, "extra pruned, shop kept", || {
         let now = all_versions(&fleet)?;
         ensure!(
-            now.iter().all(|v| v.len() == SHOP_OBJECTS
-                && v.iter().all(|(n, _)| n.starts_with("shop-"))),
+            now.iter()
+                .all(|v| v.len() == SHOP_OBJECTS && v.iter().all(|(n, _)| n.starts_with("shop-"))),
             "{now:?}"
         );
         Ok(Some(()))

@@ -100,15 +100,19 @@ impl Engine {
             Err(e) => return (r, Err(e)),
         };
         let mut live = r.clone();
-        live.name = created.metadata.name.clone().unwrap_or_default();
+        // The server always names what it created (generateName included).
+        if let Some(name) = created.metadata.name.clone() {
+            live.name = name;
+        }
         let (h, each) = self
             .wait_healthy(&app.name, &[(live.clone(), None)], WAVE_TIMEOUT)
             .await;
         let ok = h.state == HealthStatus::Healthy;
         let delete = (ok && policies.contains(&plan::DeletePolicy::HookSucceeded))
             || (!ok && policies.contains(&plan::DeletePolicy::HookFailed));
-        if delete {
-            let _ = api.delete(&live.name, &DeleteParams::background()).await;
+        if delete && let Err(e) = api.delete(&live.name, &DeleteParams::background()).await {
+            // Left in place: the next run of the hook deletes it before creating it again.
+            tracing::warn!(app = %app.name, hook = %live, error = %e, "deleting a finished hook");
         }
         if ok {
             return (live, Ok(()));

@@ -141,13 +141,15 @@ impl LocalCache {
         Ok(())
     }
 
-    /// Apps with a cached bundle.
-    pub fn apps(&self) -> Vec<String> {
+    /// Apps with a cached bundle. A cache that cannot be listed is an error, never "no apps".
+    pub fn apps(&self) -> Result<Vec<String>> {
         self.bundles
             .iter()
             .keys()
-            .filter_map(|k| k.ok())
-            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .map(|k| {
+                k.map(|k| String::from_utf8_lossy(&k).into_owned())
+                    .map_err(|e| Error::Cache(format!("listing the bundle cache: {e}")))
+            })
             .collect()
     }
 }
@@ -177,12 +179,17 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
     else {
         return Ok(None);
     };
+    // The agent always writes `objects`: an inventory without it (a hand edit) is not "nothing
+    // to prune" but unknown, so the pass stops rather than forget what the app owns.
     let data = cm.data.unwrap_or_default();
-    let objects = match data.get("objects") {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| Error::Cache(format!("inventory ConfigMap of {app}: {e}")))?,
-        None => Vec::new(),
-    };
+    let text = data.get("objects").ok_or_else(|| {
+        Error::Cache(format!(
+            "inventory ConfigMap {AGENT_NAMESPACE}/{} has no `objects` key",
+            configmap_name(app)
+        ))
+    })?;
+    let objects = serde_json::from_str(text)
+        .map_err(|e| Error::Cache(format!("inventory ConfigMap of {app}: {e}")))?;
     Ok(Some(Inventory {
         digest: data.get("digest").cloned().unwrap_or_default(),
         objects,

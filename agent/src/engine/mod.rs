@@ -405,9 +405,13 @@ impl Engine {
         let fail_hooks = hooks_of(plan::HookPhase::SyncFail);
         if hooks_due && stopped.is_some() {
             // A failed PreSync hook or wave.
-            let _ = self
+            // The sync has failed already; a failing SyncFail hook is reported in `runs`, and logged.
+            if let Err((r, why)) = self
                 .run_hooks(app, &fail_hooks, plan::HookPhase::SyncFail, &mut runs)
-                .await;
+                .await
+            {
+                tracing::warn!(app = %app.name, hook = %r, why, "a SyncFail hook failed");
+            }
         }
         if hooks_due && stopped.is_none() {
             let resources_ok = report.sync() == SyncStatus::Synced;
@@ -442,9 +446,13 @@ impl Engine {
                             .push((r, Outcome::HookFailed(format!("hook failed: {why}"))));
                         report.bundle_len += 1;
                     }
-                    let _ = self
+                    // The sync has failed already; a failing SyncFail hook is reported in `runs`, and logged.
+                    if let Err((r, why)) = self
                         .run_hooks(app, &fail_hooks, plan::HookPhase::SyncFail, &mut runs)
-                        .await;
+                        .await
+                    {
+                        tracing::warn!(app = %app.name, hook = %r, why, "a SyncFail hook failed");
+                    }
                 }
             }
         }
@@ -774,7 +782,10 @@ impl Engine {
         let (ar, caps) = match self.resolve(&gvk).await {
             Ok(found) => found,
             // The kind is gone (its CRD was pruned first or removed): so are its objects.
-            Err(_) => return Outcome::Pruned,
+            Err(Error::NoResource { .. }) => return Outcome::Pruned,
+            // Discovery failed (the API server is away): unknown, so the object stays in the
+            // inventory and the next pass tries again.
+            Err(e) => return Outcome::Failed(format!("resolving its kind for prune: {e}")),
         };
         let api = self.api(&ar, &caps, &r.namespace);
         let live = match api.get_opt(&r.name).await {

@@ -214,12 +214,17 @@ impl AdminService {
         Ok(self.to_proto(record))
     }
 
-    fn app_to_proto(record: AppRecord) -> App {
+    fn app_to_proto(record: AppRecord) -> Result<App> {
+        // Absent means "no note" on the wire (proto3 strings), as for the optional fields below.
         let note = crate::reports::unreached(&record).unwrap_or_default();
-        App {
+        let spec_json = serde_json::to_string(&record.doc).map_err(|source| Error::Corrupt {
+            key: record.doc.metadata.name.clone(),
+            source,
+        })?;
+        Ok(App {
             note,
             name: record.doc.metadata.name.clone(),
-            spec_json: serde_json::to_string(&record.doc).unwrap_or_default(),
+            spec_json,
             origin: record.origin,
             generation: record.generation,
             observed_generation: record.status.observed_generation,
@@ -261,7 +266,7 @@ impl AdminService {
                 .rollout
                 .map(|r| format!("{:?}", r.phase))
                 .unwrap_or_default(),
-        }
+        })
     }
 
     fn rollout_to_proto(record: &AppRecord) -> Result<RolloutStatus> {
@@ -322,7 +327,7 @@ impl AdminService {
             crate::rollouts::pin(&self.hub, actor, &req.app, to).await?;
         }
         self.hub.sync.kick_repo(&record.doc.spec.source.repo_url);
-        Ok(Self::app_to_proto(self.app(&req.app)?))
+        Self::app_to_proto(self.app(&req.app)?)
     }
 
     async fn apply_app(&self, actor: &str, req: ApplyAppRequest) -> Result<App> {
@@ -358,7 +363,7 @@ impl AdminService {
         // Sync policy travels with each assignment: agents hear of a changed one at once.
         self.hub.assignments_changed.send_modify(|v| *v += 1);
         self.hub.sync.kick_repo(&url);
-        Ok(Self::app_to_proto(record))
+        Self::app_to_proto(record)
     }
 
     async fn deregister(&self, actor: &str, name: &str) -> Result<DeregisterClusterResponse> {
@@ -501,8 +506,8 @@ impl Admin for AdminService {
             .apps
             .into_iter()
             .map(Self::app_to_proto)
-            .chain(unreadable)
-            .collect();
+            .chain(unreadable.map(Ok))
+            .collect::<Result<_>>()?;
         Ok(Response::new(ListAppsResponse { apps }))
     }
 
@@ -514,7 +519,7 @@ impl Admin for AdminService {
             .apps
             .get(name)?
             .ok_or_else(|| Error::AppNotFound(name.clone()))?;
-        let mut app = Self::app_to_proto(record);
+        let mut app = Self::app_to_proto(record)?;
         // Each cluster's own word on its assigned bundle (failed objects and hooks included).
         for c in &mut app.clusters {
             let (connected, _) = self.hub.sessions.status(&c.cluster);
