@@ -336,6 +336,66 @@ mod tests {
         }
     }
 
+    fn record(name: &str, generation: u64, rendered_at: Option<u64>, on: &[&str]) -> AppRecord {
+        let doc = crate::apps::AppDocument::parse(&format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  source: {{repoURL: \"file:///r\"}}\n  targets: {{clusters: [a, b]}}\n"
+        ))
+        .unwrap();
+        let mut status = crate::appstore::AppStatus::default();
+        if let Some(g) = rendered_at {
+            status.revision = Some("r1".into());
+            status.observed_generation = g;
+        }
+        for c in on {
+            let to = crate::rollout::Assigned {
+                digest: "d".into(),
+                revision: "r1".into(),
+            };
+            status.target.insert(c.to_string(), to.clone());
+            status.assignments.insert(c.to_string(), to);
+        }
+        AppRecord {
+            doc,
+            origin: "api".into(),
+            generation,
+            status,
+        }
+    }
+
+    #[test]
+    fn only_a_positive_decision_removes_an_app_from_a_cluster() {
+        let catalog = Catalog {
+            apps: vec![
+                record("on-a", 1, Some(1), &["a"]),
+                // A document not rendered at its generation decides nothing.
+                record("stale", 2, Some(1), &[]),
+                record("never", 1, None, &[]),
+                record("nowhere", 1, Some(1), &[]),
+            ],
+            unreadable: vec![crate::appstore::UnreadableApp {
+                name: "broken".into(),
+                error: "does not decode".into(),
+            }],
+            // Deleted, then one created again and one unreadable: neither is a removal.
+            deleted: vec!["gone".into(), "on-a".into(), "broken".into()],
+        };
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("a", &["on-a"], &["nowhere", "gone"]),
+            ("b", &[], &["on-a", "nowhere", "gone"]),
+        ];
+        for (cluster, apps, removed) in cases {
+            let o = orders_for(cluster, &catalog);
+            let names: Vec<&str> = o.apps.iter().map(|a| a.app.as_str()).collect();
+            assert_eq!(&names, apps, "{cluster}: assigned");
+            assert_eq!(&o.removed, removed, "{cluster}: removed");
+            assert_eq!(o.held.len(), 1, "{cluster}: held");
+            assert_eq!(o.held[0].app, "broken");
+        }
+        // A store that read nothing at all removes nothing.
+        let empty = orders_for("a", &Catalog::default());
+        assert!(empty.apps.is_empty() && empty.removed.is_empty() && empty.held.is_empty());
+    }
+
     #[test]
     fn apps_that_reach_no_cluster_say_why() {
         let doc = crate::apps::AppDocument::parse(

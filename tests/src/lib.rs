@@ -277,6 +277,23 @@ impl Hub {
         Ok(())
     }
 
+    /// `flotilla backup` into `file` with the passphrase in `pass_file`.
+    pub fn backup(&self, file: &Path, pass_file: &Path) -> Result<()> {
+        let out = self.cli(&[
+            "backup",
+            "--file",
+            &file.display().to_string(),
+            "--passphrase-file",
+            &pass_file.display().to_string(),
+        ])?;
+        ensure!(
+            out.status.success(),
+            "flotilla backup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Runs the CLI as the admin.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         self.admin_cli().run(args)

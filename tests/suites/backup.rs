@@ -86,18 +86,7 @@ async fn restore_brings_back_the_hub_without_touching_the_fleet() -> Result<()> 
     let pass_file = dir.path().join("passphrase");
     std::fs::write(&pass_file, format!("{PASSPHRASE}\n"))?;
     let backup = dir.path().join("hub.backup");
-    let out = hub.cli(&[
-        "backup",
-        "--file",
-        &backup.display().to_string(),
-        "--passphrase-file",
-        &pass_file.display().to_string(),
-    ])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    hub.backup(&backup, &pass_file)?;
     let text = std::fs::read_to_string(&backup)?;
     ensure!(!text.contains("PRIVATE KEY") && !text.contains(PASSPHRASE));
     ensure!(!text.contains(&token), "a token secret is in the backup");

@@ -209,18 +209,7 @@ fn a_restored_unreadable_record_holds_its_app_and_deletes_nothing() -> Result<()
     let pass_file = dir.path().join("passphrase");
     std::fs::write(&pass_file, PASSPHRASE)?;
     let backup = dir.path().join("hub.backup");
-    let out = fleet.hub.cli(&[
-        "backup",
-        "--file",
-        &backup.display().to_string(),
-        "--passphrase-file",
-        &pass_file.display().to_string(),
-    ])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fleet.hub.backup(&backup, &pass_file)?;
     corrupt_backup(&backup)?;
 
     fleet.hub.kill9();
