@@ -491,6 +491,8 @@ impl Rollout {
         }
         self.observe(input);
         let failed = self.count(ClusterState::Failed);
+        // Recovered clusters are no longer tolerated failures: a later failure counts again.
+        self.tolerated_failures = self.tolerated_failures.min(failed);
         let threshold = strategy.failure_threshold.of(self.clusters.len());
         if failed >= self.tolerated_failures + threshold && failed > self.tolerated_failures {
             let names: Vec<&str> = self
@@ -516,6 +518,9 @@ impl Rollout {
             return;
         }
         if self.phase == Phase::Paused {
+            if self.paused == Some(PauseReason::Failures) && failed == 0 {
+                self.message = "paused after failures; every failed cluster has since recovered: `flotilla rollout resume` continues".into();
+            }
             return;
         }
         self.progress(input);
@@ -563,6 +568,14 @@ impl Rollout {
                 {
                     Self::set(c, ClusterState::Failed, now, failed_why());
                 }
+                // A failed cluster whose cause was fixed (a CRD installed, a hook that now
+                // passes) leaves Failed, and its step counts it again.
+                ClusterState::Failed if verdict == Verdict::Done => Self::set(
+                    c,
+                    ClusterState::Healthy,
+                    now,
+                    "recovered: Synced and Healthy on the new bundle",
+                ),
                 _ => {}
             }
         }
@@ -661,7 +674,10 @@ impl Rollout {
                 .values()
                 .filter(|c| c.step == at && c.state == ClusterState::Failed)
                 .count();
-            let mut cap = step.max_unavailable.of(members).saturating_sub(failed);
+            // Failed clusters are unavailable and use the budget, unless an operator resumed
+            // past them: then they would hold the step forever.
+            let budget = step.max_unavailable.of(members);
+            let mut cap = budget.saturating_sub(failed - excused);
             if let Some(c) = &step.max_concurrent {
                 cap = cap.min(c.of(members));
             }
@@ -689,8 +705,16 @@ impl Rollout {
                 .values()
                 .filter(|c| c.step == at && c.state == ClusterState::Pending)
                 .count();
+            let blocked = if cap == 0 && pending > unasked {
+                format!(
+                    "; {} failed cluster(s) use the whole maxUnavailable budget of {budget}: a cluster that recovers counts again, `flotilla rollout resume` goes on past them",
+                    failed - excused
+                )
+            } else {
+                String::new()
+            };
             self.message = format!(
-                "step {} ({}): {healthy}/{members} Healthy, {now_updating} updating (at most {cap} at once), {pending} waiting{}{}",
+                "step {} ({}): {healthy}/{members} Healthy, {now_updating} updating (at most {cap} at once), {pending} waiting{}{}{blocked}",
                 at + 1,
                 step.name,
                 if unasked > 0 {
@@ -1208,6 +1232,87 @@ onFailure: rollback
         w.now += 1;
         r.advance(&w.input());
         assert_eq!(r.phase, Phase::Paused);
+    }
+
+    #[test]
+    fn resume_past_a_failure_that_uses_the_whole_budget_still_progresses() {
+        // The default strategy over three clusters: one at a time (25%, never below one).
+        let mut w = World::new("{}", &[("a", &[]), ("b", &[]), ("c", &[])]);
+        let mut r = w.start();
+        assert_eq!(W::updating(&r), ["a"]);
+        w.agents_report(&r, SyncStatus::Failed, HealthStatus::Healthy);
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(
+            (r.phase, r.paused),
+            (Phase::Paused, Some(PauseReason::Failures))
+        );
+        r.resume().unwrap();
+        w.now += 1;
+        r.advance(&w.input());
+        // Before, the failed cluster used the whole budget of one: nothing ever started again.
+        assert_eq!(W::updating(&r), ["b"], "{}", r.message);
+        w.agents_apply(&r, HealthStatus::Healthy);
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(W::updating(&r), ["c"], "{}", r.message);
+        // `a`, fixed, runs the new bundle Healthy: it leaves Failed.
+        w.views.get_mut("a").unwrap().report =
+            Some(obs("new", SyncStatus::Synced, HealthStatus::Healthy));
+        w.agents_apply(&r, HealthStatus::Healthy);
+        w.now += 1;
+        r.advance(&w.input());
+        assert_eq!(r.clusters["a"].state, ClusterState::Healthy);
+        assert!(
+            r.clusters["a"].reason.contains("recovered"),
+            "{:?}",
+            r.clusters["a"]
+        );
+        assert_eq!(r.phase, Phase::Succeeded, "{}", r.message);
+    }
+
+    #[test]
+    fn a_recovered_cluster_gives_its_budget_back_and_is_no_longer_tolerated() {
+        let table = [
+            // (failures resumed past, the failed cluster recovers) → who updates next
+            (false, false, Vec::<&str>::new()),
+            (false, true, vec!["b"]),
+            (true, false, vec!["b"]),
+        ];
+        for (resumed, recovers, want) in table {
+            let mut w = World::new(
+                "{failureThreshold: 2}",
+                &[("a", &[]), ("b", &[]), ("c", &[])],
+            );
+            let mut r = w.start();
+            w.agents_report(&r, SyncStatus::Failed, HealthStatus::Healthy);
+            w.now += 1;
+            r.advance(&w.input());
+            assert_eq!(r.phase, Phase::Progressing, "below the threshold of 2");
+            if resumed {
+                r.tolerated_failures = 1;
+            }
+            if recovers {
+                w.agents_apply(&r, HealthStatus::Healthy);
+            }
+            w.now += 1;
+            r.advance(&w.input());
+            assert_eq!(
+                W::updating(&r),
+                want,
+                "resumed {resumed}, recovers {recovers}"
+            );
+            if !resumed && !recovers {
+                assert!(
+                    r.message.contains("whole maxUnavailable budget"),
+                    "{}",
+                    r.message
+                );
+            }
+            if recovers {
+                assert_eq!(r.tolerated_failures, 0);
+            }
+        }
     }
 
     #[test]
