@@ -204,7 +204,9 @@ pub fn of_object(failure: Option<&str>, live: Option<&Value>) -> Health {
 /// An app's health: the worst of its objects (by [`HealthStatus::severity`]), with a message
 /// naming that object. An app with no objects is Healthy (nothing to be unhealthy).
 pub fn aggregate(objects: &[(ObjRef, Health)]) -> Health {
-    let worst = objects.iter().max_by_key(|(_, h)| h.state.severity());
+    // The first of the worst (`max_by_key` alone keeps the last): objects come in sync order,
+    // so the message names what failed first (a hook), not an object that stopped because of it.
+    let worst = objects.iter().rev().max_by_key(|(_, h)| h.state.severity());
     match worst {
         None => Health::healthy(),
         Some((_, h)) if h.state == HealthStatus::Healthy => Health::healthy(),

@@ -1,5 +1,6 @@
-//! Resource hooks: run to completion one phase at a time, each per its delete policy, and recorded
-//! (phase, object as created, outcome) for the app's status. What a sync of hooks *is* — roles,
+//! Resource hooks: run to completion one phase at a time, each created anew per run and deleted
+//! per its policy, recorded (phase, object as created, outcome) for the app's status, and what
+//! runs left behind kept in the inventory so the app's removal takes it too. What a sync of hooks *is* — roles,
 //! phases, policies — is decided in [`super::plan`]; this is the IO.
 
 use std::time::{Duration, Instant};
@@ -14,24 +15,21 @@ use crate::{Error, Result};
 use flotilla_proto::v1::HookRun;
 
 impl Engine {
-    /// Runs the hooks of one phase in apply order, each to completion (Healthy; Jobs Complete):
-    /// the previous run's object is deleted first (BeforeHookCreation, the default), a
-    /// `generateName` hook is created anew, and each is deleted after success or failure when its
-    /// policy says so. Returns the first hook that failed, and why.
+    /// Runs the hooks of one phase (prepared: labelled, namespace filled in) in apply order, each
+    /// to completion (Healthy; Jobs Complete). Every run creates its hook anew, replacing what an
+    /// earlier run left; each is deleted after success or failure when its policy says so.
+    /// `left` is the hook objects earlier runs left in the cluster, kept up to date. Returns the
+    /// first hook that failed, and why.
     pub(super) async fn run_hooks(
         &self,
         app: &AppSpec,
         hooks: &[Value],
         phase: plan::HookPhase,
         runs: &mut Vec<HookRun>,
+        left: &mut Vec<ObjRef>,
     ) -> std::result::Result<(), (ObjRef, String)> {
-        let mut prepared = Vec::with_capacity(hooks.len());
-        for h in hooks {
-            prepared.push(self.desired(app, h).await.0);
-        }
-        for i in plan::apply_order(&prepared) {
-            let obj = &prepared[i];
-            let (live, outcome) = self.run_hook(app, obj).await;
+        for i in plan::apply_order(hooks) {
+            let (live, outcome) = self.run_hook(app, &hooks[i], left).await;
             let (health, message) = match &outcome {
                 Ok(()) => (HealthStatus::Healthy, String::new()),
                 Err(why) => (HealthStatus::Degraded, why.clone()),
@@ -59,6 +57,7 @@ impl Engine {
         &self,
         app: &AppSpec,
         obj: &Value,
+        left: &mut Vec<ObjRef>,
     ) -> (ObjRef, std::result::Result<(), String>) {
         let policies = plan::delete_policies(obj);
         let r = ObjRef::of(obj);
@@ -67,6 +66,25 @@ impl Engine {
             Err(e) => return (r, Err(e.to_string())),
         };
         let api = self.api(&ar, &caps, &r.namespace);
+        // An earlier run's object of the same name is replaced whatever the hook's policy: a Job
+        // cannot be changed in place, and a run is a new object. Earlier runs of a
+        // `generateName` hook go when its policy is BeforeHookCreation (the default).
+        let earlier: Vec<ObjRef> = if !r.name.is_empty() {
+            vec![r.clone()]
+        } else if policies.contains(&plan::DeletePolicy::BeforeHookCreation) {
+            left.iter()
+                .filter(|l| plan::earlier_run_of(obj, l))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for e in &earlier {
+            if let Err(why) = self.replace_earlier(app, &api, e).await {
+                return (r, Err(why));
+            }
+            left.retain(|l| !l.same_object(e));
+        }
         let created = if r.name.is_empty() {
             let parsed = match serde_json::from_value(obj.clone()) {
                 Ok(p) => p,
@@ -76,24 +94,13 @@ impl Engine {
                 .await
                 .map_err(|e| Error::kube("creating the hook", e).to_string())
         } else {
-            let cleared = if policies.contains(&plan::DeletePolicy::BeforeHookCreation) {
-                self.delete_and_wait(&api, &r)
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                Ok(())
-            };
-            match cleared {
-                Err(e) => Err(e),
-                Ok(()) => api
-                    .patch(
-                        &r.name,
-                        &PatchParams::apply(FIELD_MANAGER).force(),
-                        &Patch::Apply(obj),
-                    )
-                    .await
-                    .map_err(|e| Error::kube("applying the hook", e).to_string()),
-            }
+            api.patch(
+                &r.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(obj),
+            )
+            .await
+            .map_err(|e| Error::kube("creating the hook", e).to_string())
         };
         let created = match created {
             Ok(c) => c,
@@ -110,9 +117,18 @@ impl Engine {
         let ok = h.state == HealthStatus::Healthy;
         let delete = (ok && policies.contains(&plan::DeletePolicy::HookSucceeded))
             || (!ok && policies.contains(&plan::DeletePolicy::HookFailed));
-        if delete && let Err(e) = api.delete(&live.name, &DeleteParams::background()).await {
-            // Left in place: the next run of the hook deletes it before creating it again.
-            tracing::warn!(app = %app.name, hook = %live, error = %e, "deleting a finished hook");
+        let deleted = delete
+            && match api.delete(&live.name, &DeleteParams::background()).await {
+                Ok(_) => true,
+                Err(kube::Error::Api(s)) if s.code == 404 => true,
+                Err(e) => {
+                    // Left in place (and recorded): the next run replaces it, removal prunes it.
+                    tracing::warn!(app = %app.name, hook = %live, error = %e, "deleting a finished hook");
+                    false
+                }
+            };
+        if !deleted && !left.iter().any(|l| l.same_object(&live)) {
+            left.push(live.clone());
         }
         if ok {
             return (live, Ok(()));
@@ -122,6 +138,38 @@ impl Engine {
             .map(|(_, h)| format!("{} ({})", h.message, h.state))
             .unwrap_or_default();
         (live, Err(why))
+    }
+
+    /// Deletes what an earlier run of a hook left, if it is this app's; an object of the same
+    /// name that is not ours is never deleted, and the hook fails saying so.
+    async fn replace_earlier(
+        &self,
+        app: &AppSpec,
+        api: &Api<DynamicObject>,
+        earlier: &ObjRef,
+    ) -> std::result::Result<(), String> {
+        let live = match api.get_opt(&earlier.name).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(live)) => live,
+            Err(e) => {
+                return Err(Error::kube("reading the previous run of the hook", e).to_string());
+            }
+        };
+        let owned = live
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(plan::APP_LABEL))
+            .is_some_and(|a| *a == app.name);
+        if !owned {
+            return Err(format!(
+                "{earlier} exists and is not a hook of app {}: not replaced (delete or relabel it, or rename the hook)",
+                app.name
+            ));
+        }
+        self.delete_and_wait(api, earlier)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Deletes an object (if it exists) and waits until it is gone, up to 30 s.

@@ -29,6 +29,10 @@ pub struct Inventory {
     /// carried out once, also across restarts.
     #[serde(default)]
     pub sync_request: u64,
+    /// Hook objects earlier runs left in the cluster (a Job whose policy keeps it): the app's,
+    /// replaced by the hook's next run and pruned with the app.
+    #[serde(default)]
+    pub hooks: Vec<ObjRef>,
 }
 
 /// A bundle as cached for offline reconciling.
@@ -205,6 +209,16 @@ pub async fn read(client: &kube::Client, app: &str) -> Result<Option<Inventory>>
             })
             .transpose()?
             .unwrap_or(0),
+        // Written by every agent that runs hooks; absent only in inventories from before hooks
+        // were tracked, which left none on record.
+        hooks: data
+            .get("hooks")
+            .map(|text| {
+                serde_json::from_str(text)
+                    .map_err(|e| Error::Cache(format!("inventory ConfigMap of {app}: hooks: {e}")))
+            })
+            .transpose()?
+            .unwrap_or_default(),
     }))
 }
 
@@ -239,12 +253,13 @@ pub async fn write(client: &kube::Client, app: &str, inv: &Inventory) -> Result<
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     ensure_namespace(client, AGENT_NAMESPACE).await?;
     let objects = serde_json::to_string(&inv.objects).map_err(|e| Error::Cache(e.to_string()))?;
+    let hooks = serde_json::to_string(&inv.hooks).map_err(|e| Error::Cache(e.to_string()))?;
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": configmap_name(app), "namespace": AGENT_NAMESPACE,
                      "labels": {"app.flotilla.dev/inventory": app}},
         "data": {"app": app, "digest": inv.digest, "objects": objects,
                  "hooksSynced": inv.hooks_synced.clone().unwrap_or_default(),
-                 "syncRequest": inv.sync_request.to_string()}});
+                 "syncRequest": inv.sync_request.to_string(), "hooks": hooks}});
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), AGENT_NAMESPACE);
     api.patch(&configmap_name(app), &pp, &Patch::Apply(&cm))
         .await

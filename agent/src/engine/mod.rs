@@ -291,18 +291,22 @@ impl Engine {
     ) -> Result<Report> {
         let digest = digest(objects);
         let old = self.inventory(&app.name).await?;
-        // Hooks run once per new revision and are never tracked, healed or pruned; `Skip`ped
-        // objects are not applied at all.
+        // Hooks run once per new revision and are never tracked, healed or pruned as resources;
+        // `Skip`ped objects are not applied at all.
         let mut hooks: Vec<(Vec<plan::HookPhase>, Value)> = Vec::new();
         let mut resources: Vec<&Value> = Vec::new();
         for obj in objects {
             match plan::role(obj) {
                 plan::Role::Resource => resources.push(obj),
-                plan::Role::Hook(phases) => hooks.push((phases, obj.clone())),
+                plan::Role::Hook(phases) => hooks.push((phases, self.desired(app, obj).await.0)),
                 plan::Role::Skipped => {}
             }
         }
-        let hooks_due = !hooks.is_empty() && old.hooks_synced.as_deref() != Some(digest.as_str());
+        // The hooks of this bundle ran to completion only if the last sync that ran hooks was of
+        // this bundle: a pass of any other bundle forgets it, so a revert to an earlier bundle
+        // runs its hooks anew.
+        let hooks_synced_before = old.hooks_synced.clone().filter(|d| *d == digest);
+        let hooks_due = !hooks.is_empty() && hooks_synced_before.is_none();
         let hooks_of = |phase: plan::HookPhase| -> Vec<Value> {
             hooks
                 .iter()
@@ -310,6 +314,7 @@ impl Engine {
                 .map(|(_, o)| o.clone())
                 .collect()
         };
+        let mut hooks_left = old.hooks.clone();
         let mut desired = Vec::with_capacity(resources.len());
         for obj in &resources {
             desired.push(self.desired(app, obj).await);
@@ -328,9 +333,10 @@ impl Engine {
             &app.name,
             &Inventory {
                 digest: old.digest.clone(),
-                objects: union,
-                hooks_synced: old.hooks_synced.clone(),
+                objects: union.clone(),
+                hooks_synced: hooks_synced_before.clone(),
                 sync_request: old.sync_request,
+                hooks: hooks_left.clone(),
             },
         )
         .await?;
@@ -342,7 +348,14 @@ impl Engine {
         };
         let (blocked, created) = self.preflight(app, &desired_refs).await?;
         report.created_namespaces = created;
-        let values: Vec<Value> = desired.iter().map(|(v, _)| v.clone()).collect();
+        // Sync hooks run in their wave, among the resources (indices past the resources').
+        let sync_hooks = if hooks_due {
+            hooks_of(plan::HookPhase::Sync)
+        } else {
+            Vec::new()
+        };
+        let mut values: Vec<Value> = desired.iter().map(|(v, _)| v.clone()).collect();
+        values.extend(sync_hooks.iter().cloned());
         let mut final_refs = Vec::with_capacity(desired.len());
         let waves = plan::waves(&values);
         // Why the sync stopped before the last wave, if it did.
@@ -351,7 +364,13 @@ impl Engine {
         if hooks_due {
             let pre = hooks_of(plan::HookPhase::PreSync);
             if let Err((r, why)) = self
-                .run_hooks(app, &pre, plan::HookPhase::PreSync, &mut runs)
+                .run_hooks(
+                    app,
+                    &pre,
+                    plan::HookPhase::PreSync,
+                    &mut runs,
+                    &mut hooks_left,
+                )
                 .await
             {
                 stopped = Some(format!("PreSync hook {r} failed: {why}"));
@@ -365,8 +384,12 @@ impl Engine {
         for (n, (wave, indices)) in waves.iter().enumerate() {
             let mut applied = Vec::new();
             let mut failed: Option<(ObjRef, String)> = None;
+            let mut wave_hooks = Vec::new();
             for &i in indices {
-                let (obj, r) = &desired[i];
+                let Some((obj, r)) = desired.get(i) else {
+                    wave_hooks.push(values[i].clone());
+                    continue;
+                };
                 let (outcome, r) = match (&stopped, blocked.get(r)) {
                     (Some(why), _) => (Outcome::Failed(why.clone()), r.clone()),
                     (None, Some(why)) => (Outcome::Failed(why.clone()), r.clone()),
@@ -384,6 +407,25 @@ impl Engine {
                 final_refs.push(r.clone());
                 report.objects.push((r, outcome));
             }
+            if stopped.is_none()
+                && failed.is_none()
+                && !wave_hooks.is_empty()
+                && let Err((r, why)) = self
+                    .run_hooks(
+                        app,
+                        &wave_hooks,
+                        plan::HookPhase::Sync,
+                        &mut runs,
+                        &mut hooks_left,
+                    )
+                    .await
+            {
+                stopped = Some(format!("Sync hook {r} (wave {wave}) failed: {why}"));
+                report
+                    .objects
+                    .push((r, Outcome::HookFailed(format!("Sync hook failed: {why}"))));
+                report.bundle_len += 1;
+            }
             // A later wave starts only once every object of this one is Healthy (Jobs complete).
             if stopped.is_some() || n + 1 == waves.len() {
                 continue;
@@ -400,39 +442,31 @@ impl Engine {
                 ));
             }
         }
-        let mut hooks_synced = old.hooks_synced.clone();
-        // SyncFail hooks' own failure changes nothing: the sync has failed already.
+        let mut hooks_synced = hooks_synced_before.clone();
         let fail_hooks = hooks_of(plan::HookPhase::SyncFail);
-        if hooks_due && stopped.is_some() {
-            // A failed PreSync hook or wave.
-            // The sync has failed already; a failing SyncFail hook is reported in `runs`, and logged.
-            if let Err((r, why)) = self
-                .run_hooks(app, &fail_hooks, plan::HookPhase::SyncFail, &mut runs)
-                .await
-            {
-                tracing::warn!(app = %app.name, hook = %r, why, "a SyncFail hook failed");
-            }
-        }
+        let mut sync_failed = hooks_due && stopped.is_some();
         if hooks_due && stopped.is_none() {
-            let resources_ok = report.sync() == SyncStatus::Synced;
-            let sync_hooks = hooks_of(plan::HookPhase::Sync);
             let post = hooks_of(plan::HookPhase::PostSync);
-            let mut outcome = if resources_ok { Ok(()) } else { Err(None) };
-            if outcome.is_ok() {
-                outcome = self
-                    .run_hooks(app, &sync_hooks, plan::HookPhase::Sync, &mut runs)
-                    .await
-                    .map_err(Some);
-            }
+            let mut outcome = if report.sync() == SyncStatus::Synced {
+                Ok(())
+            } else {
+                Err(None)
+            };
             if outcome.is_ok() && !post.is_empty() {
                 // PostSync runs once every resource is Healthy.
                 let objects: Vec<(ObjRef, Option<String>)> =
                     final_refs.iter().map(|r| (r.clone(), None)).collect();
                 let (h, _) = self.wait_healthy(&app.name, &objects, WAVE_TIMEOUT).await;
                 outcome = if h.state == HealthStatus::Healthy {
-                    self.run_hooks(app, &post, plan::HookPhase::PostSync, &mut runs)
-                        .await
-                        .map_err(Some)
+                    self.run_hooks(
+                        app,
+                        &post,
+                        plan::HookPhase::PostSync,
+                        &mut runs,
+                        &mut hooks_left,
+                    )
+                    .await
+                    .map_err(Some)
                 } else {
                     Err(None)
                 };
@@ -441,36 +475,63 @@ impl Engine {
                 Ok(()) => hooks_synced = Some(digest.clone()),
                 Err(failed) => {
                     if let Some((r, why)) = failed {
-                        report
-                            .objects
-                            .push((r, Outcome::HookFailed(format!("hook failed: {why}"))));
+                        report.objects.push((
+                            r,
+                            Outcome::HookFailed(format!("PostSync hook failed: {why}")),
+                        ));
                         report.bundle_len += 1;
                     }
-                    // The sync has failed already; a failing SyncFail hook is reported in `runs`, and logged.
-                    if let Err((r, why)) = self
-                        .run_hooks(app, &fail_hooks, plan::HookPhase::SyncFail, &mut runs)
-                        .await
-                    {
-                        tracing::warn!(app = %app.name, hook = %r, why, "a SyncFail hook failed");
-                    }
+                    sync_failed = true;
                 }
+            }
+        }
+        if sync_failed {
+            // The sync has failed already; a failing SyncFail hook is reported in `runs`, and
+            // logged.
+            if let Err((r, why)) = self
+                .run_hooks(
+                    app,
+                    &fail_hooks,
+                    plan::HookPhase::SyncFail,
+                    &mut runs,
+                    &mut hooks_left,
+                )
+                .await
+            {
+                tracing::warn!(app = %app.name, hook = %r, why, "a SyncFail hook failed");
             }
         }
         report.hooks = runs;
         if let Some(why) = stopped {
-            // Nothing is pruned by a sync that did not finish; the inventory keeps every object.
+            // Nothing is pruned by a sync that did not finish; the inventory keeps every object,
+            // and the hook objects this pass left.
             report.prune_note = Some(format!("{why}; nothing was pruned"));
+            if hooks_left != old.hooks {
+                self.save_inventory(
+                    &app.name,
+                    &Inventory {
+                        digest: old.digest.clone(),
+                        objects: union,
+                        hooks_synced,
+                        sync_request: old.sync_request,
+                        hooks: hooks_left,
+                    },
+                )
+                .await?;
+            }
             return Ok(report);
         }
 
+        let hook_values: Vec<Value> = hooks.iter().map(|(_, h)| h.clone()).collect();
         match plan::decide_prune(&old.objects, &final_refs, app.prune, app.allow_empty) {
             PruneDecision::EmptyBundleRefused => {
                 report.prune_note = Some("the bundle is empty and the app does not allow empty bundles: nothing was pruned".into());
                 let keep = Inventory {
                     digest: old.digest.clone(),
                     objects: old.objects.clone(),
-                    hooks_synced: old.hooks_synced.clone(),
+                    hooks_synced,
                     sync_request: old.sync_request,
+                    hooks: hooks_left,
                 };
                 self.save_inventory(&app.name, &keep).await?;
                 return Ok(report);
@@ -487,17 +548,27 @@ impl Engine {
                         objects: kept,
                         hooks_synced,
                         sync_request: old.sync_request,
+                        hooks: hooks_left,
                     },
                 )
                 .await?;
                 return Ok(report);
             }
-            PruneDecision::Prune(doomed) => {
+            PruneDecision::Prune(mut doomed) => {
+                // Hook objects no hook of the bundle accounts for go too (the app's removal
+                // takes every hook Job it left).
+                let stale = plan::stale_hooks(&hooks_left, &hook_values);
+                hooks_left.retain(|l| !stale.contains(l));
+                doomed.extend(stale.iter().cloned());
                 let mut still_tracked = final_refs.clone();
                 for r in doomed {
                     let outcome = self.prune_one(app, &r).await;
                     if matches!(outcome, Outcome::Failed(_)) {
-                        still_tracked.push(r.clone());
+                        if stale.contains(&r) {
+                            hooks_left.push(r.clone());
+                        } else {
+                            still_tracked.push(r.clone());
+                        }
                     }
                     progress(&r, &outcome);
                     report.objects.push((r, outcome));
@@ -509,6 +580,7 @@ impl Engine {
                         objects: still_tracked,
                         hooks_synced,
                         sync_request: old.sync_request,
+                        hooks: hooks_left,
                     },
                 )
                 .await?;

@@ -162,6 +162,31 @@ pub fn delete_policies(obj: &Value) -> Vec<DeletePolicy> {
     out
 }
 
+/// Whether `left`, a hook object an earlier run left in the cluster, is an earlier run of `hook`
+/// (as prepared: namespace filled in): the same name, or for a `generateName` hook any object of
+/// the same kind created from its prefix.
+pub fn earlier_run_of(hook: &Value, left: &ObjRef) -> bool {
+    let r = ObjRef::of(hook);
+    if r.group() != left.group() || r.kind != left.kind || r.namespace != left.namespace {
+        return false;
+    }
+    if !r.name.is_empty() {
+        return r.name == left.name;
+    }
+    hook["metadata"]["generateName"]
+        .as_str()
+        .is_some_and(|prefix| !prefix.is_empty() && left.name.starts_with(prefix))
+}
+
+/// Hook objects left by earlier runs that no hook of the bundle accounts for any more (the hook
+/// left git, or the app is being removed): pruned like the app's resources. Hooks are the app's.
+pub fn stale_hooks(left: &[ObjRef], hooks: &[Value]) -> Vec<ObjRef> {
+    left.iter()
+        .filter(|l| !hooks.iter().any(|h| earlier_run_of(h, l)))
+        .cloned()
+        .collect()
+}
+
 /// The default rank of a kind: CRDs, Namespaces, cluster-scoped and config kinds, workloads and
 /// Services, then everything else (custom resources among them).
 pub fn kind_rank(group: &str, kind: &str) -> i32 {
@@ -341,6 +366,44 @@ mod tests {
             v["metadata"]["annotations"] = json!({WAVE_ANNOTATION: w});
         }
         v
+    }
+
+    #[test]
+    fn earlier_runs_of_a_hook_and_stale_hooks() {
+        let named = obj("batch/v1", "Job", "app", "before", None);
+        let mut generated = obj("batch/v1", "Job", "app", "", None);
+        generated["metadata"]["generateName"] = json!("migrate-");
+        let job = |ns: &str, name: &str| ObjRef::of(&obj("batch/v1", "Job", ns, name, None));
+        let table = [
+            (&named, job("app", "before"), true),
+            (&named, job("other", "before"), false),
+            (&named, job("app", "before-2"), false),
+            (&generated, job("app", "migrate-x7k2p"), true),
+            (&generated, job("app", "migration"), false),
+            (&generated, job("other", "migrate-x7k2p"), false),
+        ];
+        for (hook, left, want) in table {
+            assert_eq!(earlier_run_of(hook, &left), want, "{left}");
+        }
+        let cm = ObjRef::of(&obj("v1", "ConfigMap", "app", "before", None));
+        assert!(
+            !earlier_run_of(&named, &cm),
+            "another kind of the same name"
+        );
+        let left = vec![
+            job("app", "before"),
+            job("app", "migrate-ab"),
+            job("app", "gone"),
+        ];
+        assert_eq!(
+            stale_hooks(&left, &[named.clone(), generated.clone()]),
+            vec![job("app", "gone")]
+        );
+        assert_eq!(
+            stale_hooks(&left, &[]),
+            left,
+            "an app removed: every hook goes"
+        );
     }
 
     #[test]
