@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod customize;
+pub mod hooks;
 pub mod manifest;
 pub mod nesting;
 pub mod selector;

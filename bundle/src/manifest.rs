@@ -144,10 +144,7 @@ fn document_lines(text: &str) -> Vec<usize> {
     starts
 }
 
-/// Argo CD's resource hook annotation and Helm's: objects carrying either are hooks (the agent
-/// decides their phases), which alone may use `generateName`.
-pub const HOOK_ANNOTATION: &str = "argocd.argoproj.io/hook";
-pub const HELM_HOOK_ANNOTATION: &str = "helm.sh/hook";
+use crate::hooks::{HELM_HOOK_ANNOTATION, HOOK_ANNOTATION};
 
 /// Parses the YAML (or JSON) documents of one file.
 pub fn parse_documents(name: &str, text: &str) -> Result<Vec<Manifest>> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_bundle::customize::{self, ClusterFacts, Customization};
-use flotilla_bundle::manifest;
+use flotilla_bundle::{hooks, manifest};
 use serde_json::Value;
 
 use crate::apps::SourceType;
@@ -260,7 +260,13 @@ pub fn variant(
         };
         let docs =
             manifest::parse_documents(source, &text).map_err(|e| Error::Render(e.to_string()))?;
-        objects.extend(docs.into_iter().map(|m| m.object));
+        // What no sync applies (Helm test hooks, `Skip`) is not part of the bundle: a chart whose
+        // test pod has a random name must not make every render a new bundle.
+        objects.extend(
+            docs.into_iter()
+                .map(|m| m.object)
+                .filter(|o| hooks::role(o) != hooks::Role::Skipped),
+        );
     }
     customize::apply_patches(&mut objects, facts, customizations)
         .map_err(|e| Error::Render(e.to_string()))?;
@@ -388,5 +394,51 @@ mod tests {
             err.contains("a.yaml line 4: unknown variable ${cluster.labels.region}"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn what_no_sync_applies_is_not_in_the_bundle() {
+        let test_pod = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-test-{name}\n  annotations: {{helm.sh/hook: test}}\nspec: {{containers: [{{name: t, image: busybox}}]}}\n"
+            )
+        };
+        let files = |random: &str| {
+            vec![
+            ("cm.yaml".to_string(), b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n".to_vec()),
+            ("test.yaml".to_string(), test_pod(random).into_bytes()),
+            ("skip.yaml".to_string(), b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s, annotations: {argocd.argoproj.io/hook: Skip}}\n".to_vec()),
+            ("pre.yaml".to_string(), b"apiVersion: batch/v1\nkind: Job\nmetadata: {name: m, annotations: {argocd.argoproj.io/hook: PreSync}}\n".to_vec()),
+        ]
+        };
+        let facts = ClusterFacts {
+            name: "eu-1".into(),
+            labels: BTreeMap::new(),
+        };
+        let mut digests = BTreeSet::new();
+        for random in ["x7k2p", "q9w3e"] {
+            let scratch = tempfile::tempdir().unwrap();
+            let base = base(
+                SourceType::Plain,
+                files(random),
+                "",
+                "kubectl",
+                scratch.path(),
+            )
+            .await
+            .unwrap();
+            let out = variant(&base, &facts, &[], false).unwrap();
+            let names: Vec<&str> = out
+                .iter()
+                .map(|o| o["metadata"]["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                ["m", "c"],
+                "the PreSync hook stays, tests and Skip go"
+            );
+            digests.insert(flotilla_bundle::digest(&out));
+        }
+        assert_eq!(digests.len(), 1, "a random test pod name changes nothing");
     }
 }

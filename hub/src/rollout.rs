@@ -478,6 +478,22 @@ impl Rollout {
                     self.add_cluster(name, from, to.clone(), input);
                 }
                 Some(c) => {
+                    if c.to.digest != to.digest && self.phase.is_active() {
+                        // The same revision rendered to another bundle for this cluster: one its
+                        // step already reached moves on to it; one it has not, waits for it.
+                        c.to = to.clone();
+                        if matches!(
+                            c.state,
+                            ClusterState::Updating | ClusterState::Healthy | ClusterState::Failed
+                        ) {
+                            Self::set(
+                                c,
+                                ClusterState::Updating,
+                                now,
+                                "its bundle changed at the same revision",
+                            );
+                        }
+                    }
                     if c.state == ClusterState::Pending
                         && let Some(view) = input.clusters.get(name)
                     {
@@ -1269,6 +1285,30 @@ onFailure: rollback
             r.clusters["a"]
         );
         assert_eq!(r.phase, Phase::Succeeded, "{}", r.message);
+    }
+
+    #[test]
+    fn a_new_bundle_at_the_same_revision_mid_rollout_moves_only_reached_clusters() {
+        let mut w = World::new("{}", &[("a", &[]), ("b", &[]), ("c", &[])]);
+        let mut r = w.start();
+        assert_eq!(W::updating(&r), ["a"]);
+        // Every cluster's labels changed: the same revision renders another bundle for each.
+        for t in w.target.values_mut() {
+            *t = assigned("relabelled");
+        }
+        w.now += 1;
+        r.advance(&w.input());
+        let a = &r.clusters["a"];
+        assert_eq!(
+            (a.state, a.to.digest.as_str()),
+            (ClusterState::Updating, "relabelled")
+        );
+        let b = &r.clusters["b"];
+        assert_eq!(
+            (b.state, b.to.digest.as_str()),
+            (ClusterState::Pending, "relabelled")
+        );
+        assert_eq!(r.assignments()["b"].as_ref().unwrap().digest, "old");
     }
 
     #[test]

@@ -61,10 +61,17 @@ fn plan(record: &mut AppRecord, views: &BTreeMap<String, ClusterView>, now: i64)
         now,
         sync_requests: (!record.doc.spec.sync_policy.automated).then_some(&requested),
     };
-    let superseding = s
-        .rollout
-        .as_ref()
-        .is_none_or(|r| r.revision != revision || r.generation != generation);
+    // A new desired state is a new rollout: another revision or document, or, once a rollout
+    // is over, the same revision rendered to other bundles for some cluster (its labels
+    // changed, say). An active rollout takes such a change in its stride (`Rollout::advance`).
+    let superseding = s.rollout.as_ref().is_none_or(|r| {
+        r.revision != revision
+            || r.generation != generation
+            || (!r.phase.is_active()
+                && r.clusters
+                    .iter()
+                    .any(|(name, c)| s.target.get(name).is_some_and(|t| t.digest != c.to.digest)))
+    });
     let rollout = if superseding {
         let next = Rollout::start(
             s.next_rollout_id,

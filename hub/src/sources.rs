@@ -397,12 +397,22 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                         return; // the document changed meanwhile; its own sync follows
                     }
                     let s = &mut r.status;
-                    let changed = s.history.last().is_none_or(|h| h.revision != revision || h.digests != assignments);
-                    if changed {
-                        s.history.push(HistoryEntry { revision: revision.clone(), at: now, digests: assignments.clone(), rolled_out: false });
-                        let excess = s.history.len().saturating_sub(HISTORY_LIMIT);
-                        s.history.drain(..excess);
-                        tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
+                    // History is of revisions: a re-render of the newest one (a cluster joined,
+                    // a label changed) updates its entry rather than pushing rollback targets out.
+                    match s.history.last_mut() {
+                        Some(h) if h.revision == revision => {
+                            if h.digests != assignments {
+                                h.digests = assignments.clone();
+                                h.rolled_out = false;
+                                tracing::info!(app = name, %revision, clusters = assignments.len(), "app re-rendered at the same revision");
+                            }
+                        }
+                        _ => {
+                            s.history.push(HistoryEntry { revision: revision.clone(), at: now, digests: assignments.clone(), rolled_out: false });
+                            let excess = s.history.len().saturating_sub(HISTORY_LIMIT);
+                            s.history.drain(..excess);
+                            tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
+                        }
                     }
                     // The rollout controller moves clusters from their assignments to this target.
                     let target: BTreeMap<String, Assigned> = assignments

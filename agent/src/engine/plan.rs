@@ -64,9 +64,9 @@ impl std::fmt::Display for ObjRef {
     }
 }
 
-/// Argo CD's resource hook annotations, and Helm's (the hook markers are the bundle's, which lets
-/// hooks alone use `generateName`).
-pub use flotilla_bundle::manifest::{HELM_HOOK_ANNOTATION, HOOK_ANNOTATION};
+/// Argo CD's resource hook annotations, and Helm's, and what they make an object: the bundle's
+/// vocabulary, shared with the hub, whose bundles leave out what is never applied.
+pub use flotilla_bundle::hooks::{HELM_HOOK_ANNOTATION, HOOK_ANNOTATION, Role, role};
 pub const HOOK_DELETE_ANNOTATION: &str = "argocd.argoproj.io/hook-delete-policy";
 pub const HELM_HOOK_DELETE_ANNOTATION: &str = "helm.sh/hook-delete-policy";
 
@@ -80,64 +80,6 @@ pub enum DeletePolicy {
     BeforeHookCreation,
     HookSucceeded,
     HookFailed,
-}
-
-/// What an object of the bundle is to a sync.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Role {
-    /// An app resource: applied, tracked, healed, pruned.
-    Resource,
-    /// A hook of these phases: run on a sync of a new revision, never tracked or healed.
-    Hook(Vec<HookPhase>),
-    /// `Skip`, or a Helm hook that has no place in a sync (tests, deletes, rollbacks).
-    Skipped,
-}
-
-/// The role of an object, from Argo CD's hook annotation, else Helm's (pre-install/pre-upgrade →
-/// PreSync, post-install/post-upgrade → PostSync, as Argo CD maps them).
-pub fn role(obj: &Value) -> Role {
-    let annotations = &obj["metadata"]["annotations"];
-    let list = |a: &str| -> Option<Vec<String>> {
-        annotations[a].as_str().map(|v| {
-            v.split(',')
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect()
-        })
-    };
-    let mut phases = Vec::new();
-    if let Some(argo) = list(HOOK_ANNOTATION) {
-        for p in argo {
-            match p.as_str() {
-                "PreSync" => phases.push(HookPhase::PreSync),
-                "Sync" => phases.push(HookPhase::Sync),
-                "PostSync" => phases.push(HookPhase::PostSync),
-                "SyncFail" => phases.push(HookPhase::SyncFail),
-                "Skip" => return Role::Skipped,
-                _ => {}
-            }
-        }
-    } else if let Some(helm) = list(HELM_HOOK_ANNOTATION) {
-        for p in helm {
-            match p.as_str() {
-                "pre-install" | "pre-upgrade" => phases.push(HookPhase::PreSync),
-                "post-install" | "post-upgrade" => phases.push(HookPhase::PostSync),
-                _ => {}
-            }
-        }
-        if phases.is_empty() {
-            return Role::Skipped;
-        }
-    } else {
-        return Role::Resource;
-    }
-    phases.sort();
-    phases.dedup();
-    if phases.is_empty() {
-        Role::Skipped
-    } else {
-        Role::Hook(phases)
-    }
 }
 
 /// A hook's delete policies (Argo CD's annotation, else Helm's; default BeforeHookCreation).
@@ -482,41 +424,8 @@ mod tests {
     }
 
     #[test]
-    fn hook_roles_and_delete_policies() {
+    fn delete_policies_default_to_before_hook_creation() {
         let with = |a: serde_json::Value| json!({"metadata": {"name": "h", "annotations": a}});
-        let table = [
-            (json!({}), Role::Resource),
-            (
-                json!({HOOK_ANNOTATION: "PreSync"}),
-                Role::Hook(vec![HookPhase::PreSync]),
-            ),
-            (
-                json!({HOOK_ANNOTATION: "PostSync, PreSync"}),
-                Role::Hook(vec![HookPhase::PreSync, HookPhase::PostSync]),
-            ),
-            (json!({HOOK_ANNOTATION: "Skip"}), Role::Skipped),
-            (
-                json!({HOOK_ANNOTATION: "SyncFail"}),
-                Role::Hook(vec![HookPhase::SyncFail]),
-            ),
-            (
-                json!({HELM_HOOK_ANNOTATION: "pre-install,pre-upgrade"}),
-                Role::Hook(vec![HookPhase::PreSync]),
-            ),
-            (
-                json!({HELM_HOOK_ANNOTATION: "post-upgrade"}),
-                Role::Hook(vec![HookPhase::PostSync]),
-            ),
-            (json!({HELM_HOOK_ANNOTATION: "test"}), Role::Skipped),
-            // Argo CD's annotation wins over Helm's.
-            (
-                json!({HOOK_ANNOTATION: "Sync", HELM_HOOK_ANNOTATION: "pre-install"}),
-                Role::Hook(vec![HookPhase::Sync]),
-            ),
-        ];
-        for (annotations, want) in table {
-            assert_eq!(role(&with(annotations.clone())), want, "{annotations}");
-        }
         assert_eq!(
             delete_policies(&with(json!({}))),
             [DeletePolicy::BeforeHookCreation]
