@@ -323,6 +323,98 @@ pub fn row(
     row
 }
 
+/// The fleet-status row of `app` on `cluster`: what git wants it to run (its target) next to
+/// what it reports. A cluster the rollout has not moved to its target yet is OutOfSync (it runs
+/// an older bundle, whatever it says of that one), saying what it waits for; its REVISION is the
+/// revision it runs. `desired` is what the cluster is told ([`assignments_for`]); `None` for a
+/// cluster the rollout has given nothing yet. Returns `None` where the app has no business.
+pub fn status_row(
+    cluster: &str,
+    connected: bool,
+    app: &AppRecord,
+    desired: Option<&Assignment>,
+    report: Option<&AppStatus>,
+) -> Option<FleetStatusRow> {
+    let target = app.status.target.get(cluster);
+    if target.is_none() && desired.is_none() {
+        return None;
+    }
+    let told = desired.cloned().unwrap_or_else(|| Assignment {
+        app: app.doc.metadata.name.clone(),
+        ..Assignment::default()
+    });
+    let mut row = row(cluster, connected, &told, report);
+    // A cluster no longer targeted is being removed: its row is what it is told.
+    let Some(target) = target else {
+        return Some(row);
+    };
+    row.desired_revision = target.revision.clone();
+    row.desired_digest = target.digest.clone();
+    if report.is_some_and(|r| r.digest == target.digest) {
+        // A commit that left this cluster's bundle as it was still is the revision it runs.
+        row.revision = target.revision.clone();
+    }
+    let reached = app
+        .status
+        .assignments
+        .get(cluster)
+        .is_some_and(|a| a.digest == target.digest);
+    if reached {
+        return Some(row);
+    }
+    let why = waiting_note(app, cluster);
+    match report {
+        Some(_) if connected => {
+            row.sync = SyncStatus::OutOfSync.into();
+            row.message = if row.message.is_empty() {
+                why
+            } else {
+                format!("{why}; {}", row.message)
+            };
+        }
+        None if connected => row.message = why,
+        // Not connected: Unknown, and its own message says so.
+        _ => {}
+    }
+    Some(row)
+}
+
+/// Why the rollout has not given `cluster` its target bundle yet, in words.
+fn waiting_note(app: &AppRecord, cluster: &str) -> String {
+    use crate::rollout::{ClusterState, Phase};
+    let Some(r) = &app.status.rollout else {
+        return "waiting for its rollout to start".into();
+    };
+    let Some(c) = r.clusters.get(cluster) else {
+        return format!("waiting for the rollout of revision {}", r.revision);
+    };
+    let step = r
+        .steps
+        .get(c.step)
+        .map_or_else(String::new, |s| format!(" ({s})"));
+    let paused = match (r.phase, r.paused) {
+        (Phase::Paused, Some(why)) => format!(", rollout paused ({why:?})"),
+        (Phase::Paused, None) => ", rollout paused".into(),
+        _ => String::new(),
+    };
+    let reason = if c.reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", c.reason)
+    };
+    match c.state {
+        ClusterState::Pending => format!(
+            "waiting for rollout step {}{step}{paused}{reason}",
+            c.step + 1
+        ),
+        ClusterState::Skipped => {
+            format!("skipped by the rollout{reason}; catches up when it succeeds")
+        }
+        ClusterState::RolledBack => format!("rolled back to its earlier revision{reason}"),
+        state => format!("rollout: {state:?}{reason}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +452,110 @@ mod tests {
             generation,
             status,
         }
+    }
+
+    #[test]
+    fn every_targeted_cluster_has_a_row_and_unreached_ones_read_out_of_sync() {
+        use crate::rollout::{Assigned, ClusterRollout, ClusterState, PauseReason, Phase};
+        let at = |d: &str, r: &str| Assigned {
+            digest: d.into(),
+            revision: r.into(),
+        };
+        let mut app = record("web", 1, Some(1), &[]);
+        let s = &mut app.status;
+        for c in ["moved", "held", "new"] {
+            s.target.insert(c.into(), at("d2", "r2"));
+        }
+        s.assignments.insert("moved".into(), at("d2", "r2"));
+        s.assignments.insert("held".into(), at("d1", "r1"));
+        s.target.insert("same".into(), at("d1", "r3"));
+        s.assignments.insert("same".into(), at("d1", "r1"));
+        let mut rollout: crate::rollout::Rollout = serde_json::from_value(serde_json::json!({
+            "id": 1, "revision": "r2", "generation": 1, "phase": "Paused", "current_step": 0,
+            "steps": ["canary", "rest"], "step_healthy_since": null, "paused": "Step",
+            "promote": false, "tolerated_failures": 0, "message": "", "clusters": {},
+            "started_at": 0, "finished_at": null, "max_updating": 0
+        }))
+        .unwrap();
+        for (c, step) in [("moved", 0), ("held", 1), ("new", 1)] {
+            rollout.clusters.insert(
+                c.into(),
+                ClusterRollout {
+                    step,
+                    from: None,
+                    to: at("d2", "r2"),
+                    state: if step == 0 {
+                        ClusterState::Healthy
+                    } else {
+                        ClusterState::Pending
+                    },
+                    since: 0,
+                    reason: String::new(),
+                },
+            );
+        }
+        assert_eq!(rollout.paused, Some(PauseReason::Step));
+        assert_eq!(rollout.phase, Phase::Paused);
+        app.status.rollout = Some(rollout);
+        let report = |d: &str, r: &str| AppStatus {
+            app: "web".into(),
+            digest: d.into(),
+            revision: r.into(),
+            sync: SyncStatus::Synced.into(),
+            health: HealthStatus::Healthy.into(),
+            ..AppStatus::default()
+        };
+        let told = |d: &str, r: &str| Assignment {
+            app: "web".into(),
+            digest: d.into(),
+            revision: r.into(),
+            ..Assignment::default()
+        };
+        // (cluster, told, report) → (sync, revision shown, message contains)
+        let table = [
+            (
+                "moved",
+                Some(told("d2", "r2")),
+                Some(report("d2", "r2")),
+                SyncStatus::Synced,
+                "r2",
+                "",
+            ),
+            (
+                "held",
+                Some(told("d1", "r1")),
+                Some(report("d1", "r1")),
+                SyncStatus::OutOfSync,
+                "r1",
+                "waiting for rollout step 2 (rest), rollout paused (Step)",
+            ),
+            (
+                "new",
+                None,
+                None,
+                SyncStatus::Unknown,
+                "",
+                "waiting for rollout step 2 (rest)",
+            ),
+            // Its bundle did not change in r3: it runs r3.
+            (
+                "same",
+                Some(told("d1", "r1")),
+                Some(report("d1", "r1")),
+                SyncStatus::Synced,
+                "r3",
+                "",
+            ),
+        ];
+        for (cluster, told, report, sync, revision, message) in table {
+            let row = status_row(cluster, true, &app, told.as_ref(), report.as_ref())
+                .unwrap_or_else(|| panic!("{cluster} has a row"));
+            assert_eq!(row.sync(), sync, "{cluster}: {row:?}");
+            assert_eq!(row.revision, revision, "{cluster}");
+            assert!(row.message.contains(message), "{cluster}: {}", row.message);
+            assert_eq!(row.desired_digest, app.status.target[cluster].digest);
+        }
+        assert!(status_row("elsewhere", true, &app, None, None).is_none());
     }
 
     #[test]

@@ -463,12 +463,20 @@ impl Admin for AdminService {
         let mut rows = Vec::new();
         for cluster in self.hub.store.clusters()? {
             let (connected, _) = self.hub.sessions.status(&cluster.name);
-            for desired in crate::reports::assignments_for(&cluster.name, apps) {
-                let report = self.hub.reports.get(&cluster.name, &desired.app);
-                rows.push(crate::reports::row(
+            let told: std::collections::HashMap<String, flotilla_proto::v1::Assignment> =
+                crate::reports::assignments_for(&cluster.name, apps)
+                    .into_iter()
+                    .map(|a| (a.app.clone(), a))
+                    .collect();
+            // Every cluster an app targets has a row, also one its rollout has not reached.
+            for app in apps {
+                let name = &app.doc.metadata.name;
+                let report = self.hub.reports.get(&cluster.name, name);
+                rows.extend(crate::reports::status_row(
                     &cluster.name,
                     connected,
-                    &desired,
+                    app,
+                    told.get(name),
                     report.as_ref(),
                 ));
             }
@@ -519,17 +527,21 @@ impl Admin for AdminService {
             .apps
             .get(name)?
             .ok_or_else(|| Error::AppNotFound(name.clone()))?;
-        let mut app = Self::app_to_proto(record)?;
-        // Each cluster's own word on its assigned bundle (failed objects and hooks included).
+        let mut app = Self::app_to_proto(record.clone())?;
+        // Each cluster's own word on what it runs (failed objects and hooks included), next to
+        // what git wants it to run.
         for c in &mut app.clusters {
             let (connected, _) = self.hub.sessions.status(&c.cluster);
-            let assigned = flotilla_proto::v1::Assignment {
-                app: app.name.clone(),
-                digest: c.assigned_digest.clone(),
-                ..Default::default()
-            };
+            let told = crate::reports::assignments_for(&c.cluster, std::slice::from_ref(&record));
             let report = self.hub.reports.get(&c.cluster, &app.name);
-            let row = crate::reports::row(&c.cluster, connected, &assigned, report.as_ref());
+            let row = crate::reports::status_row(
+                &c.cluster,
+                connected,
+                &record,
+                told.first(),
+                report.as_ref(),
+            )
+            .expect("app.clusters lists the app's targets, and a targeted cluster has a row");
             c.sync = row.sync;
             c.health = row.health;
             c.message = row.message;
