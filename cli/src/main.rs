@@ -8,6 +8,7 @@ macro_rules! out {
 }
 
 mod demo;
+mod documents;
 mod join;
 mod output;
 
@@ -385,24 +386,23 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
                     .with_context(|| format!("reading {}", file.display()))?
             };
             let mut applied = Vec::new();
-            for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            // Each document is sent as written: the hub's errors then name the file's lines.
+            for doc in documents::split(&text) {
                 let value: serde_json::Value =
-                    serde::Deserialize::deserialize(doc).with_context(|| {
-                        format!("{} document {}: invalid YAML", file.display(), i + 1)
+                    serde_yaml_ng::from_str(&doc.text).with_context(|| {
+                        format!("{} document {}: invalid YAML", file.display(), doc.index)
                     })?;
                 if value.is_null() {
                     continue;
                 }
                 let app = admin
-                    .apply_app(ApplyAppRequest {
-                        document: value.to_string(),
-                    })
+                    .apply_app(ApplyAppRequest { document: doc.text })
                     .await
                     .map_err(|s| {
                         anyhow::anyhow!(
                             "{} document {}: {}",
                             file.display(),
-                            i + 1,
+                            doc.index,
                             describe_status(&s)
                         )
                     })?

@@ -188,13 +188,12 @@ impl AppDocument {
         refuse_deep(text)?;
         let mut out = Vec::new();
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let value: serde_json::Value = serde::Deserialize::deserialize(doc)
+            // Straight from YAML (not through JSON), so an error names the file's line.
+            let app: Option<AppDocument> = serde::Deserialize::deserialize(doc)
                 .map_err(|e| field("app document", format!("document {}: {e}", i + 1)))?;
-            if value.is_null() {
+            let Some(app) = app else {
                 continue;
-            }
-            let app: AppDocument = serde_json::from_value(value)
-                .map_err(|e| field("app document", format!("document {}: {e}", i + 1)))?;
+            };
             app.validate()?;
             out.push(app);
         }
@@ -356,5 +355,18 @@ spec:
             let err = AppDocument::parse(&text).unwrap_err().to_string();
             assert!(err.contains(want), "{want}: {err}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_name_the_line_of_the_yaml() {
+        let typo = APP.replace("repoURL", "repoUrl");
+        let line = typo.lines().position(|l| l.contains("repoUrl")).unwrap() + 1;
+        let err = AppDocument::parse(&typo).unwrap_err().to_string();
+        assert!(err.contains(&format!("line {line}")), "{err}");
+        let stream = format!("# fleet\n---\n{APP}---\n{typo}");
+        let err = AppDocument::parse_all(&stream).unwrap_err().to_string();
+        let line = stream.lines().position(|l| l.contains("repoUrl")).unwrap() + 1;
+        assert!(err.contains("document 3"), "{err}");
+        assert!(err.contains(&format!("line {line}")), "{err}");
     }
 }
