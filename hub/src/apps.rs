@@ -366,7 +366,8 @@ spec:
         let stream = format!("# fleet\n---\n{APP}---\n{typo}");
         let err = AppDocument::parse_all(&stream).unwrap_err().to_string();
         let line = stream.lines().position(|l| l.contains("repoUrl")).unwrap() + 1;
-        assert!(err.contains("document 3"), "{err}");
+        // As YAML counts: comments before the first `---` are no document.
+        assert!(err.contains("document 2"), "{err}");
         assert!(err.contains(&format!("line {line}")), "{err}");
     }
 }
