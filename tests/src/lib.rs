@@ -578,6 +578,82 @@ impl Fleet {
             _dir: dir,
         })
     }
+
+    /// Applies App `name` from `path` of the fleet's repository; `spec` is more of its spec,
+    /// indented by two spaces.
+    pub fn apply(&self, name: &str, path: &str, spec: &str) -> Result<()> {
+        self.hub.apply_app(&format!(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  source: {{repoURL: \"{}\", path: {path}}}\n{spec}",
+            self.repo.url()
+        ))
+    }
+
+    /// The status rows of `app`.
+    pub fn rows(&self, app: &str) -> Result<Vec<Value>> {
+        Ok(self
+            .hub
+            .status()?
+            .into_iter()
+            .filter(|r| r["app"] == app)
+            .collect())
+    }
+
+    /// Waits until `app` has `n` rows, all at `revision`, Synced and Healthy.
+    pub fn wait_healthy(&self, app: &str, n: usize, revision: &str) -> Result<Vec<Value>> {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{app} Synced+Healthy at {revision} on {n}"),
+            || {
+                let rows = self.rows(app)?;
+                let done = rows.len() == n
+                    && rows.iter().all(|r| {
+                        r["revision"] == revision
+                            && r["sync"] == "Synced"
+                            && r["health"] == "Healthy"
+                    });
+                if done {
+                    return Ok(Some(rows));
+                }
+                Err(anyhow!("{}", serde_json::to_string(&rows)?))
+            },
+        )
+    }
+
+    /// `flotilla rollout status APP`.
+    pub fn rollout(&self, app: &str) -> Result<Value> {
+        self.hub.cli_json(&["rollout", "status", app])
+    }
+
+    /// Waits for the rollout of `app` at `revision` to reach `phase`.
+    pub fn wait_phase(&self, app: &str, revision: &str, phase: &str) -> Result<Value> {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("rollout of {app} at {revision} {phase}"),
+            || {
+                let r = self.rollout(app)?;
+                ensure!(r["revision"] == revision && r["phase"] == phase, "{r}");
+                Ok(Some(r))
+            },
+        )
+    }
+
+    /// The resourceVersion of an object in one of the fleet's clusters.
+    pub fn resource_version(
+        &self,
+        cluster: &str,
+        kind: &str,
+        ns: &str,
+        name: &str,
+    ) -> Result<String> {
+        let obj = self
+            .clusters
+            .object(cluster, kind, ns, name)?
+            .ok_or_else(|| anyhow!("{kind} {ns}/{name} missing in {cluster}"))?;
+        Ok(obj["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
 }
 
 /// A running `flotilla-agent run`.
