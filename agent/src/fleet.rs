@@ -71,6 +71,9 @@ pub struct Fleet {
     unmentioned: Mutex<std::collections::BTreeSet<String>>,
     tasks: TaskTracker,
     metrics: Arc<crate::metrics::Metrics>,
+    /// One pass of an app at a time: a new bundle's task waits for the old one's pass to stop
+    /// (it stops at cancellation), so two passes never replace each other's hook objects.
+    passes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Fleet {
@@ -93,7 +96,13 @@ impl Fleet {
             unmentioned: Mutex::new(Default::default()),
             tasks: TaskTracker::new(),
             metrics,
+            passes: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The lock a pass of `app` holds.
+    fn pass_lock(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(lock(&self.passes).entry(app.to_string()).or_default())
     }
 
     /// What this agent runs now (from its cache), for the session's hello.
@@ -371,6 +380,9 @@ impl Fleet {
         if let Some(running) = lock(&self.running).remove(app) {
             running.cancel.cancel();
         }
+        // The cancelled task's pass stops first: a removal never races a sync.
+        let pass_lock = self.pass_lock(app);
+        let _pass = pass_lock.lock().await;
         self.metrics
             .apps
             .set(i64::try_from(lock(&self.running).len()).unwrap_or(i64::MAX));
@@ -467,7 +479,12 @@ impl Fleet {
         let mut last_failures: Option<Vec<ObjRef>> = None;
         // The hooks of the last sync that ran any (they run once per revision).
         let mut hooks: Vec<HookRun> = Vec::new();
+        let pass_lock = self.pass_lock(&app.name);
         loop {
+            let pass_guard = tokio::select! {
+                _ = cancel.cancelled() => return,
+                guard = Arc::clone(&pass_lock).lock_owned() => guard,
+            };
             // The common case (automated, healing) always applies: no inventory read to decide.
             let pass = if orders.always_applies() {
                 Ok((Pass::Apply, bundle.digest.clone()))
@@ -479,10 +496,14 @@ impl Fleet {
                 })
             };
             let outcome = match pass {
-                Ok((Pass::Apply, _)) => self
-                    .apply_pass(&app, &bundle, &orders, &mut last_failures)
-                    .await
-                    .map(|(objects, sync, failures, ran)| {
+                Ok((Pass::Apply, _)) => {
+                    // A superseded pass stops where it is (its inventory already names everything
+                    // it may have created), rather than finish an old bundle under the new one.
+                    let applied = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        applied = self.apply_pass(&app, &bundle, &orders, &mut last_failures) => applied,
+                    };
+                    applied.map(|(objects, sync, failures, ran)| {
                         if !ran.is_empty() {
                             hooks = ran;
                         }
@@ -493,13 +514,15 @@ impl Fleet {
                             bundle.digest.clone(),
                             String::new(),
                         )
-                    }),
+                    })
+                }
                 Ok((Pass::Compare, applied)) => self
                     .compare_pass(&app, &bundle, preview.as_deref())
                     .await
                     .map(|(objects, sync, diff)| (objects, sync, Vec::new(), applied, diff)),
                 Err(e) => Err(e),
             };
+            drop(pass_guard);
             let (objects, sync, failures, digest, diff) = match outcome {
                 Ok(o) => o,
                 Err(e) => {

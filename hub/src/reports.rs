@@ -372,7 +372,11 @@ pub fn status_row(
                 format!("{why}; {}", row.message)
             };
         }
-        None if connected => row.message = why,
+        // Given nothing yet: none of the bundle is there.
+        None if connected => {
+            row.sync = SyncStatus::OutOfSync.into();
+            row.message = why;
+        }
         // Not connected: Unknown, and its own message says so.
         _ => {}
     }
@@ -533,7 +537,7 @@ mod tests {
                 "new",
                 None,
                 None,
-                SyncStatus::Unknown,
+                SyncStatus::OutOfSync,
                 "",
                 "waiting for rollout step 2 (rest)",
             ),
