@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, http_get, wait_for};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -119,5 +119,94 @@ async fn a_chart_renders_per_region_values_and_its_crds_and_converges() -> Resul
         Ok(Some(()))
     })?;
     drop(agents);
+    Ok(())
+}
+
+/// `flotilla_hub_renders_total{result="ok"}` from the hub's metrics.
+fn renders(hub: &Hub) -> Result<u64> {
+    let addr = hub
+        .http_addr
+        .as_deref()
+        .ok_or_else(|| anyhow!("no http listener"))?;
+    let (_, metrics) = http_get(addr, "/metrics")?;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_hub_renders_total{result=\"ok\"} "))
+        .ok_or_else(|| anyhow!("no renders counter in:\n{metrics}"))?
+        .trim()
+        .parse()
+        .map_err(|e| anyhow!("renders counter: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chart_whose_test_hook_has_a_random_name_settles_on_one_bundle() -> Result<()> {
+    // As podinfo's chart: a Helm test Pod named with randAlphaNum, which no sync applies.
+    let clusters = SimCluster::start_many(&["eu-1"])?;
+    let hub = Hub::start(HubOptions {
+        poll_interval: "300ms".into(),
+        http: true,
+        extra_args: vec!["--helm-bin".into(), helm_bin().display().to_string()],
+        ..HubOptions::default()
+    })?;
+    let token = hub.token(&[])?;
+    let _agent =
+        hub.agent_with_cluster_labels("eu-1", Some(&token), &clusters.kubeconfig_of("eu-1"), "")?;
+    hub.wait_all_connected(1, T)?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write(
+        "chart/Chart.yaml",
+        "apiVersion: v2\nname: web\nversion: 0.1.0\n",
+    )?;
+    repo.write(
+        "chart/templates/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: {{ .Release.Name }}}\ndata: {v: \"1\"}\n",
+    )?;
+    repo.write(
+        "chart/templates/tests/test-connection.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ .Release.Name }}-test-{{ randAlphaNum 6 | lower }}\n  annotations: {helm.sh/hook: test}\nspec: {restartPolicy: Never, containers: [{name: t, image: busybox}]}\n",
+    )?;
+    let rev = repo.commit("chart")?;
+    hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"{}\", path: chart, type: helm}}\n  targets: {{clusters: [eu-1]}}\n  syncPolicy: {{automated: false}}\n",
+        repo.url()
+    ))?;
+    wait_for(T, "web rendered and asked to sync", || {
+        let sync = hub.cli(&["app", "sync", "web"])?;
+        ensure!(
+            sync.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sync.stderr)
+        );
+        Ok(Some(()))
+    })?;
+    let row = wait_for(T, "web Synced+Healthy", || {
+        let rows = hub.status()?;
+        ensure!(
+            rows.len() == 1
+                && rows[0]["revision"] == rev.as_str()
+                && rows[0]["sync"] == "Synced"
+                && rows[0]["health"] == "Healthy",
+            "{rows:?}"
+        );
+        Ok(Some(rows[0].clone()))
+    })?;
+    // Twenty more renders of the same commit.
+    let from = renders(&hub)?;
+    wait_for(T, "20 more renders", || {
+        let n = renders(&hub)?;
+        ensure!(n >= from + 20, "{n} renders, from {from}");
+        Ok(Some(()))
+    })?;
+    let app = hub.app("web")?;
+    let history = app["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(history.len(), 1, "one revision, one entry: {app}");
+    let rows = hub.status()?;
+    assert_eq!(rows[0]["digest"], row["digest"], "one bundle: {rows:?}");
+    assert_eq!(rows[0]["sync"], "Synced", "{rows:?}");
+    assert!(
+        clusters.objects("eu-1", "Pod", "default")?.is_empty(),
+        "the test hook is never applied"
+    );
     Ok(())
 }
