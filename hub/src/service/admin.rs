@@ -541,7 +541,12 @@ impl Admin for AdminService {
                 told.first(),
                 report.as_ref(),
             )
-            .expect("app.clusters lists the app's targets, and a targeted cluster has a row");
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "cluster {} is a target of app {} but has no status row",
+                    c.cluster, app.name
+                ))
+            })?;
             c.sync = row.sync;
             c.health = row.health;
             c.message = row.message;
