@@ -406,6 +406,13 @@ fn waiting_note(app: &AppRecord, cluster: &str) -> String {
     } else {
         format!(": {}", c.reason)
     };
+    if matches!(r.phase, Phase::RolledBack | Phase::Failed) {
+        // Not waiting: the revision was rolled back, and stays so until a newer render.
+        return format!(
+            "revision {} was rolled back ({}); runs its earlier revision until the next commit",
+            r.revision, r.message
+        );
+    }
     match c.state {
         ClusterState::Pending => format!(
             "waiting for rollout step {}{step}{paused}{reason}",

@@ -619,6 +619,31 @@ impl Fleet {
         )
     }
 
+    /// Waits until `app` has `n` rows, all back at `revision` and Healthy after a rollback:
+    /// OutOfSync with git (which still wants the rolled-back revision), and saying so.
+    pub fn wait_rolled_back(&self, app: &str, n: usize, revision: &str) -> Result<Vec<Value>> {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{app} rolled back to {revision} on {n}"),
+            || {
+                let rows = self.rows(app)?;
+                let done = rows.len() == n
+                    && rows.iter().all(|r| {
+                        r["revision"] == revision
+                            && r["sync"] == "OutOfSync"
+                            && r["health"] == "Healthy"
+                            && r["message"]
+                                .as_str()
+                                .is_some_and(|m| m.contains("was rolled back"))
+                    });
+                if done {
+                    return Ok(Some(rows));
+                }
+                Err(anyhow!("{}", serde_json::to_string(&rows)?))
+            },
+        )
+    }
+
     /// `flotilla rollout status APP`.
     pub fn rollout(&self, app: &str) -> Result<Value> {
         self.hub.cli_json(&["rollout", "status", app])

@@ -173,8 +173,9 @@ async fn a_selector_change_fails_in_the_canary_and_rolls_back_leaving_other_step
         .cloned()
         .unwrap_or_default();
     assert_eq!(canary["state"], "RolledBack", "{rolled}");
-    // The canary is back on v1, Synced and Healthy; the other steps never saw v2.
-    f.wait_healthy("web", 3, &v1)?;
+    // The canary is back on v1 and Healthy (OutOfSync with git, which wants v2); the other
+    // steps never saw v2.
+    f.wait_rolled_back("web", 3, &v1)?;
     let after: Vec<String> = ["eu-1", "us-1"]
         .iter()
         .map(|c| f.resource_version(c, "Deployment", "default", "web"))
@@ -337,7 +338,7 @@ async fn a_failing_presync_hook_fails_the_canary_and_nothing_else_changes() -> R
             .is_some_and(|m| m.contains("canary-1")),
         "{rolled}"
     );
-    f.wait_healthy("web", 2, &v1)?;
+    f.wait_rolled_back("web", 2, &v1)?;
     // The canary's ConfigMap never changed (the sync stopped before it); eu-1 never saw v2.
     let cm = f
         .clusters
