@@ -11,6 +11,7 @@ mod demo;
 mod documents;
 mod join;
 mod output;
+mod terminal;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -262,7 +263,8 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if err.is::<Differences>() => ExitCode::from(1),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // Errors quote what the hub said, which may quote a repository or an agent.
+            eprintln!("error: {}", terminal::cell(&format!("{err:#}")));
             // `app diff` keeps 1 for "differences", as kubectl diff does.
             ExitCode::from(if diff { 2 } else { 1 })
         }

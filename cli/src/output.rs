@@ -10,6 +10,7 @@ use flotilla_proto::v1::{
 use serde_json::{Value, json};
 
 use crate::Format;
+use crate::terminal::cell;
 
 fn rfc3339_secs(unix: i64) -> Option<String> {
     let secs = u64::try_from(unix).ok().filter(|s| *s > 0)?;
@@ -49,8 +50,13 @@ fn cluster_json(cluster: &Cluster) -> Value {
     })
 }
 
-/// Prints rows with columns padded to the widest cell.
+/// Prints rows with columns padded to the widest cell; every cell is shown escaped (it may come
+/// from an agent, a repository or a user).
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| cell(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -71,10 +77,8 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 
 fn print_json(value: &Value) {
     // Serializing a serde_json::Value cannot fail.
-    out!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    out!("{}", crate::terminal::json(&text));
 }
 
 pub fn token(format: Format, token: &CreateTokenResponse) {
@@ -154,7 +158,7 @@ pub fn cluster(format: Format, cluster: &Cluster) {
                 ),
             ];
             for (k, v) in fields {
-                out!("{:<14}{v}", format!("{k}:"));
+                out!("{:<14}{}", format!("{k}:"), cell(&v));
             }
         }
     }
@@ -246,14 +250,14 @@ pub fn app(format: Format, app: &App) {
     match format {
         Format::Json => print_json(&app_json(app)),
         Format::Table => {
-            out!("{:<14}{}", "Name:", app.name);
+            out!("{:<14}{}", "Name:", cell(&app.name));
             out!(
                 "{:<14}{}",
                 "Revision:",
                 if app.revision.is_empty() {
-                    "-"
+                    "-".into()
                 } else {
-                    &app.revision
+                    cell(&app.revision)
                 }
             );
             out!(
@@ -263,10 +267,10 @@ pub fn app(format: Format, app: &App) {
                 app.observed_generation
             );
             if !app.last_error.is_empty() {
-                out!("{:<14}{}", "Error:", app.last_error);
+                out!("{:<14}{}", "Error:", cell(&app.last_error));
             }
             if !app.note.is_empty() {
-                out!("{:<14}{}", "Note:", app.note);
+                out!("{:<14}{}", "Note:", cell(&app.note));
             }
             out!();
             table(
@@ -362,6 +366,17 @@ fn status_json(r: &FleetStatusRow) -> Value {
     })
 }
 
+/// The revision a row's cluster claims to run, and the digest it reports next to it when that is
+/// not the bundle git wants it to run (the claim is the agent's; the digest is what it applied).
+fn revision_shown(r: &FleetStatusRow) -> String {
+    let revision = short(&r.revision);
+    if r.digest.is_empty() || r.digest == r.desired_digest {
+        return revision;
+    }
+    let digest = r.digest.strip_prefix("sha256:").unwrap_or(&r.digest);
+    format!("{revision} ({})", &digest[..digest.len().min(12)])
+}
+
 fn paint(text: &str) -> String {
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         return text.to_string();
@@ -380,12 +395,29 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
         Format::Json => print_json(&Value::Array(rows.iter().map(status_json).collect())),
         Format::Table => {
             // Padding is computed on the plain text; colors are added after.
+            // Every field that came from an agent or a repository is shown escaped.
+            let shown: Vec<[String; 4]> = rows
+                .iter()
+                .map(|r| {
+                    let cluster = if r.cluster.is_empty() {
+                        "-".to_string()
+                    } else {
+                        cell(&r.cluster).into_owned()
+                    };
+                    [
+                        cluster,
+                        cell(&r.app).into_owned(),
+                        cell(&revision_shown(r)).into_owned(),
+                        cell(&r.message).into_owned(),
+                    ]
+                })
+                .collect();
             let mut widths = [7usize, 3, 8, 4, 6];
-            for r in rows {
+            for (r, s) in rows.iter().zip(&shown) {
                 let cells = [
-                    r.cluster.as_str(),
-                    &r.app,
-                    &short(&r.revision),
+                    s[0].as_str(),
+                    &s[1],
+                    &s[2],
                     r.sync().word(),
                     r.health().word(),
                 ];
@@ -406,22 +438,18 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
                 w3 = widths[3],
                 w4 = widths[4]
             );
-            for r in rows {
+            for (r, s) in rows.iter().zip(&shown) {
                 let pad = |s: &str, w: usize| {
                     format!("{}{}", paint(s), " ".repeat(w.saturating_sub(s.len())))
                 };
                 out!(
                     "{:<w0$}   {:<w1$}   {:<w2$}   {}   {}   {}",
-                    if r.cluster.is_empty() {
-                        "-"
-                    } else {
-                        &r.cluster
-                    },
-                    r.app,
-                    short(&r.revision),
+                    s[0],
+                    s[1],
+                    s[2],
                     pad(r.sync().word(), widths[3]),
                     pad(r.health().word(), widths[4]),
-                    r.message,
+                    s[3],
                     w0 = widths[0],
                     w1 = widths[1],
                     w2 = widths[2]
@@ -533,13 +561,14 @@ pub fn diff(format: Format, d: &DiffAppResponse) -> bool {
         })),
         Format::Table => {
             if !d.diff.is_empty() {
-                // The diff as is (no trailing newline of our own), so `patch` and pagers read it.
+                // Line by line as is (no trailing newline of our own), so `patch` and pagers read
+                // it; a line's own control characters are shown escaped.
                 for line in d.diff.lines() {
-                    out!("{line}");
+                    out!("{}", cell(line));
                 }
             }
             if d.diff.is_empty() && d.sync() != SyncStatus::Synced && !d.message.is_empty() {
-                eprintln!("{}: {}", d.sync().word(), d.message);
+                eprintln!("{}: {}", d.sync().word(), cell(&d.message));
             }
         }
     }
@@ -576,20 +605,21 @@ pub fn rollout(format: Format, r: &RolloutStatus) {
     match format {
         Format::Json => print_json(&rollout_json(r)),
         Format::Table => {
-            out!("{:<10}{}", "App:", r.app);
-            out!("{:<10}{}", "Revision:", r.revision);
-            out!("{:<10}{}", "Phase:", r.phase);
+            out!("{:<10}{}", "App:", cell(&r.app));
+            out!("{:<10}{}", "Revision:", cell(&r.revision));
+            out!("{:<10}{}", "Phase:", cell(&r.phase));
             let step = r
                 .steps
                 .get(r.current_step as usize)
                 .map_or("-", String::as_str);
             out!(
-                "{:<10}{} of {} ({step})",
+                "{:<10}{} of {} ({})",
                 "Step:",
                 (r.current_step as usize + 1).min(r.steps.len()),
-                r.steps.len()
+                r.steps.len(),
+                cell(step)
             );
-            out!("{:<10}{}", "Why:", r.message);
+            out!("{:<10}{}", "Why:", cell(&r.message));
             out!();
             table(
                 &["CLUSTER", "STEP", "STATE", "FROM", "TO", "REASON"],
