@@ -48,6 +48,9 @@ pub struct Metrics {
     pub store_read_errors: Family<ResultLabel, Counter>,
     /// App records that do not decode now (each such app is held on every cluster).
     pub unreadable_app_records: Gauge,
+    /// Webhook deliveries by what was done with them (a closed set: accepted, coalesced, replay,
+    /// bad_signature, bad_body, disabled).
+    pub webhooks: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -65,6 +68,12 @@ impl Default for Metrics {
         let admissions_peak_per_second = Gauge::default();
         let store_read_errors = Family::<ResultLabel, Counter>::default();
         let unreadable_app_records = Gauge::default();
+        let webhooks = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "webhooks",
+            "Webhook deliveries by what was done with them",
+            webhooks.clone(),
+        );
         registry.register(
             "store_read_errors",
             "Store reads that failed (nothing was concluded from them), by what they were for",
@@ -136,6 +145,7 @@ impl Default for Metrics {
             admissions_peak_per_second,
             store_read_errors,
             unreadable_app_records,
+            webhooks,
         }
     }
 }

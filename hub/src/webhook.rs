@@ -77,8 +77,9 @@ const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 /// The most deliveries remembered at once (the oldest are forgotten first).
 const MAX_REMEMBERED: usize = 10_000;
 
-/// Deliveries seen recently, by the forge's delivery id (`X-GitHub-Delivery`, `X-Gitea-Delivery`,
-/// `X-Gitlab-Event-UUID`) or, without one, the body's digest: a captured webhook replayed triggers
+/// Deliveries seen recently, by the body's digest — what the signature covers, so a captured
+/// webhook replayed with a fresh delivery id is still the same delivery — and by the forge's
+/// delivery id (`X-GitHub-Delivery`, `X-Gitea-Delivery`, `X-Gitlab-Event-UUID`): a replay triggers
 /// nothing. Pure apart from the clock it is given.
 #[derive(Default)]
 pub(crate) struct Deliveries {
@@ -87,8 +88,9 @@ pub(crate) struct Deliveries {
 }
 
 impl Deliveries {
-    /// Whether `key` is new (and now remembered).
-    pub(crate) fn first(&mut self, key: &str, now: std::time::Instant) -> bool {
+    /// Whether a delivery known by `keys` is new (and now remembered under each of them): one
+    /// seen under any of its keys is a replay.
+    pub(crate) fn first(&mut self, keys: &[String], now: std::time::Instant) -> bool {
         while let Some((at, old)) = self.order.front() {
             if now.saturating_duration_since(*at) <= REPLAY_WINDOW
                 && self.order.len() < MAX_REMEMBERED
@@ -100,34 +102,111 @@ impl Deliveries {
             }
             self.order.pop_front();
         }
-        if self.seen.contains_key(key) {
+        if keys.iter().any(|k| self.seen.contains_key(k)) {
             return false;
         }
-        self.seen.insert(key.to_string(), now);
-        self.order.push_back((now, key.to_string()));
+        for key in keys {
+            self.seen.insert(key.clone(), now);
+            self.order.push_back((now, key.clone()));
+        }
         true
     }
 }
 
-/// What identifies one delivery.
-fn delivery_key(headers: &HeaderMap, body: &[u8]) -> String {
+/// What identifies one delivery: the digest of its body (first; the signature covers it) and the
+/// forge's delivery id when it sends one.
+fn delivery_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
+    let d = ring::digest::digest(&ring::digest::SHA256, body);
+    let mut keys = vec![format!("body:{}", crate::pki::hex(d.as_ref()))];
     for h in [
         "x-github-delivery",
         "x-gitea-delivery",
         "x-gitlab-event-uuid",
     ] {
         if let Some(id) = headers.get(h).and_then(|v| v.to_str().ok()) {
-            return format!("{h}:{}", id.chars().take(128).collect::<String>());
+            keys.push(format!("{h}:{}", id.chars().take(128).collect::<String>()));
+            break;
         }
     }
-    let d = ring::digest::digest(&ring::digest::SHA256, body);
-    format!("body:{}", crate::pki::hex(d.as_ref()))
+    keys
+}
+
+/// After a webhook-triggered fetch a repository is fetched again for webhooks at most once per
+/// this window: a burst of deliveries for one repository is one fetch now and at most one more at
+/// the window's end (so the last push of a burst is never missed).
+const FETCH_COALESCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a delivery for one repository does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fetch {
+    Now,
+    /// The first delivery within the window: one fetch when it ends, after this long.
+    Later(std::time::Duration),
+    /// A fetch at the window's end is already scheduled.
+    AlreadyScheduled,
+}
+
+/// Per-repository fetch coalescing for webhooks. Pure apart from the clock it is given.
+#[derive(Default)]
+pub(crate) struct Coalescer {
+    last: std::collections::HashMap<String, std::time::Instant>,
+    scheduled: std::collections::HashSet<String>,
+}
+
+impl Coalescer {
+    pub(crate) fn decide(&mut self, repo: &str, now: std::time::Instant) -> Fetch {
+        if self.last.len() > 4096 {
+            self.last
+                .retain(|_, at| now.saturating_duration_since(*at) < FETCH_COALESCE);
+        }
+        let since = self
+            .last
+            .get(repo)
+            .map(|at| now.saturating_duration_since(*at));
+        match since {
+            Some(since) if since < FETCH_COALESCE => {
+                if self.scheduled.insert(repo.to_string()) {
+                    Fetch::Later(FETCH_COALESCE - since)
+                } else {
+                    Fetch::AlreadyScheduled
+                }
+            }
+            _ => {
+                self.last.insert(repo.to_string(), now);
+                Fetch::Now
+            }
+        }
+    }
+
+    /// The scheduled fetch of `repo` ran at `now`.
+    pub(crate) fn fired(&mut self, repo: &str, now: std::time::Instant) {
+        self.scheduled.remove(repo);
+        self.last.insert(repo.to_string(), now);
+    }
 }
 
 /// What the HTTP handlers share.
 struct Web {
     hub: Arc<Hub>,
     deliveries: std::sync::Mutex<Deliveries>,
+    fetches: std::sync::Mutex<Coalescer>,
+}
+
+impl Web {
+    fn fetches(&self) -> std::sync::MutexGuard<'_, Coalescer> {
+        // Single map operations: a poisoned lock still holds sound data.
+        self.fetches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counts a delivery by what was done with it.
+fn count(hub: &Hub, result: &str) {
+    hub.metrics
+        .webhooks
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: result.into(),
+        })
+        .inc();
 }
 
 async fn git_webhook(
@@ -138,6 +217,7 @@ async fn git_webhook(
     let hub = &web.hub;
     let reply = |code: StatusCode, v: Value| (code, axum::Json(v));
     let Some(secret) = &hub.source_settings.webhook_secret else {
+        count(hub, "disabled");
         return reply(
             StatusCode::FORBIDDEN,
             json!({"error": "webhooks are disabled: the hub has no --webhook-secret-file"}),
@@ -145,19 +225,22 @@ async fn git_webhook(
     };
     if !verify(&headers, &body, secret) {
         tracing::warn!("webhook with a missing or bad signature refused");
+        count(hub, "bad_signature");
         return reply(
             StatusCode::UNAUTHORIZED,
             json!({"error": "missing or invalid webhook signature"}),
         );
     }
-    let key = delivery_key(&headers, &body);
+    let keys = delivery_keys(&headers, &body);
+    let key = keys.last().cloned().unwrap_or_default();
     let first = web
         .deliveries
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .first(&key, std::time::Instant::now());
+        .first(&keys, std::time::Instant::now());
     if !first {
         tracing::warn!(delivery = %key, "webhook replayed; ignored");
+        count(hub, "replay");
         return reply(
             StatusCode::OK,
             json!({"triggered": [], "duplicate": true, "note": "this delivery was already received"}),
@@ -166,6 +249,7 @@ async fn git_webhook(
     let payload: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
+            count(hub, "bad_body");
             return reply(
                 StatusCode::BAD_REQUEST,
                 json!({"error": format!("body is not JSON: {e}")}),
@@ -195,18 +279,62 @@ async fn git_webhook(
         .collect();
     triggered.sort();
     triggered.dedup();
-    for url in &triggered {
-        hub.sync.kick_repo(url);
-        if let Err(e) = hub
-            .audit
-            .record_event("webhook", "repo.fetch", &format!("repo/{url}"), &key)
-            .await
-        {
-            tracing::warn!(error = %e, "recording a webhook fetch");
+    let mut coalesced = Vec::new();
+    let now = std::time::Instant::now();
+    triggered.retain(|url| match web.fetches().decide(url, now) {
+        Fetch::Now => true,
+        Fetch::Later(after) => {
+            schedule_fetch(&web, url, after);
+            coalesced.push(url.clone());
+            false
         }
+        Fetch::AlreadyScheduled => {
+            coalesced.push(url.clone());
+            false
+        }
+    });
+    for url in &triggered {
+        fetch_now(hub, url, &key).await;
     }
-    tracing::info!(repos = ?triggered, "webhook accepted");
-    reply(StatusCode::ACCEPTED, json!({"triggered": triggered}))
+    count(
+        hub,
+        if triggered.is_empty() {
+            "coalesced"
+        } else {
+            "accepted"
+        },
+    );
+    tracing::info!(repos = ?triggered, coalesced = ?coalesced, "webhook accepted");
+    reply(
+        StatusCode::ACCEPTED,
+        json!({"triggered": triggered, "coalesced": coalesced}),
+    )
+}
+
+/// Kicks a fetch of `url`, audited (`detail` names the delivery).
+async fn fetch_now(hub: &Hub, url: &str, detail: &str) {
+    hub.sync.kick_repo(url);
+    if let Err(e) = hub
+        .audit
+        .record_event("webhook", "repo.fetch", &format!("repo/{url}"), detail)
+        .await
+    {
+        tracing::warn!(error = %e, "recording a webhook fetch");
+    }
+}
+
+/// One fetch of `url` when its coalescing window ends, owned by the hub's task tracker.
+fn schedule_fetch(web: &Arc<Web>, url: &str, after: std::time::Duration) {
+    let (web, url) = (Arc::clone(web), url.to_string());
+    web.hub.tasks.clone().spawn(async move {
+        tokio::select! {
+            _ = web.hub.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(after) => {
+                web.fetches().fired(&url, std::time::Instant::now());
+                fetch_now(&web.hub, &url, "deliveries coalesced within 5s").await;
+            }
+        }
+    });
 }
 
 /// Ready: the store answers and the hub is not shutting down (its gRPC listener is bound before this
@@ -287,6 +415,7 @@ pub async fn serve(
         .with_state(Arc::new(Web {
             hub,
             deliveries: Default::default(),
+            fetches: Default::default(),
         }));
     axum::serve(guarded, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -310,20 +439,56 @@ mod tests {
 
     #[test]
     fn a_delivery_counts_once_within_the_window() {
+        let k = |keys: &[&str]| keys.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let mut d = Deliveries::default();
         let t0 = std::time::Instant::now();
-        assert!(d.first("a", t0));
-        assert!(!d.first("a", t0 + std::time::Duration::from_secs(1)));
-        assert!(d.first("b", t0));
+        assert!(d.first(&k(&["body:a", "id:1"]), t0));
+        assert!(!d.first(
+            &k(&["body:a", "id:1"]),
+            t0 + std::time::Duration::from_secs(1)
+        ));
+        // The same signed body under a fresh delivery id is the same delivery.
+        assert!(!d.first(&k(&["body:a", "id:2"]), t0));
+        assert!(d.first(&k(&["body:b", "id:3"]), t0));
         // Forgotten after the window: a redelivery a forge makes much later is honoured.
-        assert!(d.first("a", t0 + REPLAY_WINDOW + std::time::Duration::from_secs(2)));
+        assert!(d.first(
+            &k(&["body:a"]),
+            t0 + REPLAY_WINDOW + std::time::Duration::from_secs(2)
+        ));
         // Bounded: the oldest go first.
         let mut d = Deliveries::default();
         for i in 0..MAX_REMEMBERED + 10 {
-            assert!(d.first(&i.to_string(), t0));
+            assert!(d.first(&[i.to_string()], t0));
         }
         assert!(d.seen.len() <= MAX_REMEMBERED);
-        assert!(d.first("0", t0), "the oldest was forgotten");
+        assert!(d.first(&k(&["0"]), t0), "the oldest was forgotten");
+    }
+
+    #[test]
+    fn a_burst_for_one_repository_is_one_fetch_now_and_one_at_the_window_end() {
+        let mut c = Coalescer::default();
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        assert_eq!(c.decide("r", t0), Fetch::Now);
+        assert_eq!(c.decide("other", t0), Fetch::Now, "per repository");
+        assert_eq!(
+            c.decide("r", at(3)),
+            Fetch::Later(FETCH_COALESCE - std::time::Duration::from_secs(3))
+        );
+        for s in 4..10 {
+            assert_eq!(c.decide("r", at(s)), Fetch::AlreadyScheduled);
+        }
+        c.fired("r", at(10));
+        assert_eq!(
+            c.decide("r", at(12)),
+            Fetch::Later(std::time::Duration::from_secs(8))
+        );
+        c.fired("r", at(20));
+        assert_eq!(
+            c.decide("r", at(45)),
+            Fetch::Now,
+            "a quiet repository is fetched at once"
+        );
     }
 
     #[test]

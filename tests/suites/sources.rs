@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use flotilla_e2e::grpc::register_with_labels;
-use flotilla_e2e::{GitRepo, Hub, HubOptions, Proc, http_post};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, Proc, http_get, http_post};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(20);
@@ -181,14 +181,109 @@ async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result
         second.as_str(),
         "a replay fetched"
     );
-    // A new delivery does.
-    let fresh = [
+    // So does the same signed body under a fresh delivery id (the id is not signed).
+    let fresh_id = [
         ("X-Hub-Signature-256", sign(payload.as_bytes())),
         ("X-GitHub-Delivery", "a-new-delivery".into()),
     ];
-    let (code, body) = http_post(&http, "/webhooks/git", &fresh, payload.as_bytes())?;
+    let (code, body) = http_post(&http, "/webhooks/git", &fresh_id, payload.as_bytes())?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"duplicate\":true"), "{body}");
+    // A new push (a new body) does, within the repository's 5 s coalescing window at the latest.
+    let push = serde_json::json!({"ref": "refs/heads/main", "after": third, "repository": {"clone_url": repo.url()}})
+        .to_string();
+    let fresh = [
+        ("X-Hub-Signature-256", sign(push.as_bytes())),
+        ("X-GitHub-Delivery", "another-delivery".into()),
+    ];
+    let (code, body) = http_post(&http, "/webhooks/git", &fresh, push.as_bytes())?;
     assert_eq!(code, 202, "{body}");
-    hub.wait_revision("web", &third, Duration::from_secs(3))?;
+    hub.wait_revision("web", &third, Duration::from_secs(10))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replays_with_fresh_ids_and_bursts_of_pushes_fetch_at_most_once_per_window() -> Result<()> {
+    let secret = "webhook-secret";
+    let hub = Hub::start(HubOptions {
+        poll_interval: "1h".into(),
+        http: true,
+        webhook_secret: Some(secret.into()),
+        ..HubOptions::default()
+    })?;
+    fleet(&hub).await?;
+    let http = hub.http_addr.clone().context("http listener")?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("fleet.git"))?;
+    repo.write("web/cm.yaml", CM)?;
+    let first = repo.commit("first")?;
+    hub.apply_app(&app_doc("web", &repo.url(), "main", "web", ""))?;
+    hub.wait_revision("web", &first, T)?;
+    let sign = |body: &[u8]| {
+        let tag = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()),
+            body,
+        );
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256={hex}")
+    };
+    let fetches = || -> Result<usize> {
+        let audit = hub.cli_json(&["audit"])?;
+        Ok(audit
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["action"] == "repo.fetch")
+            .count())
+    };
+    let push = |n: usize| {
+        serde_json::json!({"ref": "refs/heads/main", "after": format!("{n:040}"), "repository": {"clone_url": repo.url()}})
+            .to_string()
+    };
+    let deliver = |body: &str, id: &str| -> Result<(u16, String)> {
+        let headers = [
+            ("X-Hub-Signature-256", sign(body.as_bytes())),
+            ("X-GitHub-Delivery", id.to_string()),
+        ];
+        http_post(&http, "/webhooks/git", &headers, body.as_bytes())
+    };
+
+    // One captured delivery, replayed 50 times with fresh ids: one fetch.
+    let captured = push(0);
+    let (code, body) = deliver(&captured, "original")?;
+    assert_eq!(code, 202, "{body}");
+    for i in 0..50 {
+        let (code, body) = deliver(&captured, &format!("forged-{i}"))?;
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(fetches()?, 1, "one fetch, one audit entry");
+
+    // A burst of 30 distinct pushes for the repository: at most one fetch now and one at the end
+    // of the window — and the last push is not lost.
+    std::thread::sleep(Duration::from_secs(6));
+    repo.write("web/cm.yaml", &CM.replace("v: \"1\"", "v: \"2\""))?;
+    let last = repo.commit("last")?;
+    for n in 1..=30 {
+        let (code, body) = deliver(&push(n), &format!("push-{n}"))?;
+        assert_eq!(code, 202, "{body}");
+    }
+    hub.wait_revision("web", &last, Duration::from_secs(15))?;
+    std::thread::sleep(Duration::from_secs(6));
+    let after = fetches()?;
+    assert!(
+        (2..=3).contains(&after),
+        "{after} fetches for 81 deliveries"
+    );
+    let (_, metrics) = http_get(&http, "/metrics")?;
+    for needle in [
+        "flotilla_hub_webhooks_total{result=\"replay\"} 50",
+        "flotilla_hub_webhooks_total{result=\"coalesced\"} 29",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
     Ok(())
 }
 
