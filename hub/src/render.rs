@@ -101,6 +101,31 @@ fn materialize(files: &[(String, Vec<u8>)], scratch: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The most a render tool's complaint keeps in an app's error.
+const TOOL_ERROR_BYTES: usize = 512;
+
+/// What a failed render tool said, as one bounded line for `last_error`: its last `Error:` line
+/// (Helm's and kustomize's own form), else its last non-empty line — not a traceback — with the
+/// hub's scratch directory (a host path) shown as `.`.
+fn tool_failure(stderr: &str, scratch: &Path) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let chosen = lines
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("Error:") || l.starts_with("error:"))
+        .or(lines.last())
+        .copied()
+        .unwrap_or("(nothing on stderr)");
+    let scratch = scratch.display().to_string();
+    let mut line = chosen.replace(&scratch, ".");
+    crate::untrusted::cut(&mut line, TOOL_ERROR_BYTES);
+    line
+}
+
 /// A render tool's process environment: no network (remote bases, chart repositories and OCI
 /// registries would make a render depend on more than the pinned revision), no home.
 fn sealed(cmd: &mut tokio::process::Command, scratch: &Path) {
@@ -121,7 +146,12 @@ fn sealed(cmd: &mut tokio::process::Command, scratch: &Path) {
 
 /// Runs a render tool (`what` names it in errors), its output capped at the render budget and its
 /// time at 60 s.
-async fn run_capped(mut cmd: tokio::process::Command, what: &str, missing: &str) -> Result<String> {
+async fn run_capped(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    missing: &str,
+    scratch: &Path,
+) -> Result<String> {
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::Render(format!("cannot run {what}: {e} ({missing})")))?;
@@ -154,7 +184,7 @@ async fn run_capped(mut cmd: tokio::process::Command, what: &str, missing: &str)
     if !status.success() {
         return Err(Error::Render(format!(
             "{what} failed: {}",
-            String::from_utf8_lossy(&stderr).trim()
+            tool_failure(&String::from_utf8_lossy(&stderr), scratch)
         )));
     }
     String::from_utf8(stdout).map_err(|_| Error::Render(format!("{what}: output is not UTF-8")))
@@ -183,6 +213,7 @@ async fn kustomize(
         cmd,
         "kustomize build",
         "install kubectl or kustomize, or set --kustomize-bin",
+        scratch,
     )
     .await
 }
@@ -239,7 +270,13 @@ pub async fn helm(
         "--include-crds"
     });
     sealed(&mut cmd, scratch);
-    run_capped(cmd, "helm template", "install helm, or set --helm-bin").await
+    run_capped(
+        cmd,
+        "helm template",
+        "install helm, or set --helm-bin",
+        scratch,
+    )
+    .await
 }
 
 /// Renders the variant of a cluster: substitute, parse, patch, normalize.
@@ -440,5 +477,30 @@ mod tests {
             digests.insert(flotilla_bundle::digest(&out));
         }
         assert_eq!(digests.len(), 1, "a random test pod name changes nothing");
+    }
+
+    #[test]
+    fn a_failed_tool_says_one_bounded_line_without_host_paths() {
+        let scratch = Path::new("/var/lib/flotilla/scratch-1234");
+        let table = [
+            (
+                "Traceback (most recent call last):\n  File \"/usr/lib/python3/helm.py\", line 9\nRuntimeError: template: web/templates/x.yaml:3: bad\n",
+                "RuntimeError: template: web/templates/x.yaml:3: bad",
+            ),
+            (
+                "walk.go:12 warning\nError: template: web/templates/cm.yaml:4:8: executing \"cm\" at <.Values.x>: nil pointer\nhelm.go:84: [debug] stack\n",
+                "Error: template: web/templates/cm.yaml:4:8: executing \"cm\" at <.Values.x>: nil pointer",
+            ),
+            (
+                "error: accumulating resources: /var/lib/flotilla/scratch-1234/base: no such file\n",
+                "error: accumulating resources: ./base: no such file",
+            ),
+            ("", "(nothing on stderr)"),
+        ];
+        for (stderr, want) in table {
+            assert_eq!(tool_failure(stderr, scratch), want);
+        }
+        let long = format!("Error: {}", "x".repeat(5000));
+        assert!(tool_failure(&long, scratch).len() <= TOOL_ERROR_BYTES + 10);
     }
 }

@@ -12,7 +12,8 @@ use flotilla_e2e::{GitRepo, Hub, HubOptions, dir_bytes, http_get, memory_kib, wa
 use flotilla_proto::v1::admin_client::AdminClient;
 use flotilla_proto::v1::agent_client::AgentClient;
 use flotilla_proto::v1::{
-    AgentMessage, AppStatus, ApplyAppRequest, Hello, ListClustersRequest, agent_message,
+    AgentMessage, AppStatus, ApplyAppRequest, HealthStatus, Hello, HookRun, ListClustersRequest,
+    SyncStatus, agent_message,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -233,6 +234,96 @@ async fn a_report_flood_leaves_memory_store_and_metrics_bounded() -> Result<()> 
         "{metrics_after}"
     );
     assert!(hub.status()?.is_empty(), "{:?}", hub.status()?);
+    drop(tx);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_text_shows_escaped_in_every_table_and_intact_in_json() -> Result<()> {
+    let hub = hub()?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write(
+        "web/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web}\ndata: {v: \"1\"}\n",
+    )?;
+    repo.commit("v1")?;
+    hub.apply_app(&app_doc("web", &repo, "web", "plain"))?;
+    let token = hub.token(&[])?;
+    let identity = register(&hub, &token, "mallory").await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut client = AgentClient::new(channel(&hub, Some(identity))?);
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello::default())),
+    })
+    .await?;
+    let mut stream = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?; // welcome
+    let digest = wait_for(T, "web assigned to mallory", || {
+        let app = hub.app("web")?;
+        let d = app["clusters"][0]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        ensure!(!d.is_empty(), "{app}");
+        Ok(Some(d))
+    })?;
+    // A forged row after a newline, a screen clear, a colour, a C1 CSI and a bidi override.
+    let evil = "ok\nbeta      web   abc1234   Synced   Healthy   all good\u{1b}[2J\u{1b}[31m\u{9b}1m\u{202e}";
+    let status = AppStatus {
+        app: "web".into(),
+        digest: digest.clone(),
+        revision: "r\u{1b}]0;owned\u{7}".into(),
+        sync: SyncStatus::Synced.into(),
+        health: HealthStatus::Degraded.into(),
+        message: evil.into(),
+        hooks: vec![HookRun {
+            name: "hook\u{1b}[1A".into(),
+            kind: "Job".into(),
+            message: evil.into(),
+            ..HookRun::default()
+        }],
+        ..AppStatus::default()
+    };
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Status(status)),
+    })
+    .await?;
+    // JSON keeps the text as it was sent.
+    wait_for(T, "the report in status -o json", || {
+        let rows = hub.status()?;
+        ensure!(rows.iter().any(|r| r["message"] == evil), "{rows:?}");
+        Ok(Some(()))
+    })?;
+    let app = hub.app("web")?;
+    assert_eq!(app["clusters"][0]["message"], evil, "{app}");
+    assert_eq!(app["clusters"][0]["hooks"][0]["message"], evil, "{app}");
+    // Tables show it escaped: no control character reaches the terminal, no forged line.
+    for args in [&["status"][..], &["app", "get", "web"], &["app", "list"]] {
+        let out = hub.cli(args)?;
+        ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout)?;
+        let bad: Vec<char> = text
+            .chars()
+            .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+            .collect();
+        assert!(bad.is_empty(), "{args:?} printed {bad:?}:\n{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("beta")),
+            "{args:?} printed a forged row:\n{text}"
+        );
+        if args[0] != "app" || args[1] == "get" {
+            assert!(text.contains("ok\\nbeta"), "{args:?}:\n{text}");
+            assert!(text.contains("\\u{1b}[2J"), "{args:?}:\n{text}");
+        }
+    }
     drop(tx);
     Ok(())
 }
