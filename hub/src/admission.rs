@@ -1,7 +1,9 @@
 //! Admission of new connections: a token bucket in front of the TLS listener, so a hub restarted
 //! under thousands of agents takes their handshakes at a bounded rate instead of all at once.
-//! Connections over the rate wait in the kernel's accept queue; nothing is refused. The decision
-//! (how long to wait) is the pure [`TokenBucket`]; the accept loop is the IO edge.
+//! Connections over the rate wait in the kernel's accept queue; nothing is refused. Each
+//! handshake runs in its own task under a deadline; its outcome — a valid client certificate or
+//! none — tells the connection caps who comes first. The decision (how long to wait) is the pure
+//! [`TokenBucket`]; the accept loop is the IO edge.
 
 use std::time::{Duration, Instant};
 
@@ -69,16 +71,31 @@ impl PeakRate {
     }
 }
 
+/// How the accept loop paces and bounds handshakes.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    /// Handshakes per second on average, up to `burst` at once.
+    pub rate: u32,
+    pub burst: u32,
+    /// A TLS handshake not done within this is dropped.
+    pub handshake_deadline: Duration,
+    /// A connection without a client certificate closes after this much silence.
+    pub anonymous_idle: Duration,
+}
+
 /// Accepts from `listener` at most `rate` per second (bursts of `burst`) until `shutdown`; past the
-/// connection caps a connection is closed at once, and every admitted one closes when idle.
+/// connection caps a connection is closed at once (or the oldest without a client certificate
+/// makes room), and every admitted one closes when idle. Yields connections whose TLS handshake
+/// finished.
 pub fn paced(
     listener: TcpListener,
-    rate: u32,
-    burst: u32,
+    pacing: Pacing,
     limiter: Limiter,
+    acceptor: tokio_rustls::TlsAcceptor,
     hub: std::sync::Arc<crate::Hub>,
-) -> ReceiverStream<std::io::Result<Guarded>> {
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<Guarded>>> {
     let (tx, rx) = mpsc::channel(16);
+    let (rate, burst) = (pacing.rate, pacing.burst);
     let shutdown: CancellationToken = hub.shutdown.clone();
     let owner = hub.tasks.clone();
     owner.spawn(async move {
@@ -120,12 +137,58 @@ pub fn paced(
             metrics
                 .admissions_peak_per_second
                 .set(i64::try_from(p).unwrap_or(i64::MAX));
-            if tx.send(Ok(limiter.guard(stream, permit))).await.is_err() {
-                return;
-            }
+            let guarded = limiter.guard(stream, permit);
+            let (tx, acceptor, hub2) = (tx.clone(), acceptor.clone(), std::sync::Arc::clone(&hub));
+            hub.tasks.spawn(async move {
+                if let Some(tls) = handshake(&hub2, acceptor, guarded, pacing).await {
+                    // The server is gone at shutdown: the connection just closes.
+                    let _ = tx.send(Ok(tls)).await;
+                }
+            });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Runs one TLS handshake under its deadline and tells the caps what the peer is: with a valid,
+/// unrevoked client certificate it is never closed for another; without one it is anonymous
+/// (short idle). `None`: the connection is closed (the reason counted).
+async fn handshake(
+    hub: &crate::Hub,
+    acceptor: tokio_rustls::TlsAcceptor,
+    guarded: Guarded,
+    pacing: Pacing,
+) -> Option<tokio_rustls::server::TlsStream<Guarded>> {
+    let mut tls =
+        match tokio::time::timeout(pacing.handshake_deadline, acceptor.accept(guarded)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                hub.metrics.connection_refused("grpc", "handshake_failed");
+                return None;
+            }
+            Err(_) => {
+                hub.metrics.connection_refused("grpc", "handshake_timeout");
+                return None;
+            }
+        };
+    let (io, session) = tls.get_mut();
+    let peer = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| hub.ca.peer_cert(leaf).ok())
+        .filter(|p| !hub.auth.is_revoked(&p.serial));
+    match peer {
+        Some(p) => {
+            let admin = matches!(p.identity, crate::pki::Identity::Admin(_));
+            if !io.permit().authenticated(admin) {
+                hub.metrics.connection_refused("grpc", "max_connections");
+                return None;
+            }
+        }
+        None => io.set_idle(pacing.anonymous_idle),
+    }
+    Some(tls)
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! address, and closed when it goes quiet (a TLS session that never sends the HTTP/2 preface, a
 //! webhook whose body stalls) or, on the HTTP listener, when it outlives its maximum age. Healthy
 //! connections are never idle that long: the gRPC server pings every 20 s and peers answer.
+//! On the gRPC listener peers that presented a valid client certificate come first: at the cap
+//! the oldest connection without one is closed to make room, and a few slots past the cap are
+//! kept for operators, so anonymous connections can never lock out an admin or a known agent.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,7 +28,15 @@ pub struct Caps {
     pub idle: Duration,
     /// The connection is closed this long after it was accepted, busy or not.
     pub max_age: Option<Duration>,
+    /// Authenticated peers first (the gRPC listener): at the cap, the oldest connection not
+    /// (yet) authenticated is closed for a new one, and [`ADMIN_RESERVE`] slots past the cap
+    /// admit connections only an admin may keep.
+    pub authenticated_first: bool,
 }
+
+/// Slots past `max_total` a connection may take while its handshake tells whether it is an admin;
+/// only an admin keeps one.
+pub const ADMIN_RESERVE: usize = 8;
 
 /// Why a connection was refused or closed (a metric label: a closed set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +54,14 @@ impl Refusal {
     }
 }
 
-/// Live connections by source address.
+/// Live connections by source address, and those not authenticated (oldest first), each with
+/// the token that closes it.
 #[derive(Default)]
 struct Counts {
     total: usize,
     by_address: HashMap<IpAddr, usize>,
+    next: u64,
+    unauthenticated: std::collections::BTreeMap<u64, tokio_util::sync::CancellationToken>,
 }
 
 /// Counts connections closed by a timer, by reason.
@@ -90,21 +104,40 @@ impl Limiter {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a connection from `peer`, or says which cap it hit.
+    /// Admits a connection from `peer`, or says which cap it hit. A new connection is not
+    /// authenticated until [`Permit::authenticated`] says so.
     pub fn admit(&self, peer: IpAddr) -> Result<Permit, Refusal> {
         let mut counts = self.lock();
-        if counts.total >= self.caps.max_total {
-            return Err(Refusal::Total);
-        }
-        let here = counts.by_address.entry(peer).or_insert(0);
-        if *here >= self.caps.max_per_address {
+        if counts.by_address.get(&peer).copied().unwrap_or(0) >= self.caps.max_per_address {
             return Err(Refusal::PerAddress);
         }
-        *here += 1;
+        if counts.total >= self.caps.max_total {
+            let oldest = counts.unauthenticated.keys().next().copied();
+            match oldest {
+                Some(seq) if self.caps.authenticated_first => {
+                    if let Some(token) = counts.unauthenticated.remove(&seq) {
+                        token.cancel();
+                    }
+                    drop(counts);
+                    self.count_close("evicted_unauthenticated");
+                    counts = self.lock();
+                }
+                _ if self.caps.authenticated_first
+                    && counts.total < self.caps.max_total + ADMIN_RESERVE => {}
+                _ => return Err(Refusal::Total),
+            }
+        }
+        *counts.by_address.entry(peer).or_insert(0) += 1;
         counts.total += 1;
+        counts.next += 1;
+        let seq = counts.next;
+        let evict = tokio_util::sync::CancellationToken::new();
+        counts.unauthenticated.insert(seq, evict.clone());
         Ok(Permit {
             limiter: self.clone(),
             peer,
+            seq,
+            evict,
         })
     }
 
@@ -117,8 +150,10 @@ impl Limiter {
     /// Wraps an admitted stream so it closes when idle or too old.
     pub fn guard(&self, stream: TcpStream, permit: Permit) -> Guarded {
         let now = Instant::now();
+        let evicted = Box::pin(permit.evict.clone().cancelled_owned());
         Guarded {
             inner: stream,
+            evicted,
             permit,
             idle: self.caps.idle,
             idle_timer: Box::pin(tokio::time::sleep_until(now + self.caps.idle)),
@@ -134,11 +169,26 @@ impl Limiter {
 pub struct Permit {
     limiter: Limiter,
     peer: IpAddr,
+    seq: u64,
+    /// Cancelled to close the connection for an authenticated one.
+    evict: tokio_util::sync::CancellationToken,
+}
+
+impl Permit {
+    /// The peer presented a valid client certificate: its connection is never closed for
+    /// another. Returns `false` when the connection took one of the slots past the cap and is
+    /// not an admin's: the caller closes it.
+    pub fn authenticated(&self, admin: bool) -> bool {
+        let mut counts = self.limiter.lock();
+        counts.unauthenticated.remove(&self.seq);
+        admin || counts.total <= self.limiter.caps.max_total
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.limiter.lock();
+        counts.unauthenticated.remove(&self.seq);
         counts.total = counts.total.saturating_sub(1);
         if let Some(n) = counts.by_address.get_mut(&self.peer) {
             *n -= 1;
@@ -157,6 +207,19 @@ pub struct Guarded {
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
     age_timer: Option<Pin<Box<Sleep>>>,
+    evicted: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl Guarded {
+    pub fn permit(&self) -> &Permit {
+        &self.permit
+    }
+
+    /// Closes the connection after `idle` of silence from now on (shorter for anonymous peers).
+    pub fn set_idle(&mut self, idle: Duration) {
+        self.idle = idle;
+        self.idle_timer.as_mut().reset(Instant::now() + idle);
+    }
 }
 
 impl AsyncRead for Guarded {
@@ -165,6 +228,12 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.evicted.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed for an authenticated peer at the connection cap",
+            )));
+        }
         if let Some(age) = self.age_timer.as_mut()
             && age.as_mut().poll(cx).is_ready()
         {
@@ -285,6 +354,7 @@ mod tests {
                 max_per_address: 2,
                 idle: Duration::from_secs(1),
                 max_age: None,
+                authenticated_first: false,
             },
             "test",
             Closed::default(),
@@ -313,6 +383,7 @@ mod tests {
                 max_per_address: 10,
                 idle: Duration::from_millis(200),
                 max_age: None,
+                authenticated_first: false,
             },
             "test",
             closed.clone(),
@@ -332,5 +403,48 @@ mod tests {
             reason: "idle".into(),
         };
         assert_eq!(closed.get_or_create(&idle).get(), 1);
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_unauthenticated_goes_and_admins_have_a_reserve() {
+        let l = Limiter::new(
+            Caps {
+                max_total: 3,
+                max_per_address: 100,
+                idle: Duration::from_secs(1),
+                max_age: None,
+                authenticated_first: true,
+            },
+            "test",
+            Closed::default(),
+        );
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let agent = l.admit(a).unwrap();
+        assert!(agent.authenticated(false));
+        let anon1 = l.admit(a).unwrap();
+        let anon2 = l.admit(a).unwrap();
+        // At the cap: the oldest anonymous connection is closed for the new one.
+        let newcomer = l.admit(a).unwrap();
+        assert!(anon1.evict.is_cancelled());
+        assert!(!anon2.evict.is_cancelled() && !agent.evict.is_cancelled());
+        drop(anon1);
+        // Only authenticated connections left at the cap: the reserve admits, only an admin keeps.
+        assert!(newcomer.authenticated(false));
+        assert!(anon2.authenticated(true));
+        let over: Vec<Permit> = (0..ADMIN_RESERVE).map(|_| l.admit(a).unwrap()).collect();
+        assert!(
+            !over[0].authenticated(false),
+            "an agent past the cap is closed"
+        );
+        for p in &over[1..] {
+            assert!(p.authenticated(true), "an admin keeps its slot");
+        }
+        assert_eq!(
+            l.admit(a).err(),
+            Some(Refusal::Total),
+            "cap and reserve full of authenticated peers"
+        );
+        drop(over);
+        assert!(l.admit(a).is_ok());
     }
 }

@@ -11,7 +11,7 @@ use flotilla_proto::v1::registration_server::RegistrationServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::fsutil::read_file;
 use crate::pki::{Ca, PkiPaths};
@@ -21,6 +21,51 @@ use crate::{Error, Hub, Result, Settings, auth, sessions, store};
 
 /// Fetches of different repositories that may run at once.
 const MAX_CONCURRENT_FETCHES: usize = 4;
+
+/// How long a TLS handshake may take (a connection that never finishes it holds a slot no longer).
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// A connection without a client certificate (registration, or nobody) silent this long is
+/// closed: registration is one short call.
+const ANONYMOUS_IDLE: Duration = Duration::from_secs(10);
+
+/// The hub's TLS: its certificate, client certificates of the hub CA verified when presented
+/// (Register is the one RPC without one; every other RPC checks for one), HTTP/2.
+fn tls_config(paths: &PkiPaths, ca: &Ca) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: PathBuf, reason: String| Error::DataDir {
+        path: path.display().to_string(),
+        reason,
+    };
+    let chain = CertificateDer::pem_slice_iter(&read_file(&paths.hub())?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(paths.hub(), format!("hub certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(&read_file(&paths.hub_key())?)
+        .map_err(|e| bad(paths.hub_key(), format!("hub key: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| bad(paths.ca(), format!("CA certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(paths.ca(), format!("CA certificate: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| bad(paths.ca(), format!("client verifier: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(format!("TLS versions: {e}")))?
+        .with_client_cert_verifier(clients)
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(paths.hub(), format!("hub certificate and key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
 
 /// A gRPC connection silent this long is closed. The server pings every 20 s (HTTP/2 keepalive) and
 /// live peers answer, so only a peer that stopped talking (or never started: no HTTP/2 preface
@@ -79,15 +124,7 @@ pub async fn serve(
 ) -> Result<()> {
     let ca = Arc::new(Ca::load(&opts.data_dir)?);
     let paths = PkiPaths::new(&opts.data_dir);
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read_file(&paths.hub())?,
-            read_file(&paths.hub_key())?,
-        ))
-        .client_ca_root(Certificate::from_pem(ca.ca_pem.as_bytes()))
-        // Register is the one RPC without a client certificate; every other RPC checks for one.
-        .client_auth_optional(true)
-        .timeout(Duration::from_secs(10));
+    let tls = tls_config(&paths, &ca)?;
 
     let db_path = opts.data_dir.join("db");
     let store = store::Store::open(&db_path)?;
@@ -155,6 +192,7 @@ pub async fn serve(
                 max_per_address: hub.settings.max_connections_per_address,
                 idle: HTTP_IDLE,
                 max_age: Some(HTTP_MAX_AGE),
+                authenticated_first: false,
             },
             "http",
             hub.metrics.connections_refused.clone(),
@@ -166,26 +204,30 @@ pub async fn serve(
         });
     }
 
-    let caps = |idle, max_age| crate::conn_limits::Caps {
-        max_total: hub.settings.max_connections,
-        max_per_address: hub.settings.max_connections_per_address,
-        idle,
-        max_age,
-    };
     let grpc_limiter = crate::conn_limits::Limiter::new(
-        caps(GRPC_IDLE, None),
+        crate::conn_limits::Caps {
+            max_total: hub.settings.max_connections,
+            max_per_address: hub.settings.max_connections_per_address,
+            idle: GRPC_IDLE,
+            max_age: None,
+            authenticated_first: true,
+        },
         "grpc",
         hub.metrics.connections_refused.clone(),
     );
     let incoming = crate::admission::paced(
         listener,
-        hub.settings.handshake_rate,
-        hub.settings.handshake_burst,
+        crate::admission::Pacing {
+            rate: hub.settings.handshake_rate,
+            burst: hub.settings.handshake_burst,
+            handshake_deadline: HANDSHAKE_DEADLINE,
+            anonymous_idle: ANONYMOUS_IDLE,
+        },
         grpc_limiter,
+        tokio_rustls::TlsAcceptor::from(tls),
         Arc::clone(&hub),
     );
     let served = Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(RegistrationServer::new(RegistrationService::new(
