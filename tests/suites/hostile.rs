@@ -361,6 +361,121 @@ while open_ and time.time() - start < 60:
 print(f"{len(open_)} {time.time() - start:.1f}")
 "#;
 
+/// Opens N TLS connections without a client certificate, speaks just enough HTTP/2 to look alive
+/// (preface, SETTINGS, a PING every second) and holds them; prints "ready OPEN" once all were
+/// tried, then "OPEN" every second.
+const ANONYMOUS_HOLDERS: &str = r#"
+import socket, ssl, sys, time
+host, port, ca, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(ca)
+ctx.check_hostname = False
+ctx.set_alpn_protocols(["h2"])
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+PING = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+socks = []
+for i in range(n):
+    try:
+        s = ctx.wrap_socket(socket.create_connection((host, port), timeout=10))
+        s.sendall(PREFACE + ACK)
+        s.setblocking(False)
+        socks.append(s)
+    except (OSError, ssl.SSLError):
+        pass
+def alive():
+    global socks
+    still = []
+    for s in socks:
+        try:
+            while True:
+                if s.recv(65536) == b"":
+                    raise ConnectionError()
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        except (OSError, ssl.SSLError, ConnectionError):
+            continue
+        try:
+            s.sendall(PING)
+            still.append(s)
+        except (ssl.SSLWantWriteError, BlockingIOError):
+            still.append(s)
+        except (OSError, ssl.SSLError):
+            pass
+    socks = still
+    return len(socks)
+print(f"ready {alive()}", flush=True)
+deadline = time.time() + 60
+while time.time() < deadline:
+    time.sleep(1)
+    print(alive(), flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_connections_never_lock_out_operators_or_known_agents() -> Result<()> {
+    use std::io::BufRead;
+    let clusters = flotilla_e2e::SimCluster::start_many(&["eu-1"])?;
+    let hub = Hub::start(HubOptions {
+        poll_interval: "500ms".into(),
+        http: true,
+        extra_args: vec!["--max-connections".into(), "200".into()],
+        ..HubOptions::default()
+    })?;
+    let token = hub.token(&[])?;
+    let mut agent =
+        hub.agent_with_cluster_labels("eu-1", Some(&token), &clusters.kubeconfig_of("eu-1"), "")?;
+    hub.wait_connected("eu-1", T)?;
+    let (host, port) = hub.addr.rsplit_once(':').context("host:port")?;
+    let mut holders = std::process::Command::new("python3")
+        .args(["-c", ANONYMOUS_HOLDERS, host, port])
+        .arg(hub.pki("ca.pem"))
+        .arg("500")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(holders.stdout.take().context("stdout")?).lines();
+    let ready = lines.next().context("holders ended")??;
+    let held: usize = ready
+        .strip_prefix("ready ")
+        .context("ready line")?
+        .parse()?;
+    assert!(held >= 150, "the flood holds most of the cap: {held}");
+    // The admin always gets in, fast.
+    for i in 0..5 {
+        let t = Instant::now();
+        hub.cli_json(&["status"])?;
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(1), "status #{i} took {took:?}");
+    }
+    // A known agent that lost its connection gets back in.
+    agent.process.kill9();
+    wait_for(T, "eu-1 seen gone", || {
+        let c = hub.cluster("eu-1")?.context("eu-1")?;
+        ensure!(c["connected"] == false, "{c}");
+        Ok(Some(()))
+    })?;
+    let kubeconfig = clusters.kubeconfig_of("eu-1");
+    agent.restart_with(&hub.url, &hub.pki("ca.pem"), None, Some(&kubeconfig))?;
+    wait_for(T, "eu-1 connected again", || {
+        let c = hub.cluster("eu-1")?.context("eu-1")?;
+        ensure!(c["connected"] == true, "{c}");
+        Ok(Some(()))
+    })?;
+    // The flood was still there: anonymous connections made room, they did not all go.
+    let still: usize = lines.next().context("holders ended")??.trim().parse()?;
+    assert!(still >= 100, "{still} anonymous connections still held");
+    let (_, metrics) = http_get(hub.http_addr.as_deref().context("http")?, "/metrics")?;
+    assert!(
+        metrics.contains(
+            "connections_refused_total{listener=\"grpc\",reason=\"evicted_unauthenticated\"}"
+        ),
+        "{metrics}"
+    );
+    let _ = holders.kill();
+    let _ = holders.wait();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_that_never_finish_are_closed() -> Result<()> {
     let hub = hub()?;
