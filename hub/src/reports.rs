@@ -350,9 +350,15 @@ pub fn status_row(
     };
     row.desired_revision = target.revision.clone();
     row.desired_digest = target.digest.clone();
-    if report.is_some_and(|r| r.digest == target.digest) {
-        // A commit that left this cluster's bundle as it was still is the revision it runs.
-        row.revision = target.revision.clone();
+    // The revision is the hub's word for the digest the cluster reports (a commit that left its
+    // bundle as it was is still the revision it runs); the agent's own claim only when the digest
+    // is neither what git wants nor what it was told (the table then shows the digest too).
+    if let Some(r) = report {
+        if r.digest == target.digest {
+            row.revision = target.revision.clone();
+        } else if let Some(t) = desired.filter(|t| t.digest == r.digest) {
+            row.revision = t.revision.clone();
+        }
     }
     let reached = app
         .status
