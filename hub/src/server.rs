@@ -22,8 +22,9 @@ use crate::{Error, Hub, Result, Settings, auth, sessions, store};
 /// Fetches of different repositories that may run at once.
 const MAX_CONCURRENT_FETCHES: usize = 4;
 
-/// How long a TLS handshake may take (a connection that never finishes it holds a slot no longer).
-const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a TLS handshake may take (a connection that never finishes it holds a slot no longer;
+/// as long as tonic allowed, so a herd of agents on a loaded hub still gets through).
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// A connection without a client certificate (registration, or nobody) silent this long is
 /// closed: registration is one short call.
 const ANONYMOUS_IDLE: Duration = Duration::from_secs(10);

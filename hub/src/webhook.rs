@@ -472,16 +472,16 @@ mod tests {
         assert_eq!(c.decide("r", t0), Fetch::Now);
         assert_eq!(c.decide("other", t0), Fetch::Now, "per repository");
         assert_eq!(
-            c.decide("r", at(3)),
-            Fetch::Later(FETCH_COALESCE - std::time::Duration::from_secs(3))
+            c.decide("r", at(1)),
+            Fetch::Later(FETCH_COALESCE - std::time::Duration::from_secs(1))
         );
-        for s in 4..10 {
+        for s in 2..5 {
             assert_eq!(c.decide("r", at(s)), Fetch::AlreadyScheduled);
         }
-        c.fired("r", at(10));
+        c.fired("r", at(5));
         assert_eq!(
-            c.decide("r", at(12)),
-            Fetch::Later(std::time::Duration::from_secs(8))
+            c.decide("r", at(7)),
+            Fetch::Later(FETCH_COALESCE - std::time::Duration::from_secs(2))
         );
         c.fired("r", at(20));
         assert_eq!(

@@ -174,6 +174,30 @@ async fn a_kustomization_that_reaches_outside_the_repository_is_refused() -> Res
     Ok(())
 }
 
+/// Opens an agent session as `identity` (hello sent, welcome read): the sender of its messages,
+/// and the hub's stream (kept open by holding it).
+async fn open_session(
+    hub: &Hub,
+    identity: flotilla_e2e::grpc::Identity,
+    buffer: usize,
+) -> Result<(
+    tokio::sync::mpsc::Sender<AgentMessage>,
+    tonic::Streaming<flotilla_proto::v1::HubMessage>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+    let mut client = AgentClient::new(channel(hub, Some(identity))?);
+    tx.send(AgentMessage {
+        kind: Some(agent_message::Kind::Hello(Hello::default())),
+    })
+    .await?;
+    let mut stream = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?; // welcome
+    Ok((tx, stream))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_flood_leaves_memory_store_and_metrics_bounded() -> Result<()> {
     let hub = hub()?;
@@ -184,17 +208,7 @@ async fn a_report_flood_leaves_memory_store_and_metrics_bounded() -> Result<()> 
     let store_before = dir_bytes(&hub.data_dir().join("db"));
     let (rss_before, _) = memory_kib(hub.process.pid())?;
 
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut client = AgentClient::new(channel(&hub, Some(identity))?);
-    tx.send(AgentMessage {
-        kind: Some(agent_message::Kind::Hello(Hello::default())),
-    })
-    .await?;
-    let mut stream = client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    stream.message().await?; // welcome
+    let (tx, _stream) = open_session(&hub, identity, 64).await?;
     let padding = "x".repeat(100 * 1024);
     for i in 0..2000 {
         let status = AppStatus {
@@ -251,17 +265,7 @@ async fn agent_text_shows_escaped_in_every_table_and_intact_in_json() -> Result<
     hub.apply_app(&app_doc("web", &repo, "web", "plain"))?;
     let token = hub.token(&[])?;
     let identity = register(&hub, &token, "mallory").await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut client = AgentClient::new(channel(&hub, Some(identity))?);
-    tx.send(AgentMessage {
-        kind: Some(agent_message::Kind::Hello(Hello::default())),
-    })
-    .await?;
-    let mut stream = client
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    stream.message().await?; // welcome
+    let (tx, _stream) = open_session(&hub, identity, 8).await?;
     let digest = wait_for(T, "web assigned to mallory", || {
         let app = hub.app("web")?;
         let d = app["clusters"][0]["digest"]

@@ -40,22 +40,32 @@ fn act(f: &Fleet, verb: &str, app: &str) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_canary_failed_by_its_presync_job_is_fixed_by_a_commit_that_reaches_every_cluster()
--> Result<()> {
-    // The default strategy: one step, a quarter (at least one) at a time, pause on failure.
-    let f = Fleet::start(&[
+/// c1, c2 and c3, all `region=eu` (the default strategy takes them in that order).
+fn three_clusters() -> Result<Fleet> {
+    Fleet::start(&[
         ("c1", "region=eu"),
         ("c2", "region=eu"),
         ("c3", "region=eu"),
-    ])?;
-    f.repo.write("web/cm.yaml", &config_map("default", "1"))?;
-    let v1 = f.repo.commit("v1")?;
+    ])
+}
+
+/// App `web` from `web/` on every `region=eu` cluster, with the default rollout strategy.
+fn apply_web(f: &Fleet) -> Result<()> {
     f.apply(
         "web",
         "web",
         "  targets: {selector: {matchLabels: {region: eu}}}\n",
-    )?;
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_canary_failed_by_its_presync_job_is_fixed_by_a_commit_that_reaches_every_cluster()
+-> Result<()> {
+    // The default strategy: one step, a quarter (at least one) at a time, pause on failure.
+    let f = three_clusters()?;
+    f.repo.write("web/cm.yaml", &config_map("default", "1"))?;
+    let v1 = f.repo.commit("v1")?;
+    apply_web(&f)?;
     f.wait_healthy("web", 3, &v1)?;
 
     f.repo
@@ -94,11 +104,7 @@ async fn a_canary_failed_by_its_presync_job_is_fixed_by_a_commit_that_reaches_ev
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_cluster_repaired_outside_git_counts_again_and_resume_reaches_every_cluster()
 -> Result<()> {
-    let f = Fleet::start(&[
-        ("c1", "region=eu"),
-        ("c2", "region=eu"),
-        ("c3", "region=eu"),
-    ])?;
+    let f = three_clusters()?;
     let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ops}\n";
     // c1, first in the rollout, lacks the namespace the app deploys to.
     for c in ["c2", "c3"] {
@@ -106,11 +112,7 @@ async fn a_failed_cluster_repaired_outside_git_counts_again_and_resume_reaches_e
     }
     f.repo.write("web/cm.yaml", &config_map("ops", "1"))?;
     let v1 = f.repo.commit("v1")?;
-    f.apply(
-        "web",
-        "web",
-        "  targets: {selector: {matchLabels: {region: eu}}}\n",
-    )?;
+    apply_web(&f)?;
     let paused = f.wait_phase("web", &v1, "Paused")?;
     assert_eq!(
         rollout_cluster(&paused, "c1")["state"],

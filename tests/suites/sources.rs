@@ -76,13 +76,30 @@ async fn commits_arrive_within_the_poll_interval_with_per_cluster_variants() -> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result<()> {
-    let secret = "webhook-secret";
-    let mut hub = Hub::start(HubOptions {
+const WEBHOOK_SECRET: &str = "webhook-secret";
+
+/// `X-Hub-Signature-256` of `body` under [`WEBHOOK_SECRET`].
+fn sign(body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, WEBHOOK_SECRET.as_bytes());
+    let tag = ring::hmac::sign(&key, body);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// A hub that polls only hourly and takes signed webhooks, with app `web` rendered at `first`.
+struct Webhooked {
+    hub: Hub,
+    http: String,
+    repo: GitRepo,
+    first: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn webhooked() -> Result<Webhooked> {
+    let hub = Hub::start(HubOptions {
         poll_interval: "1h".into(),
         http: true,
-        webhook_secret: Some(secret.into()),
+        webhook_secret: Some(WEBHOOK_SECRET.into()),
         ..HubOptions::default()
     })?;
     fleet(&hub).await?;
@@ -93,25 +110,30 @@ async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result
     let first = repo.commit("first")?;
     hub.apply_app(&app_doc("web", &repo.url(), "main", "web", ""))?;
     hub.wait_revision("web", &first, T)?;
+    Ok(Webhooked {
+        hub,
+        http,
+        repo,
+        first,
+        _dir: dir,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result<()> {
+    let Webhooked {
+        mut hub,
+        http,
+        repo,
+        first,
+        _dir,
+    } = webhooked().await?;
     repo.write("web/cm.yaml", &CM.replace("v: \"1\"", "v: \"2\""))?;
     let second = repo.commit("second")?;
 
     let payload =
         serde_json::json!({"ref": "refs/heads/main", "repository": {"clone_url": repo.url()}})
             .to_string();
-    let sign = |body: &[u8]| {
-        let tag = ring::hmac::sign(
-            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()),
-            body,
-        );
-        format!(
-            "sha256={}",
-            tag.as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        )
-    };
     let (code, _) = http_post(
         &http,
         "/webhooks/git",
@@ -204,29 +226,13 @@ async fn signed_webhooks_trigger_at_once_and_bad_ones_change_nothing() -> Result
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replays_with_fresh_ids_and_bursts_of_pushes_fetch_at_most_once_per_window() -> Result<()> {
-    let secret = "webhook-secret";
-    let hub = Hub::start(HubOptions {
-        poll_interval: "1h".into(),
-        http: true,
-        webhook_secret: Some(secret.into()),
-        ..HubOptions::default()
-    })?;
-    fleet(&hub).await?;
-    let http = hub.http_addr.clone().context("http listener")?;
-    let dir = tempfile::tempdir()?;
-    let repo = GitRepo::init(&dir.path().join("fleet.git"))?;
-    repo.write("web/cm.yaml", CM)?;
-    let first = repo.commit("first")?;
-    hub.apply_app(&app_doc("web", &repo.url(), "main", "web", ""))?;
-    hub.wait_revision("web", &first, T)?;
-    let sign = |body: &[u8]| {
-        let tag = ring::hmac::sign(
-            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes()),
-            body,
-        );
-        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256={hex}")
-    };
+    let Webhooked {
+        hub,
+        http,
+        repo,
+        first: _,
+        _dir,
+    } = webhooked().await?;
     let fetches = || -> Result<usize> {
         let audit = hub.cli_json(&["audit"])?;
         Ok(audit
