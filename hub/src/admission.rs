@@ -167,6 +167,7 @@ async fn handshake(
                 hub.metrics.connection_refused("grpc", "handshake_failed");
                 return None;
             }
+            // The deadline passed (the error says only that): counted, the connection dropped.
             Err(_) => {
                 hub.metrics.connection_refused("grpc", "handshake_timeout");
                 return None;
@@ -176,6 +177,8 @@ async fn handshake(
     let peer = session
         .peer_certificates()
         .and_then(|c| c.first())
+        // A certificate rustls verified but the hub cannot read as an identity only loses its
+        // priority here; every RPC on the connection is refused by `auth`, naming why.
         .and_then(|leaf| hub.ca.peer_cert(leaf).ok())
         .filter(|p| !hub.auth.is_revoked(&p.serial));
     match peer {

@@ -113,22 +113,43 @@ impl Deliveries {
     }
 }
 
-/// What identifies one delivery: the digest of its body (first; the signature covers it) and the
-/// forge's delivery id when it sends one.
-fn delivery_keys(headers: &HeaderMap, body: &[u8]) -> Vec<String> {
-    let d = ring::digest::digest(&ring::digest::SHA256, body);
-    let mut keys = vec![format!("body:{}", crate::pki::hex(d.as_ref()))];
-    for h in [
-        "x-github-delivery",
-        "x-gitea-delivery",
-        "x-gitlab-event-uuid",
-    ] {
-        if let Some(id) = headers.get(h).and_then(|v| v.to_str().ok()) {
-            keys.push(format!("{h}:{}", id.chars().take(128).collect::<String>()));
-            break;
+/// What identifies one delivery: the digest of its body (the signature covers it) and the forge's
+/// delivery id when it sends one.
+struct DeliveryKeys {
+    body: String,
+    id: Option<String>,
+}
+
+impl DeliveryKeys {
+    fn of(headers: &HeaderMap, body: &[u8]) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, body);
+        let id = [
+            "x-github-delivery",
+            "x-gitea-delivery",
+            "x-gitlab-event-uuid",
+        ]
+        .into_iter()
+        .find_map(|h| {
+            let id = headers.get(h)?.to_str().ok()?;
+            Some(format!("{h}:{}", id.chars().take(128).collect::<String>()))
+        });
+        Self {
+            body: format!("body:{}", crate::pki::hex(d.as_ref())),
+            id,
         }
     }
-    keys
+
+    /// Every key it is remembered under.
+    fn all(&self) -> Vec<String> {
+        std::iter::once(self.body.clone())
+            .chain(self.id.clone())
+            .collect()
+    }
+
+    /// How logs and the audit name it: the forge's id, else the body digest.
+    fn name(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.body)
+    }
 }
 
 /// After a webhook-triggered fetch a repository is fetched again for webhooks at most once per
@@ -231,13 +252,13 @@ async fn git_webhook(
             json!({"error": "missing or invalid webhook signature"}),
         );
     }
-    let keys = delivery_keys(&headers, &body);
-    let key = keys.last().cloned().unwrap_or_default();
+    let keys = DeliveryKeys::of(&headers, &body);
+    let key = keys.name().to_string();
     let first = web
         .deliveries
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .first(&keys, std::time::Instant::now());
+        .first(&keys.all(), std::time::Instant::now());
     if !first {
         tracing::warn!(delivery = %key, "webhook replayed; ignored");
         count(hub, "replay");
