@@ -57,7 +57,7 @@ struct RunArgs {
     /// Kubeconfig of the cluster this agent manages; its cached apps are enforced even while
     /// the hub is unreachable. Without it: the pod's service account in a cluster, else
     /// KUBECONFIG, else no cluster (the agent only holds its hub session).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Where the service account is mounted in-cluster (token, ca.crt, namespace).
     #[arg(long, env = "FLOTILLA_SERVICE_ACCOUNT_DIR", default_value = flotilla_agent::cluster_config::SERVICE_ACCOUNT_DIR)]
@@ -68,10 +68,10 @@ struct RunArgs {
     #[arg(long, env = "FLOTILLA_IDENTITY_SECRET", value_parser = parse_secret_ref)]
     identity_secret: Option<(String, String)>,
     /// Full re-apply interval of running apps.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "FLOTILLA_RESYNC", default_value = "5m", value_parser = humantime::parse_duration)]
     resync: Duration,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz, /readyz).
+    #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 }
 

@@ -120,15 +120,30 @@ enum Command {
 #[derive(Subcommand)]
 enum RolloutCommand {
     /// Steps, per-cluster state, and why it is waiting.
-    Status { app: String },
+    Status {
+        /// The app whose rollout to show.
+        app: String,
+    },
     /// Start nothing new until resumed.
-    Pause { app: String },
+    Pause {
+        /// The app whose rollout to pause.
+        app: String,
+    },
     /// Continue after a pause (a step's, an operator's, or one at the failure threshold).
-    Resume { app: String },
+    Resume {
+        /// The app whose rollout to resume.
+        app: String,
+    },
     /// Skip the current step's soak or pause.
-    Promote { app: String },
+    Promote {
+        /// The app whose rollout to promote.
+        app: String,
+    },
     /// Roll every touched cluster back to its previous stable bundle.
-    Abort { app: String },
+    Abort {
+        /// The app whose rollout to abort.
+        app: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,26 +163,40 @@ enum TokenCommand {
     /// Every token the hub keeps: id, expiry, uses left, bound name, revoked (never the secret).
     List,
     /// Refuse a token from now on.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id, from `token create` or `token list`.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum AppCommand {
     /// Create or update the App documents in a file (multi-document YAML; `-` for stdin).
     Apply {
+        /// The file of App documents, or `-` for stdin.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
     /// List apps with their revision and error.
     List,
     /// Show one app: revision, per-cluster bundles, history.
-    Get { name: String },
+    Get {
+        /// The app's name.
+        name: String,
+    },
     /// Delete an app (its clusters stop running it).
-    Delete { name: String },
+    Delete {
+        /// The app's name.
+        name: String,
+    },
     /// The revisions an app was rendered at, newest first, and which were rolled out.
-    History { name: String },
+    History {
+        /// The app's name.
+        name: String,
+    },
     /// Pin an app to an earlier revision; it reaches the fleet through a rollout.
     Rollback {
+        /// The app's name.
         name: String,
         /// A commit from `app history` (default: the previous stable revision).
         #[arg(long)]
@@ -179,14 +208,18 @@ enum AppCommand {
     /// Ask the app's clusters (or one) to apply what git wants them to run, once: how a manual
     /// app (`syncPolicy.automated: false`) changes anything. Audited.
     Sync {
+        /// The app's name.
         name: String,
+        /// Only this cluster (default: every cluster the app targets).
         #[arg(long)]
         cluster: Option<String>,
     },
     /// What a sync would change on one cluster, as a unified diff (live against desired, from a
     /// server-side dry run); exit code 1 when there are differences, 2 on error, like `kubectl diff`.
     Diff {
+        /// The app's name.
         name: String,
+        /// The cluster to diff against.
         #[arg(long)]
         cluster: String,
     },
@@ -209,18 +242,27 @@ enum ClusterCommand {
     /// List clusters: name, labels, connected, last seen, certificate expiry.
     List,
     /// Show one cluster.
-    Get { name: String },
+    Get {
+        /// The cluster's name.
+        name: String,
+    },
     /// Set (k=v) or remove (k-) labels.
     Label {
+        /// The cluster's name.
         name: String,
+        /// Labels to set (`k=v`) or remove (`k-`).
         #[arg(required = true)]
         changes: Vec<String>,
     },
     /// Revoke a cluster's certificates and drop its agent.
-    Deregister { name: String },
+    Deregister {
+        /// The cluster's name.
+        name: String,
+    },
     /// Replace a lost cluster: revoke its certificate and print a token that registers a new
     /// cluster as NAME (same labels, same apps at the revisions it ran).
     Rebuild {
+        /// The lost cluster's name; its replacement registers under it.
         name: String,
         /// How long the token is valid.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
@@ -230,15 +272,16 @@ enum ClusterCommand {
         #[arg(long)]
         manifest: bool,
         /// The address agents dial (default: --hub).
-        #[arg(long, requires = "manifest")]
+        #[arg(long)]
         hub_address: Option<String>,
     },
     /// Print the manifests that install and register an agent in cluster NAME: deploy/agent with
     /// a fresh single-use token bound to NAME, the hub CA, the hub address and the labels.
     /// `flotilla cluster join eu-1 --labels region=eu | kubectl --context eu-1 apply -f -`
     Join {
+        /// The name the new cluster registers as (DNS-1123 label).
         name: String,
-        /// k=v,k2=v2
+        /// Labels to register with, k=v,k2=v2.
         #[arg(long, default_value = "")]
         labels: String,
         /// The address agents dial (default: --hub).
@@ -630,7 +673,12 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
                 let text = join_manifests(conn, &name, &labels, hub_address, &response.token)?;
                 out!("{}", text.trim_end());
             } else {
-                output::rebuild(format, &name, &response);
+                let hub = hub_address.as_deref().or(conn.hub.as_deref()).unwrap_or("HUB");
+                let ca = conn
+                    .ca
+                    .as_deref()
+                    .map_or_else(|| "CA".to_string(), |p| p.display().to_string());
+                output::rebuild(format, &name, &response, hub, &ca);
             }
         }
         ClusterCommand::Join {

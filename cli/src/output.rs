@@ -676,7 +676,9 @@ pub fn audit(format: Format, entries: &[AuditEntry]) {
     }
 }
 
-pub fn rebuild(format: Format, name: &str, r: &RebuildClusterResponse) {
+/// `cluster rebuild`: the token, and the agent command that registers the replacement with it
+/// (`hub` and `ca` as this CLI reached the hub; `DIR` is for the operator to choose).
+pub fn rebuild(format: Format, name: &str, r: &RebuildClusterResponse, hub: &str, ca: &str) {
     match format {
         Format::Json => print_json(&json!({
             "cluster": name,
@@ -697,10 +699,26 @@ pub fn rebuild(format: Format, name: &str, r: &RebuildClusterResponse) {
             );
             out!("{}", r.token);
             out!();
-            out!("start the agent in the replacement cluster with:");
+            out!("start the agent of the replacement cluster with (DIR: its data directory):");
             out!(
-                "  flotilla-agent run --hub HUB --ca CA --data-dir DIR --name {name} --token <token>"
+                "  FLOTILLA_TOKEN=<the token above> flotilla-agent run --hub {} --ca {} --data-dir DIR --cluster-name {name} --kubeconfig KUBECONFIG",
+                shell_word(hub),
+                shell_word(ca)
             );
+            out!("(in-cluster: `flotilla cluster rebuild {name} --manifest | kubectl apply -f -` instead)");
         }
+    }
+}
+
+/// `word` quoted for a POSIX shell when it needs to be, so a printed command pastes as is.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }

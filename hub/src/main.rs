@@ -23,6 +23,7 @@ struct Cli {
 enum Command {
     /// Create a hub data directory: CA, serving certificate, admin client certificate.
     Init {
+        /// The data directory to create (keys are written 0600).
         #[arg(long)]
         data_dir: PathBuf,
         /// Extra DNS names or IPs the hub is reached at (localhost, 127.0.0.1 and ::1 are always included).
@@ -34,8 +35,10 @@ enum Command {
     },
     /// Serve the hub's gRPC API over mutual TLS.
     Serve {
+        /// The data directory made by `init` (or `restore`): PKI and the hub's state.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Address of the gRPC listener agents and operators dial.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
         /// Lifetime of issued cluster certificates (agents renew at 2/3 of it), e.g. 30d, 12h, 5m.
@@ -81,6 +84,7 @@ enum Command {
         /// YAML list of credentials for private repositories: {url, username, passwordFile}.
         #[arg(long)]
         repo_credentials: Option<PathBuf>,
+        /// Branch, tag or commit of the fleet repository.
         #[arg(long, default_value = "main")]
         fleet_ref: String,
         /// Directory in the fleet repository with the App documents.

@@ -173,11 +173,8 @@ pub(crate) const CUSTOM_PATCH_TYPES: [&str; 3] = [
 ];
 
 pub(crate) fn parse_body(bytes: &[u8], yaml: bool) -> Result<Value, ApiError> {
-    if bytes.first() == Some(&0x6b) && bytes.starts_with(b"k8s\x00") {
-        return Err(ApiError::unsupported_media_type(
-            "application/vnd.kubernetes.protobuf",
-            &BODY_TYPES,
-        ));
+    if bytes.starts_with(crate::protobuf::MAGIC) {
+        return Err(crate::protobuf::refused(bytes, &BODY_TYPES));
     }
     if bytes.is_empty() {
         return Ok(Value::Null);

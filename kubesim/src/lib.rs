@@ -12,6 +12,7 @@ pub mod controllers;
 pub mod discovery;
 mod error;
 mod http;
+mod protobuf;
 pub mod meta;
 pub mod patch;
 pub mod resources;

@@ -20,7 +20,7 @@ fn env(name: &str, default: usize) -> usize {
 async fn main() {
     let clusters = env("FLOTILLA_BENCH_CLUSTERS", 1000);
     let templates = env("FLOTILLA_BENCH_TEMPLATES", 200);
-    let helm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/helm");
+    let helm = flotilla_e2e::tools::helm();
     let hub = Hub::start(HubOptions {
         poll_interval: "500ms".into(),
         extra_args: vec!["--helm-bin".into(), helm.display().to_string()],

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
+pub mod tools;
+
 /// Directory holding the workspace binaries of the profile these tests were built with.
 fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -737,6 +739,46 @@ impl Agent {
                 child: cmd.spawn()?,
                 log,
             },
+        })
+    }
+
+    /// Runs an agent command line as the CLI printed it (`flotilla-agent run ...`, words split
+    /// on spaces, no quoting), with `placeholders` replaced word by word and the token in
+    /// `FLOTILLA_TOKEN`; the data directory is the value of its `--data-dir`.
+    pub fn from_printed(
+        command: &str,
+        token: &str,
+        placeholders: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut words = command.split_whitespace().map(|w| {
+            placeholders
+                .iter()
+                .find(|(p, _)| *p == w)
+                .map_or_else(|| w.to_string(), |(_, v)| (*v).to_string())
+        });
+        ensure!(
+            words.next().as_deref() == Some("flotilla-agent"),
+            "not an agent command: {command}"
+        );
+        let args: Vec<String> = words.collect();
+        let data_dir = args
+            .iter()
+            .position(|a| a == "--data-dir")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow!("no --data-dir in {command}"))?;
+        std::fs::create_dir_all(&data_dir)?;
+        let log = unique_log(&data_dir, "agent");
+        let child = Command::new(bin("flotilla-agent"))
+            .args(&args)
+            .env("FLOTILLA_TOKEN", token)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Self {
+            data_dir,
+            process: Proc { child, log },
         })
     }
 

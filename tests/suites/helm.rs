@@ -12,7 +12,7 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(60);
 
 fn helm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("helm/helm")
+    flotilla_e2e::tools::helm()
 }
 
 const CHART: &[(&str, &str)] = &[

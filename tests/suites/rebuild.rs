@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use flotilla_e2e::grpc::{agent_identity, session_refusal};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
+use flotilla_e2e::{Agent, GitRepo, Hub, HubOptions, SimCluster, wait_for};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -74,15 +74,29 @@ async fn a_rebuilt_cluster_takes_over_its_identity_and_converges() -> Result<()>
             .contains(&"cache".to_string())
     );
 
-    let rebuilt = hub.cli_json(&["cluster", "rebuild", "eu-1"])?;
-    let new_token = rebuilt["token"].as_str().unwrap_or_default().to_string();
+    // The table form, as an operator reads it: the token, and the agent command to run.
+    let rebuilt = hub.cli(&["cluster", "rebuild", "eu-1"])?;
+    let rebuilt = String::from_utf8_lossy(&rebuilt.stdout).into_owned();
+    let line_after = |prefix: &str| {
+        rebuilt
+            .lines()
+            .skip_while(|l| !l.starts_with(prefix))
+            .nth(1)
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let new_token = line_after("token ");
+    let printed = line_after("start the agent");
     ensure!(new_token.starts_with("flt_"), "{rebuilt}");
     ensure!(
-        rebuilt["revoked_serials"]
-            .as_array()
-            .is_some_and(|s| !s.is_empty()),
+        rebuilt.starts_with("cluster eu-1: revoked ") && !rebuilt.contains("revoked 0 "),
         "{rebuilt}"
     );
+    let printed = printed
+        .strip_prefix("FLOTILLA_TOKEN=<the token above> ")
+        .unwrap_or(&printed)
+        .to_string();
     // The token is bound to the name: it cannot register anything else.
     let mut impostor = hub.agent("eu-9", Some(&new_token), "")?;
     let (_, log) = impostor.process.wait_exit(T)?;
@@ -92,9 +106,18 @@ async fn a_rebuilt_cluster_takes_over_its_identity_and_converges() -> Result<()>
     let err = session_refusal(&hub, old_identity).await?;
     ensure!(err.code() == tonic::Code::Unauthenticated, "{err}");
 
-    // A new agent with no labels of its own registers as eu-1 and keeps eu-1's labels and apps.
-    let _new =
-        hub.agent_with_cluster_labels("eu-1", Some(&new_token), &fresh.kubeconfig_of("eu-1"), "")?;
+    // The printed command, run as printed (only DIR and KUBECONFIG are the operator's to fill):
+    // a new agent with no labels of its own registers as eu-1, keeps eu-1's labels and apps.
+    let data_dir = tempfile::tempdir()?;
+    let kubeconfig = fresh.kubeconfig_of("eu-1");
+    let _new = Agent::from_printed(
+        &printed,
+        &new_token,
+        &[
+            ("DIR", &data_dir.path().display().to_string()),
+            ("KUBECONFIG", &kubeconfig.display().to_string()),
+        ],
+    )?;
     wait_for(T, "rebuilt eu-1 Healthy", healthy("eu-1"))?;
     let cluster = wait_for(T, "recovery time recorded", || {
         let c = hub.cli_json(&["cluster", "get", "eu-1"])?;
