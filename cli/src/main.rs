@@ -673,7 +673,10 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
                 let text = join_manifests(conn, &name, &labels, hub_address, &response.token)?;
                 out!("{}", text.trim_end());
             } else {
-                let hub = hub_address.as_deref().or(conn.hub.as_deref()).unwrap_or("HUB");
+                let hub = hub_address
+                    .as_deref()
+                    .or(conn.hub.as_deref())
+                    .unwrap_or("HUB");
                 let ca = conn
                     .ca
                     .as_deref()

@@ -705,7 +705,9 @@ pub fn rebuild(format: Format, name: &str, r: &RebuildClusterResponse, hub: &str
                 shell_word(hub),
                 shell_word(ca)
             );
-            out!("(in-cluster: `flotilla cluster rebuild {name} --manifest | kubectl apply -f -` instead)");
+            out!(
+                "(in-cluster: `flotilla cluster rebuild {name} --manifest | kubectl apply -f -` instead)"
+            );
         }
     }
 }

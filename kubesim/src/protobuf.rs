@@ -45,8 +45,8 @@ pub(crate) fn refused(body: &[u8], accepted: &[&str]) -> ApiError {
         "UnsupportedMediaType",
         format!(
             "kubesim does not decode Kubernetes protobuf bodies and refused {what} \
-             (kubectl's `create <kind>` and `autoscale` generators send them); send it as JSON: \
-             `kubectl create ... --dry-run=client -o yaml | kubectl apply -f -` \
+             (kubectl's `create <kind>` and `autoscale` generators send them); send it as JSON \
+             by ending the same command with `--dry-run=client -o yaml | kubectl apply -f -` \
              (accepted media types include: {})",
             accepted.join(", ")
         ),

@@ -558,17 +558,28 @@ async fn generator_commands_are_refused_with_a_json_route_that_works() {
             "apps/v1 Deployment",
         ),
         (
-            &["create", "configmap", "settings", "--from-literal=mode=fast"],
+            &[
+                "create",
+                "configmap",
+                "settings",
+                "--from-literal=mode=fast",
+            ],
             "v1 ConfigMap",
         ),
         (
-            &["create", "secret", "generic", "creds", "--from-literal=pw=hunter2"],
+            &[
+                "create",
+                "secret",
+                "generic",
+                "creds",
+                "--from-literal=pw=hunter2",
+            ],
             "v1 Secret",
         ),
         (&["create", "serviceaccount", "robot"], "v1 ServiceAccount"),
         (
             &["autoscale", "deployment", "web", "--min=2", "--max=5"],
-            "HorizontalPodAutoscaler",
+            "autoscaling/v1 HorizontalPodAutoscaler",
         ),
     ];
     for (i, (args, object)) in generators.iter().enumerate() {
@@ -591,11 +602,23 @@ async fn generator_commands_are_refused_with_a_json_route_that_works() {
     let get = |args: &[&str]| k.ok(args);
     assert!(get(&["get", "namespace", "imperative", "-o", "name"]).contains("imperative"));
     assert_eq!(
-        get(&["get", "deployment", "web", "-o", "jsonpath={.status.readyReplicas}"]),
+        get(&[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.status.readyReplicas}"
+        ]),
         "2"
     );
     assert_eq!(
-        get(&["get", "configmap", "settings", "-o", "jsonpath={.data.mode}"]),
+        get(&[
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "jsonpath={.data.mode}"
+        ]),
         "fast"
     );
     assert_eq!(
@@ -604,7 +627,13 @@ async fn generator_commands_are_refused_with_a_json_route_that_works() {
     );
     assert!(get(&["get", "serviceaccount", "robot", "-o", "name"]).contains("robot"));
     assert_eq!(
-        get(&["get", "hpa", "web", "-o", "jsonpath={.spec.minReplicas}/{.spec.maxReplicas}"]),
+        get(&[
+            "get",
+            "hpa",
+            "web",
+            "-o",
+            "jsonpath={.spec.minReplicas}/{.spec.maxReplicas}"
+        ]),
         "2/5"
     );
 }

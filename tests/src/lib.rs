@@ -745,11 +745,7 @@ impl Agent {
     /// Runs an agent command line as the CLI printed it (`flotilla-agent run ...`, words split
     /// on spaces, no quoting), with `placeholders` replaced word by word and the token in
     /// `FLOTILLA_TOKEN`; the data directory is the value of its `--data-dir`.
-    pub fn from_printed(
-        command: &str,
-        token: &str,
-        placeholders: &[(&str, &str)],
-    ) -> Result<Self> {
+    pub fn from_printed(command: &str, token: &str, placeholders: &[(&str, &str)]) -> Result<Self> {
         let mut words = command.split_whitespace().map(|w| {
             placeholders
                 .iter()

@@ -45,9 +45,7 @@ fn provision(name: &str, setup: impl FnOnce(&Path) -> Result<()>) -> Result<Path
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}",
