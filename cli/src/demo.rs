@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
-use crate::{Format, output};
+use crate::live::Live;
+use crate::output;
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
 
@@ -106,6 +107,7 @@ async fn wait_converged(
     started: Instant,
 ) -> anyhow::Result<()> {
     let mut last = String::new();
+    let mut live = Live::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let rows: Vec<FleetStatusRow> = admin
@@ -141,12 +143,16 @@ async fn wait_converged(
             .collect();
         let summary = summary.join("|");
         if summary != last {
-            out!(
-                "\n[{:>5.1}s] {done}/{clusters} clusters run {} and are Healthy",
-                started.elapsed().as_secs_f64(),
-                &revision[..12.min(revision.len())]
-            );
-            output::status(Format::Table, &rows);
+            let mut frame = vec![
+                String::new(),
+                format!(
+                    "[{:>5.1}s] {done}/{clusters} clusters run {} and are Healthy",
+                    started.elapsed().as_secs_f64(),
+                    &revision[..12.min(revision.len())]
+                ),
+            ];
+            frame.extend(output::status_lines(&rows));
+            live.show(&frame);
             last = summary;
         }
         if done == clusters {

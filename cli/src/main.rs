@@ -10,6 +10,7 @@ macro_rules! out {
 mod demo;
 mod documents;
 mod join;
+mod live;
 mod output;
 mod terminal;
 

@@ -394,69 +394,76 @@ pub fn status(format: Format, rows: &[FleetStatusRow]) {
     match format {
         Format::Json => print_json(&Value::Array(rows.iter().map(status_json).collect())),
         Format::Table => {
-            // Padding is computed on the plain text; colors are added after.
-            // Every field that came from an agent or a repository is shown escaped.
-            let shown: Vec<[String; 4]> = rows
-                .iter()
-                .map(|r| {
-                    let cluster = if r.cluster.is_empty() {
-                        "-".to_string()
-                    } else {
-                        cell(&r.cluster).into_owned()
-                    };
-                    [
-                        cluster,
-                        cell(&r.app).into_owned(),
-                        cell(&revision_shown(r)).into_owned(),
-                        cell(&r.message).into_owned(),
-                    ]
-                })
-                .collect();
-            let mut widths = [7usize, 3, 8, 4, 6];
-            for (r, s) in rows.iter().zip(&shown) {
-                let cells = [
-                    s[0].as_str(),
-                    &s[1],
-                    &s[2],
-                    r.sync().word(),
-                    r.health().word(),
-                ];
-                for (w, c) in widths.iter_mut().zip(cells) {
-                    *w = (*w).max(c.len());
-                }
-            }
-            out!(
-                "{:<w0$}   {:<w1$}   {:<w2$}   {:<w3$}   {:<w4$}   MESSAGE",
-                "CLUSTER",
-                "APP",
-                "REVISION",
-                "SYNC",
-                "HEALTH",
-                w0 = widths[0],
-                w1 = widths[1],
-                w2 = widths[2],
-                w3 = widths[3],
-                w4 = widths[4]
-            );
-            for (r, s) in rows.iter().zip(&shown) {
-                let pad = |s: &str, w: usize| {
-                    format!("{}{}", paint(s), " ".repeat(w.saturating_sub(s.len())))
-                };
-                out!(
-                    "{:<w0$}   {:<w1$}   {:<w2$}   {}   {}   {}",
-                    s[0],
-                    s[1],
-                    s[2],
-                    pad(r.sync().word(), widths[3]),
-                    pad(r.health().word(), widths[4]),
-                    s[3],
-                    w0 = widths[0],
-                    w1 = widths[1],
-                    w2 = widths[2]
-                );
+            for line in status_lines(rows) {
+                out!("{line}");
             }
         }
     }
+}
+
+/// The status table, a line per row after the header (the demo redraws it in place).
+pub fn status_lines(rows: &[FleetStatusRow]) -> Vec<String> {
+    // Padding is computed on the plain text; colors are added after.
+    // Every field that came from an agent or a repository is shown escaped.
+    let shown: Vec<[String; 4]> = rows
+        .iter()
+        .map(|r| {
+            let cluster = if r.cluster.is_empty() {
+                "-".to_string()
+            } else {
+                cell(&r.cluster).into_owned()
+            };
+            [
+                cluster,
+                cell(&r.app).into_owned(),
+                cell(&revision_shown(r)).into_owned(),
+                cell(&r.message).into_owned(),
+            ]
+        })
+        .collect();
+    let mut widths = [7usize, 3, 8, 4, 6];
+    for (r, s) in rows.iter().zip(&shown) {
+        let cells = [
+            s[0].as_str(),
+            &s[1],
+            &s[2],
+            r.sync().word(),
+            r.health().word(),
+        ];
+        for (w, c) in widths.iter_mut().zip(cells) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut lines = vec![format!(
+        "{:<w0$}   {:<w1$}   {:<w2$}   {:<w3$}   {:<w4$}   MESSAGE",
+        "CLUSTER",
+        "APP",
+        "REVISION",
+        "SYNC",
+        "HEALTH",
+        w0 = widths[0],
+        w1 = widths[1],
+        w2 = widths[2],
+        w3 = widths[3],
+        w4 = widths[4]
+    )];
+    for (r, s) in rows.iter().zip(&shown) {
+        let pad =
+            |s: &str, w: usize| format!("{}{}", paint(s), " ".repeat(w.saturating_sub(s.len())));
+        lines.push(format!(
+            "{:<w0$}   {:<w1$}   {:<w2$}   {}   {}   {}",
+            s[0],
+            s[1],
+            s[2],
+            pad(r.sync().word(), widths[3]),
+            pad(r.health().word(), widths[4]),
+            s[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        ));
+    }
+    lines
 }
 
 pub fn history(format: Format, app: &App) {

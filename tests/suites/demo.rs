@@ -25,5 +25,30 @@ fn demo_converges_twice_and_exits_when_synced() -> Result<()> {
     for name in ["eu-1", "us-1", "ap-1", "eu-2"] {
         assert!(stdout.contains(name), "{name} missing from:\n{stdout}");
     }
+    // Piped, every frame is appended and nothing is a terminal sequence.
+    assert!(!stdout.contains('\x1b'), "{stdout}");
+    assert!(stdout.matches("CLUSTER ").count() >= 2, "{stdout}");
+    Ok(())
+}
+
+/// On a terminal (a pseudo-terminal from util-linux `script`) the table is redrawn in place:
+/// each new frame moves back over the last one and clears it.
+#[test]
+fn on_a_terminal_the_demo_redraws_its_table_in_place() -> Result<()> {
+    let demo = format!(
+        "{} demo --clusters 2 --exit-when-synced",
+        bin("flotilla").display()
+    );
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &demo, "/dev/null"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("the change reached all 2 clusters"),
+        "{stdout}"
+    );
+    let redraws = stdout.matches("F\x1b[J").count();
+    assert!(redraws >= 2, "{redraws} redraws in:\n{stdout:?}");
     Ok(())
 }
