@@ -13,6 +13,7 @@ mod join;
 mod live;
 mod output;
 mod terminal;
+mod wait;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -124,6 +125,13 @@ enum RolloutCommand {
     Status {
         /// The app whose rollout to show.
         app: String,
+        /// Keep showing it until it ends: exit 0 when it Succeeded, 1 when it rolled back, failed
+        /// or timed out, 2 when it is paused waiting for an operator.
+        #[arg(long)]
+        watch: bool,
+        /// How long `--watch` waits.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Start nothing new until resumed.
     Pause {
@@ -190,6 +198,15 @@ enum AppCommand {
         /// The app's name.
         name: String,
     },
+    /// Wait until every cluster the app targets runs what git wants, Synced and Healthy; live
+    /// progress on a terminal, then a result line (exit 0, or 1 when it timed out).
+    Wait {
+        /// The app's name.
+        name: String,
+        /// How long to wait.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// The revisions an app was rendered at, newest first, and which were rolled out.
     History {
         /// The app's name.
@@ -226,17 +243,18 @@ enum AppCommand {
     },
 }
 
-/// `app diff` found differences: exit code 1, nothing more to say.
+/// The command already said how it ended (`app diff` found differences, a wait's result line):
+/// exit with this code and print nothing more.
 #[derive(Debug)]
-struct Differences;
+pub(crate) struct Exit(pub(crate) u8);
 
-impl std::fmt::Display for Differences {
+impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("differences found")
+        write!(f, "exit code {}", self.0)
     }
 }
 
-impl std::error::Error for Differences {}
+impl std::error::Error for Exit {}
 
 #[derive(Subcommand)]
 enum ClusterCommand {
@@ -275,6 +293,13 @@ enum ClusterCommand {
         /// The address agents dial (default: --hub).
         #[arg(long)]
         hub_address: Option<String>,
+        /// After printing the token, wait until the replacement registered and every app it
+        /// runs is Healthy (exit 0, or 1 when it timed out).
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Print the manifests that install and register an agent in cluster NAME: deploy/agent with
     /// a fresh single-use token bound to NAME, the hub CA, the hub address and the labels.
@@ -305,7 +330,9 @@ async fn main() -> ExitCode {
     );
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) if err.is::<Differences>() => ExitCode::from(1),
+        Err(err) if err.is::<Exit>() => {
+            ExitCode::from(err.downcast_ref::<Exit>().map_or(1, |e| e.0))
+        }
         Err(err) => {
             // Errors quote what the hub said, which may quote a repository or an agent.
             eprintln!("error: {}", terminal::cell(&format!("{err:#}")));
@@ -474,6 +501,7 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
                 .into_inner();
             output::app(format, &app);
         }
+        AppCommand::Wait { name, timeout } => return wait::app(&mut admin, &name, timeout).await,
         AppCommand::History { name } => {
             let app = admin
                 .get_app(GetAppRequest { name })
@@ -524,7 +552,7 @@ async fn app(conn: &Connection, format: Format, command: AppCommand) -> anyhow::
                 .map_err(rpc_error)?
                 .into_inner();
             if output::diff(format, &diff) {
-                return Err(Differences.into());
+                return Err(Exit(1).into());
             }
         }
         AppCommand::Delete { name } => {
@@ -649,16 +677,16 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
             ttl,
             manifest,
             hub_address,
+            wait,
+            timeout,
         } => {
-            let labels = if manifest {
-                admin
-                    .get_cluster(GetClusterRequest { name: name.clone() })
-                    .await
-                    .map_err(rpc_error)?
-                    .into_inner()
-                    .labels
-                    .into_iter()
-                    .collect()
+            let lost = admin
+                .get_cluster(GetClusterRequest { name: name.clone() })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let labels: BTreeMap<String, String> = if manifest {
+                lost.labels.into_iter().collect()
             } else {
                 BTreeMap::new()
             };
@@ -683,6 +711,9 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
                     .as_deref()
                     .map_or_else(|| "CA".to_string(), |p| p.display().to_string());
                 output::rebuild(format, &name, &response, hub, &ca);
+            }
+            if wait {
+                return wait::rebuild(&mut admin, &name, &lost.cert_serial, timeout).await;
             }
         }
         ClusterCommand::Join {
@@ -727,7 +758,15 @@ async fn cluster(conn: &Connection, format: Format, command: ClusterCommand) -> 
 async fn rollout(conn: &Connection, format: Format, command: RolloutCommand) -> anyhow::Result<()> {
     let mut admin = admin_client(conn).await?;
     let (app, action) = match command {
-        RolloutCommand::Status { app } => {
+        RolloutCommand::Status {
+            app,
+            watch: true,
+            timeout,
+        } if format == Format::Table => return wait::rollout(&mut admin, &app, timeout).await,
+        RolloutCommand::Status { app, watch, .. } => {
+            if watch {
+                anyhow::bail!("--watch shows a table; drop -o json");
+            }
             let status = admin
                 .get_rollout(GetRolloutRequest { app })
                 .await

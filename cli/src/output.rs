@@ -2,11 +2,11 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_proto::v1::SyncStatus;
 use flotilla_proto::v1::{
     App, AuditEntry, Cluster, CreateTokenResponse, DiffAppResponse, FleetStatusRow,
     RebuildClusterResponse, RolloutStatus, SyncRequested,
 };
+use flotilla_proto::v1::{RolloutPhase, SyncStatus};
 use serde_json::{Value, json};
 
 use crate::Format;
@@ -53,6 +53,13 @@ fn cluster_json(cluster: &Cluster) -> Value {
 /// Prints rows with columns padded to the widest cell; every cell is shown escaped (it may come
 /// from an agent, a repository or a user).
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    for line in table_lines(header, rows) {
+        out!("{line}");
+    }
+}
+
+/// An aligned table as lines, every cell escaped.
+fn table_lines(header: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
     let rows: Vec<Vec<String>> = rows
         .into_iter()
         .map(|r| r.iter().map(|c| cell(c).into_owned()).collect())
@@ -69,10 +76,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        out!("{}", padded.join("   ").trim_end());
+        padded.join("   ").trim_end().to_string()
     };
-    line(header.iter().map(|h| h.to_string()).collect());
-    rows.into_iter().for_each(line);
+    std::iter::once(line(header.iter().map(|h| h.to_string()).collect()))
+        .chain(rows.into_iter().map(line))
+        .collect()
 }
 
 fn print_json(value: &Value) {
@@ -174,7 +182,7 @@ pub fn deregistered(format: Format, name: &str, serials: &[String]) {
     }
 }
 
-fn short(revision: &str) -> String {
+pub(crate) fn short(revision: &str) -> String {
     if revision.is_empty() {
         "-".into()
     } else {
@@ -206,7 +214,7 @@ fn app_json(app: &App) -> Value {
         })).collect::<Vec<_>>(),
         "pinned_revision": if app.pinned_revision.is_empty() { Value::Null } else { json!(app.pinned_revision) },
         "stable_revision": if app.stable_revision.is_empty() { Value::Null } else { json!(app.stable_revision) },
-        "rollout_phase": if app.rollout_phase.is_empty() { Value::Null } else { json!(app.rollout_phase) },
+        "rollout_phase": match app.rollout_phase() { RolloutPhase::Unspecified => Value::Null, p => json!(p.word()) },
         "spec": spec["spec"],
     })
 }
@@ -587,7 +595,7 @@ fn rollout_json(r: &RolloutStatus) -> Value {
         "app": r.app,
         "id": r.id,
         "revision": r.revision,
-        "phase": r.phase,
+        "phase": r.phase().word(),
         "currentStep": r.current_step,
         "steps": r.steps,
         "message": r.message,
@@ -612,40 +620,50 @@ pub fn rollout(format: Format, r: &RolloutStatus) {
     match format {
         Format::Json => print_json(&rollout_json(r)),
         Format::Table => {
-            out!("{:<10}{}", "App:", cell(&r.app));
-            out!("{:<10}{}", "Revision:", cell(&r.revision));
-            out!("{:<10}{}", "Phase:", cell(&r.phase));
-            let step = r
-                .steps
-                .get(r.current_step as usize)
-                .map_or("-", String::as_str);
-            out!(
-                "{:<10}{} of {} ({})",
-                "Step:",
-                (r.current_step as usize + 1).min(r.steps.len()),
-                r.steps.len(),
-                cell(step)
-            );
-            out!("{:<10}{}", "Why:", cell(&r.message));
-            out!();
-            table(
-                &["CLUSTER", "STEP", "STATE", "FROM", "TO", "REASON"],
-                r.clusters
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.cluster.clone(),
-                            r.steps.get(c.step as usize).cloned().unwrap_or_default(),
-                            c.state.clone(),
-                            short(&c.from_revision),
-                            short(&c.to_revision),
-                            c.reason.clone(),
-                        ]
-                    })
-                    .collect(),
-            );
+            for line in rollout_lines(r) {
+                out!("{line}");
+            }
         }
     }
+}
+
+/// `rollout status` as lines (`--watch` redraws them).
+pub(crate) fn rollout_lines(r: &RolloutStatus) -> Vec<String> {
+    let step = r
+        .steps
+        .get(r.current_step as usize)
+        .map_or("-", String::as_str);
+    let mut lines = vec![
+        format!("{:<10}{}", "App:", cell(&r.app)),
+        format!("{:<10}{}", "Revision:", cell(&r.revision)),
+        format!("{:<10}{}", "Phase:", r.phase().word()),
+        format!(
+            "{:<10}{} of {} ({})",
+            "Step:",
+            (r.current_step as usize + 1).min(r.steps.len()),
+            r.steps.len(),
+            cell(step)
+        ),
+        format!("{:<10}{}", "Why:", cell(&r.message)),
+        String::new(),
+    ];
+    lines.extend(table_lines(
+        &["CLUSTER", "STEP", "STATE", "FROM", "TO", "REASON"],
+        r.clusters
+            .iter()
+            .map(|c| {
+                vec![
+                    c.cluster.clone(),
+                    r.steps.get(c.step as usize).cloned().unwrap_or_default(),
+                    c.state.clone(),
+                    short(&c.from_revision),
+                    short(&c.to_revision),
+                    c.reason.clone(),
+                ]
+            })
+            .collect(),
+    ));
+    lines
 }
 
 pub fn audit(format: Format, entries: &[AuditEntry]) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flotilla_bundle::selector::LabelSelector;
 use flotilla_proto::status::{Observed, Verdict};
-use flotilla_proto::v1::SyncStatus;
+use flotilla_proto::v1::{RolloutPhase, SyncStatus};
 use serde::{Deserialize, Serialize};
 
 /// A count of clusters or a percentage of a group ("25%").
@@ -250,6 +250,18 @@ pub enum Phase {
 impl Phase {
     pub fn is_active(self) -> bool {
         matches!(self, Phase::Progressing | Phase::Paused)
+    }
+}
+
+impl From<Phase> for RolloutPhase {
+    fn from(phase: Phase) -> Self {
+        match phase {
+            Phase::Progressing => RolloutPhase::Progressing,
+            Phase::Paused => RolloutPhase::Paused,
+            Phase::Succeeded => RolloutPhase::Succeeded,
+            Phase::RolledBack => RolloutPhase::RolledBack,
+            Phase::Failed => RolloutPhase::Failed,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The sync and health vocabulary every crate shares: the wire enums, their words, and the one rule
 //! that says when a cluster runs a bundle Synced and Healthy. Nothing compares these as strings.
 
-use crate::v1::{AppStatus, HealthStatus, HookPhase, SyncStatus};
+use crate::v1::{AppStatus, HealthStatus, HookPhase, RolloutPhase, SyncStatus};
 
 impl SyncStatus {
     /// The word operators read (`flotilla status`, `-o json`).
@@ -37,6 +37,25 @@ impl HealthStatus {
             HealthStatus::Degraded => 3,
             HealthStatus::Unknown => 4,
         }
+    }
+}
+
+impl RolloutPhase {
+    /// The word operators read (`rollout status`, `-o json`); empty before the first rollout.
+    pub fn word(self) -> &'static str {
+        match self {
+            RolloutPhase::Unspecified => "",
+            RolloutPhase::Progressing => "Progressing",
+            RolloutPhase::Paused => "Paused",
+            RolloutPhase::Succeeded => "Succeeded",
+            RolloutPhase::RolledBack => "RolledBack",
+            RolloutPhase::Failed => "Failed",
+        }
+    }
+
+    /// Whether the rollout still has work to do (a paused one waits for an operator).
+    pub fn is_active(self) -> bool {
+        matches!(self, RolloutPhase::Progressing | RolloutPhase::Paused)
     }
 }
 

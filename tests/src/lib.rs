@@ -200,8 +200,13 @@ pub struct AdminCli {
 
 impl AdminCli {
     pub fn run(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(bin("flotilla"))
-            .arg("--hub")
+        Ok(self.command(args).output()?)
+    }
+
+    /// The admin's `flotilla` command line, to spawn (a long wait read while it runs).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("flotilla"));
+        cmd.arg("--hub")
             .arg(&self.url)
             .arg("--ca")
             .arg(self.pki.join("ca.pem"))
@@ -209,8 +214,8 @@ impl AdminCli {
             .arg(self.pki.join("admin.pem"))
             .arg("--key")
             .arg(self.pki.join("admin-key.pem"))
-            .args(args)
-            .output()?)
+            .args(args);
+        cmd
     }
 }
 

@@ -2,6 +2,8 @@
 //! its name; a fresh agent in an empty cluster registers as it, keeps its labels, converges to every
 //! app it ran, and the hub shows how long that took.
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -74,9 +76,22 @@ async fn a_rebuilt_cluster_takes_over_its_identity_and_converges() -> Result<()>
             .contains(&"cache".to_string())
     );
 
-    // The table form, as an operator reads it: the token, and the agent command to run.
-    let rebuilt = hub.cli(&["cluster", "rebuild", "eu-1"])?;
-    let rebuilt = String::from_utf8_lossy(&rebuilt.stdout).into_owned();
+    // The table form, as an operator reads it: the token, and the agent command to run; with
+    // `--wait` it then waits for the replacement (read while it runs, below).
+    let mut waiting = hub
+        .admin_cli()
+        .command(&["cluster", "rebuild", "eu-1", "--wait", "--timeout", "60s"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(waiting.stdout.take().expect("piped stdout")).lines();
+    let mut rebuilt = String::new();
+    while !rebuilt.contains("flotilla-agent run") {
+        let Some(line) = lines.next() else {
+            anyhow::bail!("cluster rebuild ended early:\n{rebuilt}");
+        };
+        rebuilt.push_str(&line?);
+        rebuilt.push('\n');
+    }
     let line_after = |prefix: &str| {
         rebuilt
             .lines()
@@ -119,6 +134,15 @@ async fn a_rebuilt_cluster_takes_over_its_identity_and_converges() -> Result<()>
         ],
     )?;
     wait_for(T, "rebuilt eu-1 Healthy", healthy("eu-1"))?;
+    // `--wait` ends by itself once the replacement converged, with a result line and exit 0.
+    let rest: Vec<String> = lines.collect::<std::io::Result<_>>()?;
+    let status = waiting.wait()?;
+    let result = rest.last().cloned().unwrap_or_default();
+    ensure!(status.success(), "rebuild --wait: {status}: {rest:?}");
+    ensure!(
+        result.starts_with("cluster eu-1 rebuilt: every app Healthy"),
+        "{rest:?}"
+    );
     let cluster = wait_for(T, "recovery time recorded", || {
         let c = hub.cli_json(&["cluster", "get", "eu-1"])?;
         ensure!(

@@ -15,7 +15,9 @@ use flotilla_proto::v1::{
     RollbackAppRequest, RolloutActionRequest, RolloutCluster, RolloutStatus, SyncAppRequest,
     SyncAppResponse, SyncRequested, SyncStatus,
 };
-use flotilla_proto::v1::{ListTokensRequest, ListTokensResponse, RevokeTokenRequest, TokenInfo};
+use flotilla_proto::v1::{
+    ListTokensRequest, ListTokensResponse, RevokeTokenRequest, RolloutPhase, TokenInfo,
+};
 use tonic::{Request, Response, Status};
 
 use crate::apps::AppDocument;
@@ -264,8 +266,8 @@ impl AdminService {
             rollout_phase: record
                 .status
                 .rollout
-                .map(|r| format!("{:?}", r.phase))
-                .unwrap_or_default(),
+                .map_or(RolloutPhase::Unspecified, |r| r.phase.into())
+                .into(),
         })
     }
 
@@ -281,7 +283,7 @@ impl AdminService {
             app: name.clone(),
             id: r.id,
             revision: r.revision.clone(),
-            phase: format!("{:?}", r.phase),
+            phase: RolloutPhase::from(r.phase).into(),
             current_step: as_u32(r.current_step),
             steps: r.steps.clone(),
             message: r.message.clone(),
