@@ -21,7 +21,7 @@ use crate::credentials::IdentityStore;
 use crate::engine::health::{Health, HealthStatus};
 use crate::engine::inventory::CachedBundle;
 use crate::engine::plan::ObjRef;
-use crate::engine::{AppSpec, Engine, Outcome};
+use crate::engine::{AppSpec, Engine, Outcome, Progress};
 use crate::leaving::{Fate, fate, leaving};
 use crate::link::HubLink;
 use crate::pass::{Orders, Pass, pass_for, with_difference};
@@ -395,7 +395,7 @@ impl Fleet {
             manual: false,
             self_heal: true,
         };
-        match self.engine.reconcile(&spec, &[], |_, _| {}).await {
+        match self.engine.reconcile(&spec, &[], |_| {}).await {
             Ok(report) => {
                 tracing::info!(
                     app,
@@ -501,7 +501,14 @@ impl Fleet {
                     // it may have created), rather than finish an old bundle under the new one.
                     let applied = tokio::select! {
                         _ = cancel.cancelled() => return,
-                        applied = self.apply_pass(&app, &bundle, &orders, &mut last_failures) => applied,
+                        applied = self.apply_pass(&app, &bundle, &orders, &mut last_failures, |waiting| {
+                            // A wave or hook may hold the pass for minutes: say on what meanwhile.
+                            let h = Health {
+                                state: HealthStatus::Progressing,
+                                message: waiting.to_string(),
+                            };
+                            self.board.set(status(&bundle.digest, SyncStatus::OutOfSync, &h, 0, "", &hooks));
+                        }) => applied,
                     };
                     applied.map(|(objects, sync, failures, ran)| {
                         if !ran.is_empty() {
@@ -602,13 +609,21 @@ impl Fleet {
         bundle: &CachedBundle,
         orders: &Orders,
         last_failures: &mut Option<Vec<ObjRef>>,
+        mut waiting: impl FnMut(&str) + Send,
     ) -> Result<(
         Vec<(ObjRef, Option<String>)>,
         SyncStatus,
         Vec<ObjRef>,
         Vec<HookRun>,
     )> {
-        let result = self.engine.reconcile(app, &bundle.objects, |_, _| {}).await;
+        let result = self
+            .engine
+            .reconcile(app, &bundle.objects, |step| {
+                if let Progress::Waiting(what) = step {
+                    waiting(what);
+                }
+            })
+            .await;
         self.metrics
             .reconciled(result.as_ref().is_ok_and(|r| r.failed() == 0));
         let report = result?;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::health::HealthStatus;
 use crate::engine::inventory::LocalCache;
-use crate::engine::{AppSpec, Engine, Outcome};
+use crate::engine::{AppSpec, Engine, Outcome, Progress};
 use crate::{Error, Result};
 use flotilla_bundle::manifest;
 use flotilla_proto::v1::SyncStatus;
@@ -85,11 +85,14 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
         cache.save_bundle(app, &objects, &digest, "").await?;
     }
     let report = engine
-        .reconcile(app, &objects, |r, outcome| match outcome {
-            Outcome::Applied => println!("  applied  {r}"),
-            Outcome::Pruned => println!("  pruned   {r}"),
-            Outcome::Skipped(why) => println!("  skipped  {r}: {why}"),
-            Outcome::Failed(e) | Outcome::HookFailed(e) => println!("  FAILED   {r}: {e}"),
+        .reconcile(app, &objects, |step| match step {
+            Progress::Done(r, Outcome::Applied) => println!("  applied  {r}"),
+            Progress::Done(r, Outcome::Pruned) => println!("  pruned   {r}"),
+            Progress::Done(r, Outcome::Skipped(why)) => println!("  skipped  {r}: {why}"),
+            Progress::Done(r, Outcome::Failed(e) | Outcome::HookFailed(e)) => {
+                println!("  FAILED   {r}: {e}")
+            }
+            Progress::Waiting(what) => println!("  {what}"),
         })
         .await?;
     if let Some(note) = &report.prune_note {

@@ -6,7 +6,7 @@ use flotilla_proto::v1::{
     App, AuditEntry, Cluster, CreateTokenResponse, DiffAppResponse, FleetStatusRow,
     RebuildClusterResponse, RolloutStatus, SyncRequested,
 };
-use flotilla_proto::v1::{RolloutPhase, SyncStatus};
+use flotilla_proto::v1::{HealthStatus, RolloutPhase, SyncStatus};
 use serde_json::{Value, json};
 
 use crate::Format;
@@ -321,11 +321,17 @@ pub fn app(format: Format, app: &App) {
                         } else {
                             format!("{} {}/{}", h.kind, h.namespace, h.name)
                         };
+                        // A finished hook succeeded (Healthy: a Job Complete) or failed.
+                        let result = match h.health() {
+                            HealthStatus::Healthy => "Succeeded",
+                            HealthStatus::Degraded => "Failed",
+                            other => other.word(),
+                        };
                         vec![
                             c.cluster.clone(),
                             h.phase().word().to_string(),
                             hook,
-                            h.health().word().to_string(),
+                            result.to_string(),
                             rfc3339_ms(h.finished_at_unix_ms).unwrap_or_default(),
                             h.message.clone(),
                         ]
@@ -335,7 +341,7 @@ pub fn app(format: Format, app: &App) {
             if !hooks.is_empty() {
                 out!();
                 table(
-                    &["CLUSTER", "PHASE", "HOOK", "HEALTH", "FINISHED", "MESSAGE"],
+                    &["CLUSTER", "PHASE", "HOOK", "RESULT", "FINISHED", "MESSAGE"],
                     hooks,
                 );
             }

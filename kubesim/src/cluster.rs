@@ -360,10 +360,13 @@ impl Cluster {
     fn schedule(&self, state: &mut State, key: &ObjKey) {
         if controllers::watches(&key.1) {
             let now = Instant::now();
+            let delay = state
+                .objects
+                .get(key)
+                .and_then(controllers::ready_after)
+                .unwrap_or(self.settings.ready_delay);
             state.pending.insert((now, key.clone()));
-            state
-                .pending
-                .insert((now + self.settings.ready_delay, key.clone()));
+            state.pending.insert((now + delay, key.clone()));
             self.wake.notify_one();
         }
     }

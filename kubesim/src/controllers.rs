@@ -3,13 +3,26 @@
 //!
 //! Faults: a workload whose pod template carries `kubesim.flotilla.dev/broken: "true"` or runs an
 //! image tagged `broken` never becomes available; after the ready delay it reports what a crash-looping
-//! rollout reports once its progress deadline passed.
+//! rollout reports once its progress deadline passed. A slow one: the annotation
+//! `kubesim.flotilla.dev/ready-after: 5s` (on the object) replaces the cluster's ready delay for it.
 
 use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
 use crate::meta;
+
+/// The longest `kubesim.flotilla.dev/ready-after` honoured: a typo must not park an object forever.
+const MAX_READY_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The object's own ready delay, from `kubesim.flotilla.dev/ready-after` (a duration, at most
+/// 10 minutes); `None` when absent or unreadable, so the cluster's delay applies.
+pub fn ready_after(obj: &Value) -> Option<std::time::Duration> {
+    let text = obj["metadata"]["annotations"]["kubesim.flotilla.dev/ready-after"].as_str()?;
+    humantime::parse_duration(text)
+        .ok()
+        .map(|d| d.min(MAX_READY_AFTER))
+}
 
 /// Kinds (by plural) whose status the simulated controllers maintain.
 pub fn watches(plural: &str) -> bool {
@@ -731,6 +744,17 @@ mod tests {
         json!({"metadata": {"name": "web", "generation": 2},
                "spec": {"replicas": 3, "template": {"metadata": {"labels": {"app": "web"}},
                         "spec": {"containers": [{"name": "c", "image": image}]}}}})
+    }
+
+    #[test]
+    fn an_object_may_name_its_own_ready_delay_within_bounds() {
+        let with =
+            |v: &str| json!({"metadata": {"annotations": {"kubesim.flotilla.dev/ready-after": v}}});
+        use std::time::Duration;
+        assert_eq!(ready_after(&with("3s")), Some(Duration::from_secs(3)));
+        assert_eq!(ready_after(&with("2h")), Some(MAX_READY_AFTER));
+        assert_eq!(ready_after(&with("soon")), None);
+        assert_eq!(ready_after(&json!({"metadata": {}})), None);
     }
 
     #[test]

@@ -203,3 +203,76 @@ async fn deleting_an_app_deletes_the_hook_jobs_it_left() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// While a pass waits on a slow wave or hook, the cluster's row says on what (a report, not a held
+/// one), and `app get`'s hook table reads each hook's result.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_waiting_on_a_wave_or_a_hook_says_on_what_meanwhile() -> Result<()> {
+    let f = Fleet::start(&[("eu-1", "region=eu")])?;
+    let slow = "kubesim.flotilla.dev/ready-after: 4s";
+    f.repo.write(
+        "web/before.yaml",
+        &job(
+            &format!(
+                "{{name: migrate, annotations: {{argocd.argoproj.io/hook: PreSync, {slow}}}}}"
+            ),
+            "busybox:1.36",
+        ),
+    )?;
+    f.repo.write(
+        "web/api.yaml",
+        &format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: api, annotations: {{argocd.argoproj.io/sync-wave: \"0\", {slow}}}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: api}}}}\n  template:\n    metadata: {{labels: {{app: api}}}}\n    spec: {{containers: [{{name: api, image: \"nginx:1.27\"}}]}}\n"
+        ),
+    )?;
+    f.repo.write(
+        "web/cm.yaml",
+        &config_map("web", "argocd.argoproj.io/sync-wave: \"1\"", "1"),
+    )?;
+    let v1 = f.repo.commit("v1")?;
+    f.apply("web", "web", "  targets: {clusters: [eu-1]}\n")?;
+
+    let mut seen: Vec<String> = Vec::new();
+    wait_for(
+        T,
+        "web Synced and Healthy, having said what it waited on",
+        || {
+            let rows = f.rows("web")?;
+            let row = rows.first().cloned().unwrap_or_default();
+            let message = row["message"].as_str().unwrap_or_default().to_string();
+            if !message.is_empty() && seen.last() != Some(&message) {
+                seen.push(message);
+            }
+            ensure!(
+                row["revision"] == v1.as_str()
+                    && row["sync"] == "Synced"
+                    && row["health"] == "Healthy",
+                "{row}"
+            );
+            Ok(Some(()))
+        },
+    )?;
+    let said = |needle: &str| seen.iter().any(|m| m.contains(needle));
+    ensure!(
+        said("PreSync hook: waiting for Job default/migrate (Progressing"),
+        "{seen:#?}"
+    );
+    ensure!(
+        said("wave 1 of 2 (sync-wave 0): waiting for Deployment default/api (Progressing"),
+        "{seen:#?}"
+    );
+
+    let table = f.hub.cli(&["app", "get", "web"])?;
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let hook_line = table
+        .lines()
+        .find(|l| l.contains("Job default/migrate"))
+        .unwrap_or_default();
+    ensure!(
+        table.contains("RESULT")
+            && hook_line.contains("PreSync")
+            && hook_line.contains("Succeeded"),
+        "{table}"
+    );
+    Ok(())
+}

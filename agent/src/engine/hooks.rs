@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use super::health::HealthStatus;
 use super::plan::{self, ObjRef};
+use super::progress::Progress;
 use super::{AppSpec, Engine, FIELD_MANAGER, WAVE_TIMEOUT, gvk_of, now_ms};
 use crate::{Error, Result};
 use flotilla_proto::v1::HookRun;
@@ -27,9 +28,12 @@ impl Engine {
         phase: plan::HookPhase,
         runs: &mut Vec<HookRun>,
         left: &mut Vec<ObjRef>,
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
     ) -> std::result::Result<(), (ObjRef, String)> {
         for i in plan::apply_order(hooks) {
-            let (live, outcome) = self.run_hook(app, &hooks[i], left).await;
+            let (live, outcome) = self
+                .run_hook(app, &hooks[i], left, &format!("{phase} hook"), progress)
+                .await;
             let (health, message) = match &outcome {
                 Ok(()) => (HealthStatus::Healthy, String::new()),
                 Err(why) => (HealthStatus::Degraded, why.clone()),
@@ -58,6 +62,8 @@ impl Engine {
         app: &AppSpec,
         obj: &Value,
         left: &mut Vec<ObjRef>,
+        label: &str,
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
     ) -> (ObjRef, std::result::Result<(), String>) {
         let policies = plan::delete_policies(obj);
         let r = ObjRef::of(obj);
@@ -112,7 +118,13 @@ impl Engine {
             live.name = name;
         }
         let (h, each) = self
-            .wait_healthy(&app.name, &[(live.clone(), None)], WAVE_TIMEOUT)
+            .wait_healthy_telling(
+                &app.name,
+                &[(live.clone(), None)],
+                WAVE_TIMEOUT,
+                label,
+                progress,
+            )
             .await;
         let ok = h.state == HealthStatus::Healthy;
         let delete = (ok && policies.contains(&plan::DeletePolicy::HookSucceeded))

@@ -7,6 +7,7 @@ pub mod health;
 mod hooks;
 pub mod inventory;
 pub mod plan;
+pub mod progress;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use flotilla_proto::v1::{HookRun, SyncStatus};
 use health::{Health, HealthStatus};
 use inventory::{Inventory, LocalCache};
 use plan::{ObjRef, PruneDecision};
+pub use progress::Progress;
 
 fn now_ms() -> i64 {
     let since = std::time::SystemTime::now()
@@ -282,13 +284,14 @@ impl Engine {
     }
 
     /// One reconcile pass: apply every object in order, prune what left, record the inventory.
-    /// `progress` is told about each object as it is done.
+    /// `progress` is told about each object as it is done, and what the pass waits on meanwhile.
     pub async fn reconcile(
         &self,
         app: &AppSpec,
         objects: &[Value],
-        mut progress: impl FnMut(&ObjRef, &Outcome),
+        mut progress: impl FnMut(Progress<'_>) + Send,
     ) -> Result<Report> {
+        let progress: &mut (dyn FnMut(Progress<'_>) + Send) = &mut progress;
         let digest = digest(objects);
         let old = self.inventory(&app.name).await?;
         // Hooks run once per new revision and are never tracked, healed or pruned as resources;
@@ -370,6 +373,7 @@ impl Engine {
                     plan::HookPhase::PreSync,
                     &mut runs,
                     &mut hooks_left,
+                    progress,
                 )
                 .await
             {
@@ -403,7 +407,7 @@ impl Engine {
                     Outcome::Failed(e) if failed.is_none() => failed = Some((r.clone(), e.clone())),
                     _ => {}
                 }
-                progress(&r, &outcome);
+                progress(Progress::Done(&r, &outcome));
                 final_refs.push(r.clone());
                 report.objects.push((r, outcome));
             }
@@ -417,6 +421,7 @@ impl Engine {
                         plan::HookPhase::Sync,
                         &mut runs,
                         &mut hooks_left,
+                        progress,
                     )
                     .await
             {
@@ -434,7 +439,10 @@ impl Engine {
                 stopped = Some(format!("sync stopped at wave {wave}: {r} failed: {e}"));
                 continue;
             }
-            let (h, _) = self.wait_healthy(&app.name, &applied, WAVE_TIMEOUT).await;
+            let label = format!("wave {} of {} (sync-wave {wave})", n + 1, waves.len());
+            let (h, _) = self
+                .wait_healthy_telling(&app.name, &applied, WAVE_TIMEOUT, &label, progress)
+                .await;
             if h.state != HealthStatus::Healthy {
                 stopped = Some(format!(
                     "sync stopped at wave {wave}: not Healthy ({}): {}",
@@ -456,7 +464,15 @@ impl Engine {
                 // PostSync runs once every resource is Healthy.
                 let objects: Vec<(ObjRef, Option<String>)> =
                     final_refs.iter().map(|r| (r.clone(), None)).collect();
-                let (h, _) = self.wait_healthy(&app.name, &objects, WAVE_TIMEOUT).await;
+                let (h, _) = self
+                    .wait_healthy_telling(
+                        &app.name,
+                        &objects,
+                        WAVE_TIMEOUT,
+                        "before PostSync hooks",
+                        progress,
+                    )
+                    .await;
                 outcome = if h.state == HealthStatus::Healthy {
                     self.run_hooks(
                         app,
@@ -464,6 +480,7 @@ impl Engine {
                         plan::HookPhase::PostSync,
                         &mut runs,
                         &mut hooks_left,
+                        progress,
                     )
                     .await
                     .map_err(Some)
@@ -495,6 +512,7 @@ impl Engine {
                     plan::HookPhase::SyncFail,
                     &mut runs,
                     &mut hooks_left,
+                    progress,
                 )
                 .await
             {
@@ -570,7 +588,7 @@ impl Engine {
                             still_tracked.push(r.clone());
                         }
                     }
-                    progress(&r, &outcome);
+                    progress(Progress::Done(&r, &outcome));
                     report.objects.push((r, outcome));
                 }
                 self.save_inventory(
@@ -967,7 +985,22 @@ impl Engine {
         objects: &[(ObjRef, Option<String>)],
         timeout: Duration,
     ) -> (Health, Vec<(ObjRef, Health)>) {
+        self.wait_healthy_telling(app, objects, timeout, "", &mut |_| {})
+            .await
+    }
+
+    /// [`Engine::wait_healthy`], telling `progress` what it waits on (under `label`) whenever
+    /// that changes.
+    pub(crate) async fn wait_healthy_telling(
+        &self,
+        app: &str,
+        objects: &[(ObjRef, Option<String>)],
+        timeout: Duration,
+        label: &str,
+        progress: &mut (dyn FnMut(Progress<'_>) + Send),
+    ) -> (Health, Vec<(ObjRef, Health)>) {
         let deadline = Instant::now() + timeout;
+        let mut told = String::new();
         loop {
             let (overall, each) = self.health(app, objects).await;
             if matches!(
@@ -976,6 +1009,12 @@ impl Engine {
             ) || Instant::now() >= deadline
             {
                 return (overall, each);
+            }
+            if let Some(waiting) = progress::waiting_on(label, &each)
+                && waiting != told
+            {
+                progress(Progress::Waiting(&waiting));
+                told = waiting;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -1019,7 +1058,7 @@ impl Engine {
             let event = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = ticker.tick(), if resync.is_some() => {
-                    self.reconcile(app, objects, |_, _| {}).await?;
+                    self.reconcile(app, objects, |_| {}).await?;
                     continue;
                 }
                 event = events.next() => event,
