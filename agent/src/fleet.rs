@@ -24,7 +24,7 @@ use crate::engine::plan::ObjRef;
 use crate::engine::{AppSpec, Engine, Outcome, Progress};
 use crate::leaving::{Fate, fate, leaving};
 use crate::link::HubLink;
-use crate::pass::{Orders, Pass, pass_for, with_difference};
+use crate::pass::{Orders, Pass, pass_for, spec_of, with_difference};
 use crate::{Error, Result};
 
 /// The objects of a fetched bundle (its digest already verified): a JSON array of Kubernetes
@@ -311,15 +311,7 @@ impl Fleet {
     /// The bundle `digest` for an assignment: from the cache when the digest matches, else
     /// fetched; a manual app's empty digest (never synced) is an empty bundle.
     async fn bundle_for(&self, a: &Assignment, digest: &str) -> Result<CachedBundle> {
-        let spec = AppSpec {
-            name: a.app.clone(),
-            namespace: a.namespace.clone(),
-            prune: a.prune,
-            allow_empty: a.allow_empty,
-            create_namespace: a.create_namespace,
-            manual: a.manual,
-            self_heal: a.self_heal,
-        };
+        let spec = spec_of(a);
         let revision = a.revision.clone();
         if digest.is_empty() {
             return Ok(CachedBundle {
@@ -510,17 +502,21 @@ impl Fleet {
                             self.board.set(status(&bundle.digest, SyncStatus::OutOfSync, &h, 0, "", &hooks));
                         }) => applied,
                     };
+                    // What the next sync would change: the revision git wants, when the
+                    // rollout has not given it to this cluster yet (after a sync of the assigned
+                    // bundle, that bundle itself would change nothing).
+                    let next = match (&applied, preview.as_deref()) {
+                        (Ok(_), Some(wanted)) => match self.engine.diff(&app, wanted).await {
+                            Ok(d) => d.text,
+                            Err(e) => format!("(the next revision could not be compared: {e})"),
+                        },
+                        _ => String::new(),
+                    };
                     applied.map(|(objects, sync, failures, ran)| {
                         if !ran.is_empty() {
                             hooks = ran;
                         }
-                        (
-                            objects,
-                            sync,
-                            failures,
-                            bundle.digest.clone(),
-                            String::new(),
-                        )
+                        (objects, sync, failures, bundle.digest.clone(), next)
                     })
                 }
                 Ok((Pass::Compare, applied)) => self

@@ -7,14 +7,27 @@ use crate::engine::AppSpec;
 use crate::engine::health::Health;
 use crate::engine::inventory::CachedBundle;
 
-/// What an app task runs from: a change of any of these restarts it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an app task runs from: a change of any of these restarts it. The app's settings (sync
+/// policy included) are kept once, in `spec`, as the hub's assignment gave them.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Orders {
     pub(crate) digest: String,
     pub(crate) preview_digest: String,
     pub(crate) sync_request: u64,
-    pub(crate) manual: bool,
-    pub(crate) self_heal: bool,
+    pub(crate) spec: AppSpec,
+}
+
+/// The app's settings in an assignment: the one place the wire's become the engine's.
+pub(crate) fn spec_of(a: &Assignment) -> AppSpec {
+    AppSpec {
+        name: a.app.clone(),
+        namespace: a.namespace.clone(),
+        prune: a.prune,
+        allow_empty: a.allow_empty,
+        create_namespace: a.create_namespace,
+        manual: a.manual,
+        self_heal: a.self_heal,
+    }
 }
 
 impl Orders {
@@ -23,8 +36,7 @@ impl Orders {
             digest: a.digest.clone(),
             preview_digest: a.preview_digest.clone(),
             sync_request: a.sync_request,
-            manual: a.manual,
-            self_heal: a.self_heal,
+            spec: spec_of(a),
         }
     }
 
@@ -34,8 +46,7 @@ impl Orders {
             digest: b.digest.clone(),
             preview_digest: String::new(),
             sync_request: 0,
-            manual: b.spec.manual,
-            self_heal: b.spec.self_heal,
+            spec: b.spec.clone(),
         }
     }
 }
@@ -44,7 +55,7 @@ impl Orders {
     /// Automated and healing, with a bundle: every pass applies, whatever the cluster last ran
     /// (so deciding needs no inventory read — the common case).
     pub(crate) fn always_applies(&self) -> bool {
-        !self.digest.is_empty() && !self.manual && self.self_heal
+        !self.digest.is_empty() && !self.spec.manual && self.spec.self_heal
     }
 }
 
@@ -71,7 +82,7 @@ pub(crate) fn pass_for(
     }
     let requested = orders.sync_request > done_request;
     let apply = !orders.digest.is_empty()
-        && if orders.manual {
+        && if orders.spec.manual {
             requested
         } else {
             requested || failures_left || applied_digest != orders.digest
@@ -110,8 +121,12 @@ mod tests {
             digest: digest.into(),
             preview_digest: String::new(),
             sync_request,
-            manual,
-            self_heal,
+            spec: spec_of(&Assignment {
+                app: "web".into(),
+                manual,
+                self_heal,
+                ..Assignment::default()
+            }),
         };
         use Pass::{Apply, Compare};
         // (manual, selfHeal, assigned, request, applied digest, done request, failures) → pass

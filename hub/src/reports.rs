@@ -180,23 +180,24 @@ fn leaves(a: &AppRecord, cluster: &str) -> bool {
 }
 
 /// The assignments of one cluster: every app whose current render assigns it a bundle, and (for
-/// manual apps) every app git wants on it that no sync has brought there yet, so its agent can
-/// report the difference.
+/// manual apps) every app git wants on it that no sync has brought there yet. Where git wants
+/// another bundle than the one assigned, it rides along as the preview, so the agent can report
+/// what the next sync would change.
 pub fn assignments_for(cluster: &str, apps: &[AppRecord]) -> Vec<Assignment> {
     apps.iter()
         .filter_map(|a| {
             let policy = &a.doc.spec.sync_policy;
             let assigned = a.status.assignments.get(cluster);
             let target = a.status.target.get(cluster);
+            // What git wants, when the cluster is not told to run it yet: a manual app's pending
+            // sync, or a cluster an automated app's rollout has not reached. The agent diffs it
+            // (`app diff`) and never applies it.
             let preview = match (assigned, target) {
-                (_, Some(t))
-                    if !policy.automated && assigned.map(|x| &x.digest) != Some(&t.digest) =>
-                {
-                    Some(t)
-                }
+                (_, Some(t)) if assigned.map(|x| &x.digest) != Some(&t.digest) => Some(t),
                 _ => None,
             };
-            if assigned.is_none() && preview.is_none() {
+            if assigned.is_none() && (policy.automated || preview.is_none()) {
+                // An automated app reaches a cluster only through its rollout: nothing yet.
                 return None;
             }
             let (digest, revision) = assigned

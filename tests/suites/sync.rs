@@ -266,3 +266,73 @@ async fn self_heal_off_reports_drift_without_healing_and_never_shows_secret_valu
     })?;
     Ok(())
 }
+
+/// An automated app diffs too: a cluster its rollout has not reached yet shows what the next sync
+/// will change there (the revision git wants), one it reached shows nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_automated_app_shows_what_its_rollout_will_change_on_clusters_not_reached_yet()
+-> Result<()> {
+    let f = Fleet(flotilla_e2e::Fleet::start(&[
+        ("eu-1", "region=eu,ring=canary"),
+        ("eu-2", "region=eu"),
+    ])?);
+    f.repo.write("web/cm.yaml", CM_V1)?;
+    let first = f.repo.commit("first")?;
+    f.hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"{}\", path: web}}\n  targets: {{selector: {{matchLabels: {{region: eu}}}}}}\n  rollout: {{steps: [{{name: canary, selector: {{matchLabels: {{ring: canary}}}}, pause: true}}, {{name: rest, selector: {{}}}}]}}\n",
+        f.repo.url()
+    ))?;
+    f.wait_row("eu-1", "Synced", "Healthy", &first)?;
+    // The first rollout pauses after the canary too: let it go on.
+    let _ = f.hub.cli(&["rollout", "resume", "web"])?;
+    f.wait_row("eu-2", "Synced", "Healthy", &first)?;
+    for c in ["eu-1", "eu-2"] {
+        let (code, text) = f.diff(c)?;
+        ensure!(code == 0 && text.trim().is_empty(), "{c}: {code} {text}");
+    }
+
+    f.repo.write("web/cm.yaml", &CM_V1.replace("one", "two"))?;
+    let second = f.repo.commit("second")?;
+    f.wait_row("eu-1", "Synced", "Healthy", &second)?;
+    // Paused after the canary: eu-2 still runs `first`, and its diff is the change to come.
+    f.wait_diff("eu-2", &["-  v: one", "+  v: two"])?;
+    let (code, text) = f.diff("eu-1")?;
+    ensure!(code == 0, "the canary has nothing left to change: {text}");
+    ensure!(
+        f.configmap("eu-2")?.expect("kept")["data"]["v"] == "one",
+        "a diff changes nothing"
+    );
+
+    f.hub.cli(&["rollout", "resume", "web"])?;
+    f.wait_row("eu-2", "Synced", "Healthy", &second)?;
+    wait_for(T, "eu-2's diff empty once reached", || {
+        let (code, text) = f.diff("eu-2")?;
+        ensure!(code == 0, "{code}: {text}");
+        Ok(Some(()))
+    })?;
+    Ok(())
+}
+
+/// A change of the sync policy alone (no commit) reaches the agent: `createNamespace` turned on
+/// for an app whose namespace is missing lets it apply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_policy_change_without_a_commit_takes_effect() -> Result<()> {
+    let f = Fleet::start(&["eu-1"])?;
+    f.repo.write(
+        "web/cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: web, namespace: shop}\ndata: {v: one}\n",
+    )?;
+    let first = f.repo.commit("first")?;
+    f.apply("{createNamespace: false}")?;
+    let r = f.wait_row("eu-1", "SyncFailed", "Degraded", "")?;
+    ensure!(
+        r["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("namespace shop does not exist"),
+        "{r}"
+    );
+    f.apply("{createNamespace: true}")?;
+    f.wait_row("eu-1", "Synced", "Healthy", &first)?;
+    Ok(())
+}
