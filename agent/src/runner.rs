@@ -13,6 +13,7 @@ use crate::backoff::{Backoff, random_fraction};
 use crate::cluster_config::ClusterSource;
 use crate::credentials::{Credentials, IdentityStore, now_unix};
 use crate::engine::Engine;
+use crate::engine::cache_mirror::Mirror;
 use crate::engine::inventory::LocalCache;
 use crate::fleet::{Fleet, StatusBoard};
 use crate::link::{FleetLink, HubLink, OpenSession, SessionEnd};
@@ -86,7 +87,21 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     // The cluster side never waits for the hub: cached apps keep being enforced while it is away.
     let fleet = match client {
         Some(client) => {
-            let cache = LocalCache::open(&opts.data_dir, store.cache_key().await?)?;
+            let mut cache = LocalCache::open(&opts.data_dir, store.cache_key().await?)?;
+            if let Some((namespace, _)) = &opts.identity_secret {
+                // In-cluster, the bundles live beside the identity too: a pod rescheduled onto an
+                // empty disk while the hub is down still enforces what it knew.
+                cache = cache.with_mirror(Mirror::new(client.clone(), namespace));
+                match cache.restore().await {
+                    Ok(apps) if !apps.is_empty() => {
+                        tracing::info!(?apps, "bundles restored from their Secrets");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the bundle Secrets could not be read; the hub's assignments bring the apps back");
+                    }
+                }
+            }
             let mut engine = Engine::new(client, Some(cache));
             let name = match &opts.cluster_name {
                 Some(name) => Some(name.clone()),

@@ -9,6 +9,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::cache_mirror::Mirror;
 use super::plan::ObjRef;
 use super::{AppSpec, FIELD_MANAGER};
 use crate::{Error, Result};
@@ -55,12 +56,15 @@ pub struct LocalCache {
     /// Sealed under `key`: bundles carry Secret data.
     bundles: sled::Tree,
     key: std::sync::Arc<crate::cache_seal::CacheKey>,
+    /// In-cluster: every bundle also kept in a Secret, for a pod rescheduled onto an empty disk.
+    mirror: Option<std::sync::Arc<Mirror>>,
 }
 
 impl LocalCache {
     pub fn open(dir: &Path, key: crate::cache_seal::CacheKey) -> Result<Self> {
         let db = sled::open(dir.join("engine")).map_err(|e| Error::Cache(e.to_string()))?;
         Ok(Self {
+            mirror: None,
             key: std::sync::Arc::new(key),
             inventories: db
                 .open_tree("inventories")
@@ -70,6 +74,51 @@ impl LocalCache {
                 .map_err(|e| Error::Cache(e.to_string()))?,
             db,
         })
+    }
+
+    /// Keeps every bundle in a Secret too (see [`Mirror`]).
+    pub fn with_mirror(mut self, mirror: Mirror) -> Self {
+        self.mirror = Some(std::sync::Arc::new(mirror));
+        self
+    }
+
+    /// Brings back the mirrored bundles of apps this disk does not hold (a rescheduled pod's empty
+    /// disk); returns them. Apps the disk holds keep the disk's copy: every save writes both.
+    pub async fn restore(&self) -> Result<Vec<String>> {
+        let Some(mirror) = &self.mirror else {
+            return Ok(Vec::new());
+        };
+        let mut restored = Vec::new();
+        for (app, sealed) in mirror.load_all().await? {
+            if self
+                .bundles
+                .contains_key(&app)
+                .map_err(|e| Error::Cache(e.to_string()))?
+            {
+                continue;
+            }
+            // Checked before it is trusted as a bundle; one that cannot be read is left to the
+            // hub's assignment, and the others are still restored.
+            let plain = Mirror::open(&self.key, &app, &sealed).and_then(|plain| {
+                serde_json::from_slice::<CachedBundle>(&plain)
+                    .map(|_| plain)
+                    .map_err(|e| Error::Cache(format!("the mirrored bundle of {app}: {e}")))
+            });
+            let plain = match plain {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(app, error = %e, "a mirrored bundle is unreadable; waiting for the hub");
+                    continue;
+                }
+            };
+            let sealed = self.key.seal(&app, &plain)?;
+            self.bundles
+                .insert(app.as_bytes(), sealed)
+                .map_err(|e| Error::Cache(e.to_string()))?;
+            restored.push(app);
+        }
+        flush(&self.db).await?;
+        Ok(restored)
     }
 
     pub fn inventory(&self, app: &str) -> Result<Option<Inventory>> {
@@ -130,6 +179,16 @@ impl LocalCache {
             .insert(app, sealed)
             .map_err(|e| Error::Cache(e.to_string()))?;
         flush(&self.db).await?;
+        if let Some(mirror) = &self.mirror {
+            match Mirror::seal(&self.key, app, &bytes)? {
+                Some(sealed) => mirror.save(app, sealed).await?,
+                None => tracing::warn!(
+                    app,
+                    limit = super::cache_mirror::MAX_SEALED_BYTES,
+                    "the bundle is too large for a Secret even compressed; only this pod's disk keeps it"
+                ),
+            }
+        }
         Ok(())
     }
 
@@ -142,6 +201,9 @@ impl LocalCache {
             .remove(app)
             .map_err(|e| Error::Cache(e.to_string()))?;
         flush(&self.db).await?;
+        if let Some(mirror) = &self.mirror {
+            mirror.delete(app).await?;
+        }
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! with pruning, health, and drift healing. Decisions live in [`plan`] and [`health`] (pure); this
 //! module does the IO.
 
+pub mod cache_mirror;
 pub mod diff;
 pub mod health;
 mod hooks;
