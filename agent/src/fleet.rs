@@ -565,7 +565,12 @@ impl Fleet {
                 watch = Some((token, failures.clone()));
             }
             let (mut h, _) = self.engine.health(&app.name, &objects).await;
-            with_difference(&mut h, sync, &app);
+            with_difference(
+                &mut h,
+                sync,
+                &app,
+                self.engine.cluster_name().unwrap_or("CLUSTER"),
+            );
             self.board
                 .refresh(status(&digest, sync, &h, failures.len(), &diff, &hooks));
             let next = if failures.is_empty() {
@@ -586,7 +591,7 @@ impl Fleet {
                     _ = ticker.tick() => {
                         let (mut h, _) = self.engine.health(&app.name, &objects).await;
                         let settled = h.state != HealthStatus::Progressing;
-                        with_difference(&mut h, sync, &app);
+                        with_difference(&mut h, sync, &app, self.engine.cluster_name().unwrap_or("CLUSTER"));
                         self.board.set(status(&digest, sync, &h, failures.len(), &diff, &hooks));
                         if settled {
                             ticker.reset_after(Duration::from_secs(2));

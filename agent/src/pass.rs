@@ -91,18 +91,21 @@ pub(crate) fn pass_for(
 }
 
 /// Says in the app's message what a difference means and how to resolve it.
-pub(crate) fn with_difference(h: &mut Health, sync: SyncStatus, app: &AppSpec) {
+/// `cluster` is this cluster's name in the fleet, for the command the message suggests.
+pub(crate) fn with_difference(h: &mut Health, sync: SyncStatus, app: &AppSpec, cluster: &str) {
     if sync != SyncStatus::OutOfSync {
         return;
     }
     let why = if app.manual {
         format!(
-            "differs from git (manual sync): `flotilla app diff {0} --cluster …` shows it, `flotilla app sync {0}` applies it",
+            "differs from git (manual sync): `flotilla app diff {0} --cluster {cluster}` shows it, `flotilla app sync {0} --cluster {cluster}` applies it",
             app.name
         )
     } else {
-        "differs from git and selfHeal is off: the next revision or `flotilla app sync` applies it"
-            .to_string()
+        format!(
+            "differs from git and selfHeal is off: the next revision or `flotilla app sync {} --cluster {cluster}` applies it",
+            app.name
+        )
     };
     h.message = if h.message.is_empty() {
         why

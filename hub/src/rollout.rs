@@ -338,6 +338,8 @@ pub struct ClusterView {
 
 /// Everything the planner reads.
 pub struct Input<'a> {
+    /// The app's name, for the commands the rollout's messages suggest.
+    pub app: &'a str,
     pub strategy: &'a Strategy,
     /// What git wants each targeted cluster to run.
     pub target: &'a BTreeMap<String, Assigned>,
@@ -539,7 +541,8 @@ impl Rollout {
                     self.phase = Phase::Paused;
                     self.paused = Some(PauseReason::Failures);
                     self.message = format!(
-                        "paused: {why}; `flotilla rollout resume` continues, `abort` rolls back"
+                        "paused: {why}; `flotilla rollout resume {0}` continues, `flotilla rollout abort {0}` rolls back",
+                        input.app
                     );
                 }
             }
@@ -547,7 +550,10 @@ impl Rollout {
         }
         if self.phase == Phase::Paused {
             if self.paused == Some(PauseReason::Failures) && failed == 0 {
-                self.message = "paused after failures; every failed cluster has since recovered: `flotilla rollout resume` continues".into();
+                self.message = format!(
+                    "paused after failures; every failed cluster has since recovered: `flotilla rollout resume {}` continues",
+                    input.app
+                );
             }
             return;
         }
@@ -679,9 +685,10 @@ impl Rollout {
                     self.phase = Phase::Paused;
                     self.paused = Some(PauseReason::Step);
                     self.message = format!(
-                        "paused after step {} ({}) as its strategy asks; `flotilla rollout resume` or `promote` continues",
+                        "paused after step {} ({}) as its strategy asks; `flotilla rollout resume {app}` or `flotilla rollout promote {app}` continues",
                         at + 1,
-                        step.name
+                        step.name,
+                        app = input.app
                     );
                     return;
                 }
@@ -717,7 +724,10 @@ impl Rollout {
                 }
                 if !input.may_move(name, &c.to.digest) {
                     unasked += 1;
-                    c.reason = "manual sync: waiting for `flotilla app sync`".into();
+                    c.reason = format!(
+                        "manual sync: waiting for `flotilla app sync {} --cluster {name}`",
+                        input.app
+                    );
                     continue;
                 }
                 if updating + started >= cap {
@@ -735,8 +745,9 @@ impl Rollout {
                 .count();
             let blocked = if cap == 0 && pending > unasked {
                 format!(
-                    "; {} failed cluster(s) use the whole maxUnavailable budget of {budget}: a cluster that recovers counts again, `flotilla rollout resume` goes on past them",
-                    failed - excused
+                    "; {} failed cluster(s) use the whole maxUnavailable budget of {budget}: a cluster that recovers counts again, `flotilla rollout resume {}` goes on past them",
+                    failed - excused,
+                    input.app
                 )
             } else {
                 String::new()
@@ -746,7 +757,10 @@ impl Rollout {
                 at + 1,
                 step.name,
                 if unasked > 0 {
-                    format!(" ({unasked} for `flotilla app sync`: manual sync)")
+                    format!(
+                        " ({unasked} for `flotilla app sync {}`: manual sync)",
+                        input.app
+                    )
                 } else {
                     String::new()
                 },
@@ -791,12 +805,13 @@ impl Rollout {
     }
 
     /// Operator pause: nothing new starts until resumed.
-    pub fn pause(&mut self) -> Result<(), String> {
+    pub fn pause(&mut self, app: &str) -> Result<(), String> {
         match self.phase {
             Phase::Progressing => {
                 self.phase = Phase::Paused;
                 self.paused = Some(PauseReason::Operator);
-                self.message = "paused by an operator; `flotilla rollout resume` continues".into();
+                self.message =
+                    format!("paused by an operator; `flotilla rollout resume {app}` continues");
                 Ok(())
             }
             Phase::Paused => Ok(()),
@@ -923,6 +938,7 @@ onFailure: rollback
 
         fn input(&self) -> Input<'_> {
             Input {
+                app: "web",
                 strategy: &self.strategy,
                 target: &self.target,
                 current: &self.current,
@@ -1446,7 +1462,7 @@ onFailure: rollback
     fn operator_pause_holds_new_starts() {
         let mut w = fleet();
         let mut r = w.start();
-        r.pause().unwrap();
+        r.pause("web").unwrap();
         w.agents_apply(&r, HealthStatus::Healthy);
         w.now += 1;
         r.advance(&w.input());

@@ -54,6 +54,7 @@ fn plan(record: &mut AppRecord, views: &BTreeMap<String, ClusterView>, now: i64)
         .map(|(c, r)| (c.clone(), r.digest.clone()))
         .collect();
     let input = Input {
+        app: &record.doc.metadata.name,
         strategy: &strategy,
         target: &s.target,
         current: &s.assignments,
@@ -265,7 +266,7 @@ pub async fn act(hub: &Hub, actor: &str, app: &str, action: Action) -> Result<Ap
                     Error::FailedPrecondition(format!("app {app:?} has no rollout yet"))
                 })?;
                 match action {
-                    Action::Pause => rollout.pause(),
+                    Action::Pause => rollout.pause(app),
                     Action::Resume => rollout.resume(),
                     Action::Promote => rollout.promote(),
                     Action::Abort => rollout.abort(now),

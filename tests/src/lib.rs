@@ -80,6 +80,16 @@ fn ensure_binaries_built(profile_dir: &Path) {
     }
 }
 
+/// The `flotilla ...` commands a message suggests (its backticked spans), as printed.
+pub fn hints(text: &str) -> Vec<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|span| span.starts_with("flotilla "))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Path of a workspace binary.
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
@@ -312,6 +322,24 @@ impl Hub {
             url: self.url.clone(),
             pki: self.data_dir().join("pki"),
         }
+    }
+
+    /// Runs a command the CLI or hub suggested, as printed (words split on spaces): it must be a
+    /// command that runs — no usage error, no error at all (`app diff`'s exit 1 for
+    /// "differences" is an answer, not an error).
+    pub fn run_hint(&self, hint: &str) -> Result<Output> {
+        let words: Vec<&str> = hint.split_whitespace().collect();
+        ensure!(
+            words.first() == Some(&"flotilla"),
+            "not a flotilla command: {hint}"
+        );
+        let out = self.cli(&words[1..])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !stderr.contains("error") && out.status.code() != Some(2),
+            "the hint `{hint}` does not run: {stderr}"
+        );
+        Ok(out)
     }
 
     /// Runs the CLI and parses its JSON output; fails with stderr if the command failed.

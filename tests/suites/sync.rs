@@ -106,10 +106,12 @@ async fn a_manual_app_changes_nothing_until_synced_and_diff_shows_the_pending_ch
     // Never synced: OutOfSync everywhere, nothing in the clusters, the diff is the whole object.
     for c in ["eu-1", "eu-2"] {
         let r = f.wait_row(c, "OutOfSync", "Missing", "")?;
-        assert!(
-            r["message"].as_str().unwrap_or("").contains("manual sync"),
-            "{r}"
-        );
+        let message = r["message"].as_str().unwrap_or("");
+        assert!(message.contains("manual sync"), "{r}");
+        // The diff it suggests runs as printed (the sync it suggests is run below, by hand).
+        let diff = format!("flotilla app diff web --cluster {c}");
+        assert!(flotilla_e2e::hints(message).contains(&diff), "{r}");
+        f.hub.run_hint(&diff)?;
     }
     let text = f.wait_diff("eu-1", &["+kind: ConfigMap", "+  v: one"])?;
     assert!(text.starts_with("--- live/ConfigMap default/web"), "{text}");
@@ -284,7 +286,8 @@ async fn an_automated_app_shows_what_its_rollout_will_change_on_clusters_not_rea
     ))?;
     f.wait_row("eu-1", "Synced", "Healthy", &first)?;
     // The first rollout pauses after the canary too: let it go on.
-    let _ = f.hub.cli(&["rollout", "resume", "web"])?;
+    f.wait_phase("web", &first, "Paused")?;
+    f.hub.run_hint("flotilla rollout resume web")?;
     f.wait_row("eu-2", "Synced", "Healthy", &first)?;
     for c in ["eu-1", "eu-2"] {
         let (code, text) = f.diff(c)?;
@@ -303,7 +306,8 @@ async fn an_automated_app_shows_what_its_rollout_will_change_on_clusters_not_rea
         "a diff changes nothing"
     );
 
-    f.hub.cli(&["rollout", "resume", "web"])?;
+    f.wait_phase("web", &second, "Paused")?;
+    f.hub.run_hint("flotilla rollout resume web")?;
     f.wait_row("eu-2", "Synced", "Healthy", &second)?;
     wait_for(T, "eu-2's diff empty once reached", || {
         let (code, text) = f.diff("eu-2")?;

@@ -75,7 +75,19 @@ fn app_wait_and_rollout_watch_end_with_a_result_line_and_an_exit_code() -> Resul
         "{all}"
     );
 
-    let out = f.hub.cli(&["rollout", "abort", "web"])?;
+    // Every command a paused rollout suggests runs as printed (resume, then abort).
+    let rollout = f.hub.cli_json(&["rollout", "status", "web"])?;
+    let suggested = flotilla_e2e::hints(rollout["message"].as_str().unwrap_or_default());
+    ensure!(
+        suggested
+            == [
+                "flotilla rollout resume web".to_string(),
+                "flotilla rollout abort web".to_string()
+            ],
+        "{rollout}"
+    );
+    f.hub.run_hint(&suggested[0])?;
+    let out = f.hub.run_hint(&suggested[1])?;
     ensure!(
         out.status.success(),
         "{}",

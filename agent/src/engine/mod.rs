@@ -153,6 +153,8 @@ pub struct Engine {
     cache: Option<LocalCache>,
     /// How messages name the cluster ("cluster eu-1").
     cluster: String,
+    /// The cluster's name in the fleet, once known.
+    name: Option<String>,
 }
 
 /// How long a sync waits for one wave to become Healthy before it stops.
@@ -176,13 +178,20 @@ impl Engine {
             resources: Mutex::new(HashMap::new()),
             cache,
             cluster: "the cluster".into(),
+            name: None,
         }
     }
 
     /// Names the cluster in messages ("no API resource for ... in cluster eu-1").
     pub fn for_cluster(mut self, name: &str) -> Self {
         self.cluster = format!("cluster {name}");
+        self.name = Some(name.to_string());
         self
+    }
+
+    /// The cluster's name in the fleet, when known (registered).
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     pub fn cache(&self) -> Option<&LocalCache> {
