@@ -13,19 +13,19 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result, bail};
 
 /// `<target>/test-tools`, beside the profile directories of the running test binary.
-fn tools_dir() -> PathBuf {
+fn tools_dir() -> Result<PathBuf> {
     // current_exe: <target>/<profile>/deps/<test>-<hash>
-    let exe = std::env::current_exe().expect("the running test binary has a path");
+    let exe = std::env::current_exe().context("the running test binary's path")?;
     let target = exe
         .ancestors()
         .nth(3)
-        .expect("a test binary lives at <target>/<profile>/deps/");
-    target.join("test-tools")
+        .with_context(|| format!("{} is not under <target>/<profile>/deps/", exe.display()))?;
+    Ok(target.join("test-tools"))
 }
 
 /// Runs `setup` into `dir` unless a previous run finished it, holding `dir.lock` meanwhile.
 fn provision(name: &str, setup: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    let root = tools_dir();
+    let root = tools_dir()?;
     fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let lock = File::create(root.join(format!("{name}.lock")))?;
     lock.lock()
