@@ -4,6 +4,7 @@
 //! that app instead of treating it as absent (absent means "prune it" to an agent).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -98,7 +99,8 @@ pub struct UnreadableApp {
 /// within [`TOMBSTONE_TTL_MS`] (and not created again).
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
-    pub apps: Vec<AppRecord>,
+    /// Shared with the store's cache: a catalog costs a pointer per app, not a decode.
+    pub apps: Vec<Arc<AppRecord>>,
     pub unreadable: Vec<UnreadableApp>,
     pub deleted: Vec<String>,
 }
@@ -116,9 +118,26 @@ struct Seen {
     unreadable: BTreeMap<String, (String, bool)>,
 }
 
+/// An app record as the cache holds it: decoded, or the error it does not decode with.
+#[derive(Debug, Clone)]
+enum Cached {
+    Readable(Arc<AppRecord>),
+    Unreadable(String),
+}
+
+fn decoded(name: &str, bytes: &[u8]) -> Cached {
+    match serde_json::from_slice(bytes) {
+        Ok(record) => Cached::Readable(Arc::new(record)),
+        Err(e) => Cached::Unreadable(unreadable(name, e).to_string()),
+    }
+}
+
 /// Apps and bundles.
 #[derive(Clone)]
 pub struct AppStore {
+    /// Every app record, decoded once at open and kept in step by every write (writes are
+    /// serialized by `writes`): sessions, controllers and RPCs read without decoding.
+    cache: Arc<std::sync::RwLock<BTreeMap<String, Cached>>>,
     /// Serializes read-modify-write of app records (renders, the rollout controller, operators).
     writes: std::sync::Arc<tokio::sync::Mutex<()>>,
     gate: crate::store::WriteGate,
@@ -154,10 +173,19 @@ fn tombstone_time(name: &str, v: &[u8]) -> Result<i64> {
 
 impl AppStore {
     pub fn open(db: &sled::Db, gate: crate::store::WriteGate) -> Result<Self> {
+        let apps = db.open_tree("apps")?;
+        let mut cache = BTreeMap::new();
+        for kv in apps.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let entry = decoded(&name, &v);
+            cache.insert(name, entry);
+        }
         Ok(Self {
+            cache: Arc::new(std::sync::RwLock::new(cache)),
             writes: Default::default(),
             gate,
-            apps: db.open_tree("apps")?,
+            apps,
             bundles: db.open_tree("bundles")?,
             tombstones: db.open_tree("app_tombstones")?,
             audit: crate::audit::Trees::open(db)?,
@@ -171,15 +199,41 @@ impl AppStore {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One app; `Err(Error::Unreadable)` when its record does not decode.
-    pub fn get(&self, name: &str) -> Result<Option<AppRecord>> {
-        let Some(bytes) = self.apps.get(name)? else {
-            return Ok(None);
+    fn cache(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Cached>> {
+        // Every critical section is one map operation: a poisoned lock still holds sound data.
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the cache in step with a write that just committed (called with `writes` held).
+    fn cached(&self, name: &str, entry: Option<Cached>) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        match entry {
+            Some(e) => cache.insert(name.to_string(), e),
+            None => cache.remove(name),
         };
-        match serde_json::from_slice(&bytes) {
-            Ok(record) => Ok(Some(record)),
-            Err(e) => {
-                let err = unreadable(name, e);
+    }
+
+    /// One app, to change; `Err(Error::Unreadable)` when its record does not decode.
+    pub fn get(&self, name: &str) -> Result<Option<AppRecord>> {
+        Ok(self.get_shared(name)?.map(|r| (*r).clone()))
+    }
+
+    /// One app as the cache shares it (no copy); `Err(Error::Unreadable)` when its record does
+    /// not decode.
+    pub fn get_shared(&self, name: &str) -> Result<Option<Arc<AppRecord>>> {
+        let entry = self.cache().get(name).cloned();
+        match entry {
+            None => Ok(None),
+            Some(Cached::Readable(record)) => Ok(Some(record)),
+            // The stored bytes again, for the decode error itself (its source is kept).
+            Some(Cached::Unreadable(_)) => {
+                let bytes = self.apps.get(name)?.unwrap_or_default();
+                let err = match serde_json::from_slice::<AppRecord>(&bytes) {
+                    Err(e) => unreadable(name, e),
+                    Ok(_) => Error::Internal(format!(
+                        "app record {name:?} decodes now but did not when it was written"
+                    )),
+                };
                 self.note_unreadable(name, &err.to_string());
                 Err(err)
             }
@@ -190,15 +244,13 @@ impl AppStore {
     /// it); a record that does not decode is in [`Catalog::unreadable`], never left out.
     pub fn list(&self) -> Result<Catalog> {
         let mut catalog = Catalog::default();
-        for kv in self.apps.iter() {
-            let (k, v) = kv?;
-            let name = String::from_utf8_lossy(&k).into_owned();
-            match serde_json::from_slice(&v) {
-                Ok(record) => catalog.apps.push(record),
-                Err(e) => {
-                    let error = unreadable(&name, e).to_string();
-                    catalog.unreadable.push(UnreadableApp { name, error });
-                }
+        for (name, entry) in self.cache().iter() {
+            match entry {
+                Cached::Readable(record) => catalog.apps.push(Arc::clone(record)),
+                Cached::Unreadable(error) => catalog.unreadable.push(UnreadableApp {
+                    name: name.clone(),
+                    error: error.clone(),
+                }),
             }
         }
         let now = crate::now_ms();
@@ -294,6 +346,7 @@ impl AppStore {
 
     /// Writes a record and flushes.
     pub async fn put(&self, record: &AppRecord) -> Result<()> {
+        let _write = self.writes.lock().await;
         self.put_with(record, None).await
     }
 
@@ -325,7 +378,9 @@ impl AppStore {
             }
         }
         crate::store::flush(&self.db).await?;
-        self.seen().unreadable.remove(&record.doc.metadata.name);
+        let name = &record.doc.metadata.name;
+        self.cached(name, Some(Cached::Readable(Arc::new(record.clone()))));
+        self.seen().unreadable.remove(name);
         Ok(())
     }
 
@@ -395,6 +450,7 @@ impl AppStore {
                 Ok(existed)
             })?;
         crate::store::flush(&self.db).await?;
+        self.cached(name, None);
         self.seen().unreadable.remove(name);
         Ok(existed)
     }
@@ -420,6 +476,7 @@ impl AppStore {
         let _gate = self.gate.read().await;
         self.apps.insert(name.as_bytes(), bytes)?;
         crate::store::flush(&self.db).await?;
+        self.cached(name, Some(decoded(name, bytes)));
         Ok(())
     }
 

@@ -4,7 +4,7 @@
 //! acknowledged is lost).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use flotilla_proto::v1::{
     AppStatus, Assignment, Assignments, FleetStatusRow, HealthStatus, HeldApp, SyncStatus,
@@ -183,7 +183,7 @@ fn leaves(a: &AppRecord, cluster: &str) -> bool {
 /// manual apps) every app git wants on it that no sync has brought there yet. Where git wants
 /// another bundle than the one assigned, it rides along as the preview, so the agent can report
 /// what the next sync would change.
-pub fn assignments_for(cluster: &str, apps: &[AppRecord]) -> Vec<Assignment> {
+pub fn assignments_for(cluster: &str, apps: &[Arc<AppRecord>]) -> Vec<Assignment> {
     apps.iter()
         .filter_map(|a| {
             let policy = &a.doc.spec.sync_policy;
@@ -580,11 +580,11 @@ mod tests {
     fn only_a_positive_decision_removes_an_app_from_a_cluster() {
         let catalog = Catalog {
             apps: vec![
-                record("on-a", 1, Some(1), &["a"]),
+                record("on-a", 1, Some(1), &["a"]).into(),
                 // A document not rendered at its generation decides nothing.
-                record("stale", 2, Some(1), &[]),
-                record("never", 1, None, &[]),
-                record("nowhere", 1, Some(1), &[]),
+                record("stale", 2, Some(1), &[]).into(),
+                record("never", 1, None, &[]).into(),
+                record("nowhere", 1, Some(1), &[]).into(),
             ],
             unreadable: vec![crate::appstore::UnreadableApp {
                 name: "broken".into(),

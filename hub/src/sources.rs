@@ -571,7 +571,7 @@ pub async fn sync_repo(hub: &Arc<Hub>, url: &str) -> Result<()> {
         .apps
         .into_iter()
         .filter(|r| r.doc.spec.source.repo_url == url)
-        .map(|r| r.doc.metadata.name)
+        .map(|r| r.doc.metadata.name.clone())
         .collect();
     let fleet = hub.source_settings.fleet.clone().filter(|f| f.url == url);
     if let Err(err) = fetch_repo(hub, url).await {
@@ -619,7 +619,7 @@ pub async fn run(hub: Arc<Hub>) {
             Ok(catalog) => catalog
                 .apps
                 .into_iter()
-                .map(|r| r.doc.spec.source.repo_url)
+                .map(|r| r.doc.spec.source.repo_url.clone())
                 .chain(hub.source_settings.fleet.iter().map(|f| f.url.clone()))
                 .collect(),
             Err(e) => {
@@ -654,7 +654,7 @@ pub async fn run(hub: Arc<Hub>) {
                     Ok(catalog) => catalog
                         .apps
                         .into_iter()
-                        .map(|r| r.doc.metadata.name)
+                        .map(|r| r.doc.metadata.name.clone())
                         .collect(),
                     Err(e) => {
                         // Asked again: the next loop turn retries the whole recompute.

@@ -283,7 +283,7 @@ async fn git_webhook(
         Ok(catalog) => catalog
             .apps
             .into_iter()
-            .map(|a| a.doc.spec.source.repo_url)
+            .map(|a| a.doc.spec.source.repo_url.clone())
             .collect(),
         Err(e) => {
             hub.metrics.store_read_failed("webhook");

@@ -515,7 +515,7 @@ impl Admin for AdminService {
         let apps = catalog
             .apps
             .into_iter()
-            .map(Self::app_to_proto)
+            .map(|record| Self::app_to_proto(Arc::unwrap_or_clone(record)))
             .chain(unreadable.map(Ok))
             .collect::<Result<_>>()?;
         Ok(Response::new(ListAppsResponse { apps }))
@@ -527,9 +527,9 @@ impl Admin for AdminService {
         let record = self
             .hub
             .apps
-            .get(name)?
+            .get_shared(name)?
             .ok_or_else(|| Error::AppNotFound(name.clone()))?;
-        let mut app = Self::app_to_proto(record.clone())?;
+        let mut app = Self::app_to_proto((*record).clone())?;
         // Each cluster's own word on what it runs (failed objects and hooks included), next to
         // what git wants it to run.
         for c in &mut app.clusters {
