@@ -124,10 +124,10 @@ fn facts(hub: &Hub) -> Result<Vec<ClusterFacts>> {
     Ok(hub
         .store
         .clusters()?
-        .into_iter()
+        .iter()
         .map(|c| ClusterFacts {
-            name: c.name,
-            labels: c.labels,
+            name: c.name.clone(),
+            labels: c.labels.clone(),
         })
         .collect())
 }

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,9 @@ pub struct Store {
     gate: WriteGate,
     db: sled::Db,
     clusters: sled::Tree,
+    /// `clusters` decoded, valid while `clusters_fresh` holds.
+    clusters_cache: Arc<std::sync::Mutex<Option<Arc<Vec<ClusterRecord>>>>>,
+    clusters_fresh: Arc<std::sync::atomic::AtomicBool>,
     tokens: sled::Tree,
     certs: sled::Tree,
     revoked: sled::Tree,
@@ -183,6 +187,8 @@ impl Store {
         Ok(Self {
             gate: WriteGate::default(),
             clusters: db.open_tree("clusters")?,
+            clusters_cache: Default::default(),
+            clusters_fresh: Default::default(),
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
             revoked: db.open_tree("revoked")?,
@@ -413,6 +419,7 @@ impl Store {
                 Ok(record)
             },
         )?;
+        self.clusters_touched();
         self.flush().await?;
         Ok(record)
     }
@@ -469,19 +476,50 @@ impl Store {
             )?;
             Ok(record)
         })?;
+        self.clusters_touched();
         self.flush().await?;
         Ok(record)
     }
 
-    /// All clusters, by name.
-    pub fn clusters(&self) -> Result<Vec<ClusterRecord>> {
-        self.clusters
+    /// Marks the decoded clusters stale: called after every committed write of the tree.
+    fn clusters_touched(&self) {
+        self.clusters_fresh
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// All clusters, by name: decoded once per change of the tree, not per call (the rollout
+    /// controller asks twice a second).
+    pub fn clusters(&self) -> Result<Arc<Vec<ClusterRecord>>> {
+        let mut cached = self
+            .clusters_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Cleared before the read: a write committed meanwhile marks it stale again.
+        let fresh = self
+            .clusters_fresh
+            .swap(true, std::sync::atomic::Ordering::SeqCst);
+        if let (true, Some(all)) = (fresh, cached.as_ref()) {
+            return Ok(Arc::clone(all));
+        }
+        let read: Result<Vec<ClusterRecord>> = self
+            .clusters
             .iter()
             .map(|entry| {
                 let (key, value) = entry?;
                 decode(&key, &value)
             })
-            .collect()
+            .collect();
+        match read {
+            Ok(all) => {
+                let all = Arc::new(all);
+                *cached = Some(Arc::clone(&all));
+                Ok(all)
+            }
+            Err(e) => {
+                self.clusters_touched();
+                Err(e)
+            }
+        }
     }
 
     /// One cluster.
@@ -517,6 +555,7 @@ impl Store {
             append_in(log, meta, audit)?;
             Ok(record)
         })?;
+        self.clusters_touched();
         self.flush().await?;
         Ok(record)
     }
@@ -550,6 +589,7 @@ impl Store {
             )?;
             Ok(record.serials)
         })?;
+        self.clusters_touched();
         self.flush().await?;
         Ok(serials)
     }
@@ -602,6 +642,7 @@ impl Store {
             )?;
             Ok(revoked_serials)
         })?;
+        self.clusters_touched();
         self.flush().await?;
         Ok(serials)
     }
@@ -618,6 +659,7 @@ impl Store {
             }
             Ok(())
         })?;
+        self.clusters_touched();
         self.flush().await
     }
 
@@ -632,16 +674,16 @@ impl Store {
 
     /// Best-effort record of when a cluster was last heard from; not flushed (nobody is told).
     pub fn record_last_seen(&self, name: &str, last_seen_ms: i64) -> Result<()> {
-        self.clusters
-            .transaction(|clusters| {
-                if let Some(bytes) = clusters.get(name)? {
-                    let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
-                    record.last_seen_ms = record.last_seen_ms.max(last_seen_ms);
-                    clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
-                }
-                Ok(())
-            })
-            .map_err(Error::from)
+        self.clusters.transaction(|clusters| {
+            if let Some(bytes) = clusters.get(name)? {
+                let mut record: ClusterRecord = tx_decode(name.as_bytes(), &bytes)?;
+                record.last_seen_ms = record.last_seen_ms.max(last_seen_ms);
+                clusters.insert(name.as_bytes(), tx_encode(&record)?)?;
+            }
+            Ok(())
+        })?;
+        self.clusters_touched();
+        Ok(())
     }
 
     /// Flushes everything; called at shutdown.

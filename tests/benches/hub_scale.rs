@@ -422,8 +422,11 @@ fn main() {
 
     // Stage 3: commit → notified and Healthy, one step at 100 %, then four steps.
     let mut commit = |v: &str, steps: Option<&str>| {
-        if let Some(steps) = steps {
-            hub.apply_app(&app_doc(&repo, steps)).unwrap();
+        if let Some(steps) = steps
+            && let Err(e) = hub.apply_app(&app_doc(&repo, steps))
+        {
+            println!("app apply (new steps): MISSED — {e:#}");
+            return (Vec::new(), Vec::new());
         }
         repo.write(
             "web/cm.yaml",

@@ -421,8 +421,8 @@ impl Admin for AdminService {
             .hub
             .store
             .clusters()?
-            .into_iter()
-            .map(|r| self.to_proto(r))
+            .iter()
+            .map(|r| self.to_proto(r.clone()))
             .collect();
         Ok(Response::new(ListClustersResponse { clusters }))
     }
@@ -463,7 +463,7 @@ impl Admin for AdminService {
         let catalog = self.hub.apps.list()?;
         let apps = &catalog.apps;
         let mut rows = Vec::new();
-        for cluster in self.hub.store.clusters()? {
+        for cluster in self.hub.store.clusters()?.iter() {
             let (connected, _) = self.hub.sessions.status(&cluster.name);
             let told: std::collections::HashMap<String, flotilla_proto::v1::Assignment> =
                 crate::reports::assignments_for(&cluster.name, apps)
