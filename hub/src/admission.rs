@@ -116,6 +116,12 @@ pub fn paced(
                     continue;
                 }
             };
+            // A peer that gave up while queued in the backlog has closed already: it gets no
+            // token, or a queue of abandoned connections would use up the admission rate.
+            if closed_by_peer(&stream) {
+                metrics.connection_refused("grpc", "closed_while_queued");
+                continue;
+            }
             let permit = match limiter.admit(peer.ip()) {
                 Ok(permit) => permit,
                 Err(refusal) => {
@@ -148,6 +154,17 @@ pub fn paced(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Whether the peer already closed its side (EOF waiting to be read) or the socket failed; a
+/// peer that has sent nothing yet, or its ClientHello, is still there.
+fn closed_by_peer(stream: &tokio::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_peek(&mut cx, &mut tokio::io::ReadBuf::new(&mut byte)) {
+        std::task::Poll::Ready(Ok(0)) | std::task::Poll::Ready(Err(_)) => true,
+        std::task::Poll::Ready(Ok(_)) | std::task::Poll::Pending => false,
+    }
 }
 
 /// Runs one TLS handshake under its deadline and tells the caps what the peer is: with a valid,

@@ -4,8 +4,8 @@
 //! that app instead of treating it as absent (absent means "prune it" to an agent).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::io::{Read, Write};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 

@@ -182,7 +182,10 @@ pub async fn run(hub: Arc<Hub>) {
                 Err(e) => tracing::warn!(error = %e, "expiring tombstones; next check retries"),
             }
         }
-        let names = catalog.apps.into_iter().map(|a| a.doc.metadata.name.clone());
+        let names = catalog
+            .apps
+            .into_iter()
+            .map(|a| a.doc.metadata.name.clone());
         let clusters = match hub.store.clusters() {
             Ok(clusters) => clusters,
             Err(e) => {

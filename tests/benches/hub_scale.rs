@@ -94,8 +94,7 @@ fn rand_fraction() -> f64 {
 /// One simulated agent: registers, holds a session, answers assignments, reconnects.
 async fn agent(
     link: HubLink,
-    name: String,
-    labels: BTreeMap<String, String>,
+    (name, labels): (String, BTreeMap<String, String>),
     token: String,
     delay: Duration,
     shared: Arc<Shared>,
@@ -312,6 +311,8 @@ fn main() {
     let v1 = repo.commit("v1").unwrap();
     let mut hub = Hub::start(HubOptions {
         poll_interval: "200ms".into(),
+        // The hub's default (the harness's 1 s would be N heartbeats a second).
+        heartbeat_interval: "10s".into(),
         extra_args: vec![
             "--max-connections".into(),
             (2 * n + 1000).to_string(),
@@ -350,8 +351,7 @@ fn main() {
         let labels = BTreeMap::from([("shard".to_string(), (i % 4).to_string())]);
         runtime.spawn(agent(
             HubLink::new(hub.url.clone(), ca.clone()),
-            format!("c{i:05}"),
-            labels,
+            (format!("c{i:05}"), labels),
             token.clone(),
             delay,
             Arc::clone(&shared),
