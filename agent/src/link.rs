@@ -20,9 +20,6 @@ use crate::{Error, Result};
 
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
-/// How long a connection to the hub may take, its turn in the hub's handshake queue included.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How to reach the hub.
 #[derive(Clone)]
 pub struct HubLink {
@@ -68,20 +65,13 @@ impl HubLink {
                 )
             }),
         };
-        // A hub that paces handshakes queues the connections it has not admitted yet: wait for
-        // a turn rather than give up and rejoin the queue at its end (which, across a fleet,
-        // leaves the hub admitting connections their agents already abandoned).
-        endpoint(&self.hub_url, &tls)?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
-            .await
-            .map_err(|e| {
-                Error::Unreachable(format!(
-                    "connecting to {}: {}",
-                    self.hub_url,
-                    error_chain(&e)
-                ))
-            })
+        endpoint(&self.hub_url, &tls)?.connect().await.map_err(|e| {
+            Error::Unreachable(format!(
+                "connecting to {}: {}",
+                self.hub_url,
+                error_chain(&e)
+            ))
+        })
     }
 
     /// Registers `cluster` with a bootstrap token; the key is generated here and stays here.
