@@ -424,6 +424,9 @@ impl Fleet {
         cancel: CancellationToken,
     ) {
         let app = bundle.spec.clone();
+        // For the commands its messages suggest. No name only before the cluster is known at
+        // all (no `--cluster-name`, no stored identity): the hint then shows a placeholder.
+        let cluster = self.engine.cluster_name().unwrap_or("CLUSTER").to_string();
         // Cached first: an agent killed mid-apply comes back to this bundle, even without a hub.
         if let Some(cache) = self.engine.cache()
             && !bundle.digest.is_empty()
@@ -565,12 +568,7 @@ impl Fleet {
                 watch = Some((token, failures.clone()));
             }
             let (mut h, _) = self.engine.health(&app.name, &objects).await;
-            with_difference(
-                &mut h,
-                sync,
-                &app,
-                self.engine.cluster_name().unwrap_or("CLUSTER"),
-            );
+            with_difference(&mut h, sync, &app, &cluster);
             self.board
                 .refresh(status(&digest, sync, &h, failures.len(), &diff, &hooks));
             let next = if failures.is_empty() {
@@ -591,7 +589,7 @@ impl Fleet {
                     _ = ticker.tick() => {
                         let (mut h, _) = self.engine.health(&app.name, &objects).await;
                         let settled = h.state != HealthStatus::Progressing;
-                        with_difference(&mut h, sync, &app, self.engine.cluster_name().unwrap_or("CLUSTER"));
+                        with_difference(&mut h, sync, &app, &cluster);
                         self.board.set(status(&digest, sync, &h, failures.len(), &diff, &hooks));
                         if settled {
                             ticker.reset_after(Duration::from_secs(2));

@@ -227,7 +227,13 @@ impl AppStore {
             Some(Cached::Readable(record)) => Ok(Some(record)),
             // The stored bytes again, for the decode error itself (its source is kept).
             Some(Cached::Unreadable(_)) => {
-                let bytes = self.apps.get(name)?.unwrap_or_default();
+                let Some(bytes) = self.apps.get(name)? else {
+                    // Every write keeps the cache in step with the tree: this is a broken
+                    // invariant, said as such rather than read as "no app".
+                    return Err(Error::Internal(format!(
+                        "app record {name:?} is cached as unreadable but not in the store"
+                    )));
+                };
                 let err = match serde_json::from_slice::<AppRecord>(&bytes) {
                     Err(e) => unreadable(name, e),
                     Ok(_) => Error::Internal(format!(
