@@ -209,7 +209,7 @@ fn app_json(app: &App) -> Value {
         "history": app.history.iter().map(|h| json!({
             "revision": h.revision,
             "at": rfc3339_secs(h.at_unix),
-            "digests": h.digests.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "bundles": h.bundles.iter().collect::<std::collections::BTreeMap<_, _>>(),
             "rolled_out": h.rolled_out,
         })).collect::<Vec<_>>(),
         "pinned_revision": if app.pinned_revision.is_empty() { Value::Null } else { json!(app.pinned_revision) },
@@ -354,7 +354,7 @@ pub fn app(format: Format, app: &App) {
                         vec![
                             short(&h.revision),
                             rfc3339_secs(h.at_unix).unwrap_or_default(),
-                            h.digests.len().to_string(),
+                            h.bundles.values().sum::<u32>().to_string(),
                         ]
                     })
                     .collect(),
@@ -498,7 +498,7 @@ pub fn history(format: Format, app: &App) {
                     vec![
                         h.revision.clone(),
                         rfc3339_secs(h.at_unix).unwrap_or_default(),
-                        h.digests.len().to_string(),
+                        h.bundles.values().sum::<u32>().to_string(),
                         if h.rolled_out { "yes" } else { "no" }.into(),
                         note.join(","),
                     ]

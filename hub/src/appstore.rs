@@ -13,22 +13,76 @@ use sled::Transactional;
 
 use crate::apps::AppDocument;
 use crate::audit::Record;
-use crate::rollout::{Assigned, Rollout};
+use crate::rollout::{Assigned, ClusterRollout, Rollout};
+use crate::wake::{Touched, Wakeups};
 use crate::{Error, Result};
 
 /// How many revisions an app's history keeps.
 pub const HISTORY_LIMIT: usize = 50;
 
-/// One rendered revision of an app.
+/// One rendered revision of an app. It names the bundles the render made (its variants), not
+/// which cluster got which: that grows with the fleet, and the current render's per-cluster
+/// targets are kept once, in the app's cluster slots.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredHistoryEntry")]
 pub struct HistoryEntry {
     pub revision: String,
     pub at: i64,
-    /// Cluster → bundle digest.
-    pub digests: BTreeMap<String, String>,
+    /// Bundle digest → how many clusters the render gave it.
+    pub bundles: BTreeMap<String, u32>,
     /// A rollout of this revision succeeded: it is a stable revision to roll back to.
-    #[serde(default)]
     pub rolled_out: bool,
+}
+
+impl HistoryEntry {
+    /// The entry of a render that gave each cluster (key) a bundle (value).
+    pub fn of_render(revision: &str, at: i64, digests: &BTreeMap<String, String>) -> Self {
+        Self {
+            revision: revision.to_string(),
+            at,
+            bundles: variants(digests),
+            rolled_out: false,
+        }
+    }
+}
+
+/// Digest → clusters, from cluster → digest.
+pub fn variants(digests: &BTreeMap<String, String>) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for digest in digests.values() {
+        *out.entry(digest.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// A history entry as any release wrote it: up to 2026-12 each held cluster → digest
+/// (`digests`); it reads as its variants.
+#[derive(Deserialize)]
+struct StoredHistoryEntry {
+    revision: String,
+    at: i64,
+    #[serde(default)]
+    bundles: BTreeMap<String, u32>,
+    #[serde(default)]
+    digests: BTreeMap<String, String>,
+    #[serde(default)]
+    rolled_out: bool,
+}
+
+impl From<StoredHistoryEntry> for HistoryEntry {
+    fn from(e: StoredHistoryEntry) -> Self {
+        let bundles = if e.bundles.is_empty() {
+            variants(&e.digests)
+        } else {
+            e.bundles
+        };
+        Self {
+            revision: e.revision,
+            at: e.at,
+            bundles,
+            rolled_out: e.rolled_out,
+        }
+    }
 }
 
 /// What the hub knows about an app's rendering.
@@ -71,6 +125,176 @@ pub struct SyncRequest {
     pub id: u64,
     /// The bundle the request is for (git's render for the cluster when it was asked).
     pub digest: String,
+}
+
+/// What an app holds for one cluster, stored under its own key (`<app>/<cluster>` in the
+/// `app_clusters` tree): a change that concerns one cluster writes one small record, and the
+/// app's own record stays the size of its document and history, whatever the fleet's size.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Slot {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<Assigned>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    assigned: Option<Assigned>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sync_request: Option<SyncRequest>,
+    /// The cluster's part in the app's latest rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollout: Option<ClusterRollout>,
+}
+
+/// A [`Slot`] borrowed from a record: for comparing and writing without copying.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+struct SlotRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a Assigned>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assigned: Option<&'a Assigned>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sync_request: Option<&'a SyncRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rollout: Option<&'a ClusterRollout>,
+}
+
+/// Every cluster slot of a record. Pure.
+fn slots_of(record: &AppRecord) -> BTreeMap<&str, SlotRef<'_>> {
+    let s = &record.status;
+    let mut out: BTreeMap<&str, SlotRef<'_>> = BTreeMap::new();
+    for (c, a) in &s.target {
+        out.entry(c).or_default().target = Some(a);
+    }
+    for (c, a) in &s.assignments {
+        out.entry(c).or_default().assigned = Some(a);
+    }
+    for (c, r) in &s.sync_requests {
+        out.entry(c).or_default().sync_request = Some(r);
+    }
+    for (c, r) in s.rollout.iter().flat_map(|r| &r.clusters) {
+        out.entry(c).or_default().rollout = Some(r);
+    }
+    out
+}
+
+/// The app's own record: everything but its cluster slots. Pure.
+fn header_of(record: &AppRecord) -> AppRecord {
+    let s = &record.status;
+    AppRecord {
+        doc: record.doc.clone(),
+        origin: record.origin.clone(),
+        generation: record.generation,
+        status: AppStatus {
+            revision: s.revision.clone(),
+            observed_generation: s.observed_generation,
+            last_error: s.last_error.clone(),
+            last_error_at: s.last_error_at,
+            target: BTreeMap::new(),
+            assignments: BTreeMap::new(),
+            history: s.history.clone(),
+            rollout: s.rollout.as_ref().map(Rollout::without_clusters),
+            next_rollout_id: s.next_rollout_id,
+            stable_revision: s.stable_revision.clone(),
+            pinned: s.pinned.clone(),
+            sync_requests: BTreeMap::new(),
+            next_sync_request: s.next_sync_request,
+        },
+    }
+}
+
+/// Puts a cluster's slot back into its app's record; an error (naming the slot) when the slot
+/// holds rollout state but the app has no rollout.
+fn join(record: &mut AppRecord, cluster: &str, slot: Slot) -> std::result::Result<(), String> {
+    let s = &mut record.status;
+    if let Some(t) = slot.target {
+        s.target.insert(cluster.to_string(), t);
+    }
+    if let Some(a) = slot.assigned {
+        s.assignments.insert(cluster.to_string(), a);
+    }
+    if let Some(r) = slot.sync_request {
+        s.sync_requests.insert(cluster.to_string(), r);
+    }
+    if let Some(r) = slot.rollout {
+        let Some(rollout) = s.rollout.as_mut() else {
+            return Err(format!(
+                "cluster {cluster:?} holds rollout state but the app has no rollout"
+            ));
+        };
+        rollout.clusters.insert(cluster.to_string(), r);
+    }
+    Ok(())
+}
+
+/// Whether bytes decode as a cluster slot (a backup's check); the error if not.
+pub fn check_slot(bytes: &[u8]) -> std::result::Result<(), String> {
+    serde_json::from_slice::<Slot>(bytes)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn slot_key(app: &str, cluster: &str) -> String {
+    format!("{app}/{cluster}")
+}
+
+fn slot_prefix(app: &str) -> String {
+    format!("{app}/")
+}
+
+/// What a write changes in the store, found by comparing the record before and after. Pure.
+#[derive(Debug, Default)]
+struct Delta {
+    /// The app's own record, encoded, when it changed.
+    header: Option<Vec<u8>>,
+    /// Cluster → its slot encoded, or `None` for a slot that is gone.
+    slots: BTreeMap<String, Option<Vec<u8>>>,
+    /// Whether what every cluster's orders depend on changed (see [`Touched::Everyone`]).
+    everyone: bool,
+}
+
+impl Delta {
+    fn between(before: Option<&AppRecord>, after: &AppRecord) -> Result<Self> {
+        let name = &after.doc.metadata.name;
+        let header = header_of(after);
+        let header_changed = before.is_none_or(|b| header_of(b) != header);
+        let old = before.map(slots_of).unwrap_or_default();
+        let new = slots_of(after);
+        let mut slots = BTreeMap::new();
+        for (cluster, slot) in &new {
+            if old.get(cluster) != Some(slot) {
+                let bytes = serde_json::to_vec(slot).map_err(|source| Error::Corrupt {
+                    key: slot_key(name, cluster),
+                    source,
+                })?;
+                slots.insert(cluster.to_string(), Some(bytes));
+            }
+        }
+        for cluster in old.keys().filter(|c| !new.contains_key(*c)) {
+            slots.insert(cluster.to_string(), None);
+        }
+        // What `reports::orders_for` reads of an app beyond its slots.
+        let everyone = before.is_none_or(|b| {
+            b.doc != after.doc
+                || b.generation != after.generation
+                || b.status.observed_generation != after.status.observed_generation
+                || b.status.revision.is_some() != after.status.revision.is_some()
+        });
+        Ok(Self {
+            header: if header_changed {
+                Some(encode(&header)?)
+            } else {
+                None
+            },
+            slots,
+            everyone,
+        })
+    }
+
+    fn touched(&self) -> Touched {
+        if self.everyone {
+            Touched::Everyone
+        } else {
+            Touched::Clusters(self.slots.keys().cloned().collect())
+        }
+    }
 }
 
 /// An app as stored.
@@ -125,13 +349,6 @@ enum Cached {
     Unreadable(String),
 }
 
-fn decoded(name: &str, bytes: &[u8]) -> Cached {
-    match serde_json::from_slice(bytes) {
-        Ok(record) => Cached::Readable(Arc::new(record)),
-        Err(e) => Cached::Unreadable(unreadable(name, e).to_string()),
-    }
-}
-
 /// Apps and bundles.
 #[derive(Clone)]
 pub struct AppStore {
@@ -142,18 +359,24 @@ pub struct AppStore {
     writes: std::sync::Arc<tokio::sync::Mutex<()>>,
     gate: crate::store::WriteGate,
     db: sled::Db,
+    /// App → its own record ([`header_of`]).
     apps: sled::Tree,
+    /// `<app>/<cluster>` → that cluster's [`Slot`].
+    slots: sled::Tree,
     bundles: sled::Tree,
     /// Deleted app → when (ms since the epoch, big-endian i64).
     tombstones: sled::Tree,
     audit: crate::audit::Trees,
     seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    /// Told of every committed write: whom it concerns.
+    wake: Arc<Wakeups>,
 }
 
-fn unreadable(key: &str, source: serde_json::Error) -> Error {
+fn unreadable(tree: &'static str, key: &str, app: &str, source: serde_json::Error) -> Error {
     Error::Unreadable {
-        tree: "apps",
+        tree,
         key: key.to_string(),
+        app: app.to_string(),
         source,
     }
 }
@@ -171,26 +394,83 @@ fn tombstone_time(name: &str, v: &[u8]) -> Result<i64> {
         .map_err(|_| Error::Internal(format!("tombstone of app {name:?} is not 8 bytes")))
 }
 
+/// Reads one app from its record and its cluster slots; `Err(Error::Unreadable)` naming the
+/// first record that does not decode. A record of the release before the slots (cluster maps
+/// inside it) reads as it is; the slots, where present, complete it.
+fn load(apps: &sled::Tree, slots: &sled::Tree, name: &str) -> Result<Option<AppRecord>> {
+    let Some(bytes) = apps.get(name)? else {
+        return Ok(None);
+    };
+    let mut record: AppRecord =
+        serde_json::from_slice(&bytes).map_err(|e| unreadable("apps", name, name, e))?;
+    for kv in slots.scan_prefix(slot_prefix(name)) {
+        let (k, v) = kv?;
+        let key = String::from_utf8_lossy(&k).into_owned();
+        let cluster = &key[slot_prefix(name).len()..];
+        let slot: Slot =
+            serde_json::from_slice(&v).map_err(|e| unreadable("app_clusters", &key, name, e))?;
+        join(&mut record, cluster, slot).map_err(|m| {
+            unreadable(
+                "app_clusters",
+                &key,
+                name,
+                <serde_json::Error as serde::de::Error>::custom(m),
+            )
+        })?;
+    }
+    Ok(Some(record))
+}
+
+/// Keys of every cluster slot an app has in the store.
+fn slot_keys(slots: &sled::Tree, name: &str) -> Result<Vec<sled::IVec>> {
+    slots
+        .scan_prefix(slot_prefix(name))
+        .keys()
+        .map(|k| k.map_err(Error::from))
+        .collect()
+}
+
 impl AppStore {
-    pub fn open(db: &sled::Db, gate: crate::store::WriteGate) -> Result<Self> {
+    pub fn open(db: &sled::Db, gate: crate::store::WriteGate, wake: Arc<Wakeups>) -> Result<Self> {
         let apps = db.open_tree("apps")?;
+        let slots = db.open_tree("app_clusters")?;
         let mut cache = BTreeMap::new();
-        for kv in apps.iter() {
-            let (k, v) = kv?;
+        let mut migrated = 0;
+        for k in apps.iter().keys() {
+            let k = k?;
             let name = String::from_utf8_lossy(&k).into_owned();
-            let entry = decoded(&name, &v);
+            let entry = match load(&apps, &slots, &name) {
+                Ok(Some(record)) => {
+                    if migrate(&apps, &slots, &record)? {
+                        migrated += 1;
+                    }
+                    Cached::Readable(Arc::new(record))
+                }
+                Ok(None) => continue,
+                Err(e @ Error::Unreadable { .. }) => Cached::Unreadable(e.to_string()),
+                Err(e) => return Err(e),
+            };
             cache.insert(name, entry);
+        }
+        if migrated > 0 {
+            db.flush()?;
+            tracing::info!(
+                apps = migrated,
+                "moved app records to per-cluster slots (records of an earlier release)"
+            );
         }
         Ok(Self {
             cache: Arc::new(std::sync::RwLock::new(cache)),
             writes: Default::default(),
             gate,
             apps,
+            slots,
             bundles: db.open_tree("bundles")?,
             tombstones: db.open_tree("app_tombstones")?,
             audit: crate::audit::Trees::open(db)?,
             seen: Default::default(),
             db: db.clone(),
+            wake,
         })
     }
 
@@ -227,16 +507,14 @@ impl AppStore {
             Some(Cached::Readable(record)) => Ok(Some(record)),
             // The stored bytes again, for the decode error itself (its source is kept).
             Some(Cached::Unreadable(_)) => {
-                let Some(bytes) = self.apps.get(name)? else {
-                    // Every write keeps the cache in step with the tree: this is a broken
+                let err = match load(&self.apps, &self.slots, name) {
+                    Err(e) => e,
+                    // Every write keeps the cache in step with the trees: this is a broken
                     // invariant, said as such rather than read as "no app".
-                    return Err(Error::Internal(format!(
+                    Ok(None) => Error::Internal(format!(
                         "app record {name:?} is cached as unreadable but not in the store"
-                    )));
-                };
-                let err = match serde_json::from_slice::<AppRecord>(&bytes) {
-                    Err(e) => unreadable(name, e),
-                    Ok(_) => Error::Internal(format!(
+                    )),
+                    Ok(Some(_)) => Error::Internal(format!(
                         "app record {name:?} decodes now but did not when it was written"
                     )),
                 };
@@ -356,27 +634,61 @@ impl AppStore {
         self.put_with(record, None).await
     }
 
-    /// Writes a record (with its audit entry, in one transaction) and flushes.
+    /// Writes what changed of a record since the cache's copy — its own record and the slots of
+    /// the clusters it changed, with its audit entry, in one transaction — flushes, and wakes
+    /// whom it concerns.
     async fn put_with(&self, record: &AppRecord, audit: Option<&Record>) -> Result<()> {
         let _gate = self.gate.read().await;
-        let bytes = encode(record)?;
-        let key = record.doc.metadata.name.as_bytes();
+        let name = &record.doc.metadata.name;
+        let before = match self.cache().get(name) {
+            Some(Cached::Readable(r)) => Some(Arc::clone(r)),
+            _ => None,
+        };
+        let mut delta = Delta::between(before.as_deref(), record)?;
+        if before.is_none() {
+            // A new app, or one replacing an unreadable record: no slot of before survives.
+            for k in slot_keys(&self.slots, name)? {
+                let cluster = String::from_utf8_lossy(&k[slot_prefix(name).len()..]).into_owned();
+                delta.slots.entry(cluster).or_insert(None);
+            }
+        }
+        let key = name.as_bytes();
+        let write_slots = |slots: &sled::transaction::TransactionalTree| {
+            for (cluster, bytes) in &delta.slots {
+                let k = slot_key(name, cluster);
+                match bytes {
+                    Some(b) => slots.insert(k.as_bytes(), b.as_slice())?,
+                    None => slots.remove(k.as_bytes())?,
+                };
+            }
+            Ok::<(), sled::transaction::UnabortableTransactionError>(())
+        };
         match audit {
-            // The controllers' own updates (renders, rollouts): one tree, no transaction needed.
+            // The controllers' own updates (renders, rollouts).
             None => {
-                self.apps.insert(key, bytes)?;
+                (&self.apps, &self.slots).transaction(|(apps, slots)| {
+                    if let Some(h) = &delta.header {
+                        apps.insert(key, h.as_slice())?;
+                    }
+                    write_slots(slots)?;
+                    Ok(())
+                })?;
             }
             // An operator's (or the fleet repository's) write: with its audit entry, and the name
             // no longer a tombstone.
             Some(a) => {
                 (
                     &self.apps,
+                    &self.slots,
                     &self.tombstones,
                     &self.audit.log,
                     &self.audit.meta,
                 )
-                    .transaction(|(apps, tombstones, log, meta)| {
-                        apps.insert(key, bytes.clone())?;
+                    .transaction(|(apps, slots, tombstones, log, meta)| {
+                        if let Some(h) = &delta.header {
+                            apps.insert(key, h.as_slice())?;
+                        }
+                        write_slots(slots)?;
                         tombstones.remove(key)?;
                         crate::audit::append_in(log, meta, a)?;
                         Ok(())
@@ -384,9 +696,12 @@ impl AppStore {
             }
         }
         crate::store::flush(&self.db).await?;
-        let name = &record.doc.metadata.name;
         self.cached(name, Some(Cached::Readable(Arc::new(record.clone()))));
         self.seen().unreadable.remove(name);
+        self.wake.wake(&delta.touched());
+        if delta.header.is_some() || !delta.slots.is_empty() {
+            self.wake.app_changed(name);
+        }
         Ok(())
     }
 
@@ -421,13 +736,13 @@ impl AppStore {
         audit: impl FnOnce(&AppRecord) -> Option<Record>,
     ) -> Result<Option<AppRecord>> {
         let _write = self.writes.lock().await;
-        let Some(mut record) = self.get(name)? else {
+        let Some(before) = self.get_shared(name)? else {
             return Ok(None);
         };
-        let before = record.clone();
+        let mut record = (*before).clone();
         update(&mut record)?;
         let audit = audit(&record);
-        if record != before || audit.is_some() {
+        if record != *before || audit.is_some() {
             self.put_with(&record, audit.as_ref()).await?;
         }
         Ok(Some(record))
@@ -439,14 +754,19 @@ impl AppStore {
         let _write = self.writes.lock().await;
         let _gate = self.gate.read().await;
         let at = crate::now_ms().to_be_bytes();
+        let slot_keys = slot_keys(&self.slots, name)?;
         let existed = (
             &self.apps,
+            &self.slots,
             &self.tombstones,
             &self.audit.log,
             &self.audit.meta,
         )
-            .transaction(|(apps, tombstones, log, meta)| {
+            .transaction(|(apps, slots, tombstones, log, meta)| {
                 let existed = apps.remove(name.as_bytes())?.is_some();
+                for k in &slot_keys {
+                    slots.remove(k)?;
+                }
                 if existed {
                     tombstones.insert(name.as_bytes(), &at[..])?;
                     if let Some(a) = audit {
@@ -458,6 +778,10 @@ impl AppStore {
         crate::store::flush(&self.db).await?;
         self.cached(name, None);
         self.seen().unreadable.remove(name);
+        if existed {
+            self.wake.wake(&Touched::Everyone);
+            self.wake.app_changed(name);
+        }
         Ok(existed)
     }
 
@@ -475,14 +799,25 @@ impl AppStore {
         Ok(expired)
     }
 
-    /// Test hook (`FLOTILLA_TEST_HOOKS`): stores raw bytes as an app's record, as a hand edit or
-    /// a version skew would leave it.
+    /// Test hook (`FLOTILLA_TEST_HOOKS`): stores raw bytes as an app's whole record (its cluster
+    /// slots gone), as a hand edit or a version skew would leave it.
     pub async fn put_raw_for_test(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let _write = self.writes.lock().await;
         let _gate = self.gate.read().await;
+        for k in slot_keys(&self.slots, name)? {
+            self.slots.remove(k)?;
+        }
         self.apps.insert(name.as_bytes(), bytes)?;
         crate::store::flush(&self.db).await?;
-        self.cached(name, Some(decoded(name, bytes)));
+        let entry = match load(&self.apps, &self.slots, name) {
+            Ok(Some(record)) => Cached::Readable(Arc::new(record)),
+            Ok(None) => return Err(Error::Internal(format!("app record {name:?} vanished"))),
+            Err(e @ Error::Unreadable { .. }) => Cached::Unreadable(e.to_string()),
+            Err(e) => return Err(e),
+        };
+        self.cached(name, Some(entry));
+        self.wake.wake(&Touched::Everyone);
+        self.wake.app_changed(name);
         Ok(())
     }
 
@@ -528,6 +863,33 @@ impl AppStore {
     }
 }
 
+/// Rewrites a record of an earlier release (cluster maps inside the app's record, history by
+/// cluster) as the app's own record plus one slot per cluster, in one transaction; whether it
+/// had to. A record already in this form is left alone.
+fn migrate(apps: &sled::Tree, slots: &sled::Tree, record: &AppRecord) -> Result<bool> {
+    let name = &record.doc.metadata.name;
+    let header = encode(&header_of(record))?;
+    if apps.get(name)?.is_some_and(|stored| stored == header) {
+        return Ok(false);
+    }
+    let mut rows = Vec::new();
+    for (cluster, slot) in slots_of(record) {
+        let bytes = serde_json::to_vec(&slot).map_err(|source| Error::Corrupt {
+            key: slot_key(name, cluster),
+            source,
+        })?;
+        rows.push((slot_key(name, cluster), bytes));
+    }
+    (apps, slots).transaction(|(apps, slots)| {
+        apps.insert(name.as_bytes(), header.as_slice())?;
+        for (k, v) in &rows {
+            slots.insert(k.as_bytes(), v.as_slice())?;
+        }
+        Ok(())
+    })?;
+    Ok(true)
+}
+
 /// Records an unreadable record in `seen`; a changed error is audited again.
 fn note(seen: &mut Seen, name: &str, error: &str) {
     match seen.unreadable.get(name) {
@@ -541,5 +903,203 @@ fn note(seen: &mut Seen, name: &str, error: &str) {
             seen.unreadable
                 .insert(name.to_string(), (error.to_string(), false));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{ClusterState, Phase};
+
+    fn db() -> sled::Db {
+        sled::Config::new().temporary(true).open().unwrap()
+    }
+
+    fn open_store(db: &sled::Db) -> (AppStore, Arc<Wakeups>) {
+        let wake = Arc::new(Wakeups::default());
+        let store = AppStore::open(db, Default::default(), Arc::clone(&wake)).unwrap();
+        (store, wake)
+    }
+
+    fn to(digest: &str) -> Assigned {
+        Assigned {
+            digest: digest.into(),
+            revision: "r1".into(),
+        }
+    }
+
+    /// An app on `clusters`, each assigned `d`, mid-rollout.
+    fn record(clusters: &[&str]) -> AppRecord {
+        let doc = AppDocument::parse(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {name: web}\nspec:\n  source: {repoURL: \"file:///r\"}\n  targets: {clusters: [a]}\n",
+        )
+        .unwrap();
+        let mut status = AppStatus {
+            revision: Some("r1".into()),
+            observed_generation: 1,
+            ..AppStatus::default()
+        };
+        let mut rollout = Rollout {
+            id: 1,
+            revision: "r1".into(),
+            generation: 1,
+            phase: Phase::Progressing,
+            current_step: 0,
+            steps: vec!["all".into()],
+            step_healthy_since: None,
+            paused: None,
+            promote: false,
+            tolerated_failures: 0,
+            message: String::new(),
+            clusters: BTreeMap::new(),
+            started_at: 1,
+            finished_at: None,
+            max_updating: 0,
+        };
+        for c in clusters {
+            status.target.insert(c.to_string(), to("d"));
+            status.assignments.insert(c.to_string(), to("d"));
+            rollout.clusters.insert(
+                c.to_string(),
+                ClusterRollout {
+                    step: 0,
+                    from: None,
+                    to: to("d"),
+                    state: ClusterState::Updating,
+                    since: 1,
+                    reason: String::new(),
+                },
+            );
+        }
+        let digests = clusters.iter().map(|c| (c.to_string(), "d".to_string())).collect();
+        status.history.push(HistoryEntry::of_render("r1", 1, &digests));
+        status.rollout = Some(rollout);
+        AppRecord {
+            doc,
+            origin: "api".into(),
+            generation: 1,
+            status,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_clusters_change_writes_its_slot_and_wakes_only_its_session() {
+        let db = db();
+        let (store, wake) = open_store(&db);
+        let clusters: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
+        let names: Vec<&str> = clusters.iter().map(String::as_str).collect();
+        store.put(&record(&names)).await.unwrap();
+        let header = db.open_tree("apps").unwrap().get("web").unwrap().unwrap();
+        assert!(header.len() < 2_000, "the app's own record does not grow with its clusters: {} bytes", header.len());
+        assert_eq!(db.open_tree("app_clusters").unwrap().len(), 100);
+        wake.take_dirty();
+
+        let mut c7 = wake.subscribe("c7");
+        let c8 = wake.subscribe("c8");
+        let slots = db.open_tree("app_clusters").unwrap();
+        let mut watch = slots.watch_prefix("");
+        store
+            .update_status("web", |r| {
+                r.status.assignments.insert("c7".into(), to("e"));
+            })
+            .await
+            .unwrap();
+        let event = watch.next_timeout(std::time::Duration::from_secs(1)).unwrap();
+        assert_eq!(event.key(), b"web/c7");
+        assert!(watch.next_timeout(std::time::Duration::from_millis(50)).is_err(), "one slot written");
+        assert_eq!(db.open_tree("apps").unwrap().get("web").unwrap().unwrap(), header);
+        assert!(c7.rx.has_changed().unwrap());
+        assert!(!c8.rx.has_changed().unwrap(), "another cluster's session sleeps on");
+        assert_eq!(wake.take_dirty().into_iter().collect::<Vec<_>>(), ["web"]);
+
+        // A change of the document concerns every cluster.
+        c7.rx.mark_unchanged();
+        store
+            .update_status("web", |r| r.doc.spec.namespace = "other".into())
+            .await
+            .unwrap();
+        assert!(c7.rx.has_changed().unwrap() && c8.rx.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn records_read_back_whole_after_reopen_and_deletes_leave_no_slot() {
+        let db = db();
+        let original = record(&["a", "b", "c"]);
+        {
+            let (store, _) = open_store(&db);
+            store.put(&original).await.unwrap();
+            store
+                .update_status("web", |r| {
+                    r.status.target.remove("c");
+                    r.status.assignments.remove("c");
+                    r.status.rollout.as_mut().unwrap().clusters.remove("c");
+                })
+                .await
+                .unwrap();
+        }
+        let (store, _) = open_store(&db);
+        let read = store.get("web").unwrap().unwrap();
+        let mut want = original;
+        want.status.target.remove("c");
+        want.status.assignments.remove("c");
+        want.status.rollout.as_mut().unwrap().clusters.remove("c");
+        assert_eq!(read, want);
+        assert_eq!(db.open_tree("app_clusters").unwrap().len(), 2);
+        assert!(store.delete("web", None).await.unwrap());
+        assert_eq!(db.open_tree("app_clusters").unwrap().len(), 0);
+    }
+
+    /// The JSON the release before the slots wrote: cluster maps inside the app's record and each
+    /// history entry by cluster.
+    fn legacy_json(clusters: &[&str]) -> Vec<u8> {
+        let mut v = serde_json::to_value(record(clusters)).unwrap();
+        let digests: serde_json::Map<String, serde_json::Value> =
+            clusters.iter().map(|c| (c.to_string(), "d".into())).collect();
+        v["status"]["history"][0] = serde_json::json!({
+            "revision": "r1", "at": 1, "digests": digests, "rolled_out": true,
+        });
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_record_of_the_earlier_release_moves_to_slots_at_open_and_reads_the_same() {
+        let db = db();
+        db.open_tree("apps")
+            .unwrap()
+            .insert("web", legacy_json(&["a", "b"]))
+            .unwrap();
+        let (store, _) = open_store(&db);
+        let read = store.get("web").unwrap().unwrap();
+        let mut want = record(&["a", "b"]);
+        want.status.history[0].rolled_out = true;
+        assert_eq!(read, want);
+        assert_eq!(read.status.history[0].bundles, BTreeMap::from([("d".to_string(), 2)]));
+        assert_eq!(db.open_tree("app_clusters").unwrap().len(), 2);
+        let header: serde_json::Value =
+            serde_json::from_slice(&db.open_tree("apps").unwrap().get("web").unwrap().unwrap()).unwrap();
+        assert_eq!(header["status"]["assignments"], serde_json::json!({}), "{header}");
+        // Opening again finds nothing to move and reads the same.
+        let (again, _) = open_store(&db);
+        assert_eq!(again.get("web").unwrap().unwrap(), want);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_slot_holds_the_whole_app_and_names_itself() {
+        let db = db();
+        {
+            let (store, _) = open_store(&db);
+            store.put(&record(&["a", "b"])).await.unwrap();
+        }
+        db.open_tree("app_clusters")
+            .unwrap()
+            .insert("web/b", &b"{\"assigned\": 5}"[..])
+            .unwrap();
+        let (store, _) = open_store(&db);
+        let catalog = store.list().unwrap();
+        assert!(catalog.apps.is_empty());
+        assert!(catalog.is_unreadable("web"));
+        let err = store.get("web").unwrap_err().to_string();
+        assert!(err.contains("\"web/b\"") && err.contains("app_clusters"), "{err}");
+        assert!(err.contains("flotilla app delete web`"), "{err}");
     }
 }

@@ -27,6 +27,7 @@ const TREES: &[&str] = &[
     "certs",
     "revoked",
     "apps",
+    "app_clusters",
     "app_tombstones",
     "bundles",
     "reports",
@@ -114,6 +115,7 @@ fn check_record(tree: &str, value: &[u8]) -> std::result::Result<(), String> {
         "certs" => json::<crate::store::CertRecord>(value),
         "revoked" => json::<crate::store::Revocation>(value),
         "apps" => json::<crate::appstore::AppRecord>(value),
+        "app_clusters" => crate::appstore::check_slot(value),
         "audit" => json::<crate::audit::AuditEntry>(value),
         "reports" => <flotilla_proto::v1::AppStatus as prost::Message>::decode(value)
             .map(drop)
@@ -379,11 +381,11 @@ pub fn restore(
     let unreadable = unreadable_records(&decoded);
     let refused: Vec<&Unreadable> = unreadable
         .iter()
-        .filter(|u| !(keep_unreadable && u.tree == "apps"))
+        .filter(|u| !(keep_unreadable && matches!(u.tree.as_str(), "apps" | "app_clusters")))
         .collect();
     if !refused.is_empty() {
         let list: Vec<String> = refused.iter().map(|u| u.to_string()).collect();
-        let hint = if refused.iter().all(|u| u.tree == "apps") {
+        let hint = if refused.iter().all(|u| matches!(u.tree.as_str(), "apps" | "app_clusters")) {
             "; restore with --keep-unreadable to keep them as they are (the hub then holds each such app, neither applying nor pruning it, until it is fixed or deleted)"
         } else {
             ""

@@ -58,11 +58,13 @@ pub enum Error {
     /// An app's stored record does not decode (a version skew, a hand edit): that app is held
     /// (nothing of it applied or pruned) until an operator replaces or deletes the record.
     #[error(
-        "app record {key:?} (store tree {tree}) cannot be read: {source}. Its objects are left as they are on every cluster. Fix: apply the app's document again (`flotilla app apply -f FILE`) or delete the app (`flotilla app delete {key}`)"
+        "app record {key:?} (store tree {tree}) cannot be read: {source}. Its objects are left as they are on every cluster. Fix: apply the app's document again (`flotilla app apply -f FILE`) or delete the app (`flotilla app delete {app}`)"
     )]
     Unreadable {
         tree: &'static str,
         key: String,
+        /// The app the record belongs to (`key` may name one of its cluster slots).
+        app: String,
         #[source]
         source: serde_json::Error,
     },

@@ -31,6 +31,7 @@ pub mod store;
 pub mod test_hooks;
 pub(crate) mod untrusted;
 pub mod validate;
+pub mod wake;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -93,10 +94,9 @@ pub struct Hub {
     pub apps: appstore::AppStore,
     pub source_settings: sources::SourceSettings,
     pub sync: sources::SyncState,
-    /// Bumped whenever any app's assignments may have changed; agent sessions watch it.
-    pub assignments_changed: tokio::sync::watch::Sender<u64>,
-    /// Wakes the rollout controller (a new render, an operator action).
-    pub rollouts_kick: tokio::sync::Notify,
+    /// Whom a committed app write concerns: the sessions of the clusters it touched, and the
+    /// rollout controller for the app.
+    pub wake: Arc<wake::Wakeups>,
     /// What each cluster last reported per app.
     pub reports: reports::Reports,
     pub metrics: metrics::Metrics,

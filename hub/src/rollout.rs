@@ -361,6 +361,27 @@ impl Input<'_> {
 }
 
 impl Rollout {
+    /// This rollout without its per-cluster state (which the store keeps per cluster).
+    pub fn without_clusters(&self) -> Self {
+        Self {
+            id: self.id,
+            revision: self.revision.clone(),
+            generation: self.generation,
+            phase: self.phase,
+            current_step: self.current_step,
+            steps: self.steps.clone(),
+            step_healthy_since: self.step_healthy_since,
+            paused: self.paused,
+            promote: self.promote,
+            tolerated_failures: self.tolerated_failures,
+            message: self.message.clone(),
+            clusters: BTreeMap::new(),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            max_updating: self.max_updating,
+        }
+    }
+
     /// Starts a rollout to `input.target`. A rollout it supersedes hands over where its touched
     /// clusters came from, so a rollback still returns them to the last stable bundle.
     pub fn start(
@@ -674,10 +695,13 @@ impl Rollout {
                 let since = *self.step_healthy_since.get_or_insert(now);
                 let left = step.soak_secs - (now - since);
                 if left > 0 && !self.promote {
+                    // The soak's end, not a countdown: the record changes once, not every second.
                     self.message = format!(
-                        "step {} ({}): all {members} cluster(s) Healthy, soaking {left}s more",
+                        "step {} ({}): all {members} cluster(s) Healthy, soaking {}s until {}",
                         at + 1,
-                        step.name
+                        step.name,
+                        step.soak_secs,
+                        crate::store::format_time(since + step.soak_secs)
                     );
                     return;
                 }

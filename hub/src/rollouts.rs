@@ -1,6 +1,7 @@
-//! The rollout controller: the IO edge of the planner. About twice a second (and at once when a
-//! render or an operator kicks it) it feeds every app's rollout what the fleet reports, persists
-//! the planner's decision (flushed before anyone is told) and tells agents their new assignments.
+//! The rollout controller: the IO edge of the planner. When an app's inputs change (a render, an
+//! operator, a report; and twice a second while its rollout is active) it feeds the app's rollout
+//! what the fleet reports and persists the planner's decision (flushed before anyone is told;
+//! the store then wakes the sessions of the clusters whose assignments moved).
 //! Operator actions (pause, resume, promote, abort, rollback) also land here, in the audit log.
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use crate::rollout::{ClusterView, Input, Phase, Rollout};
 use crate::store::ClusterRecord;
 use crate::{Error, Hub, Result, now_unix};
 
-/// How often rollouts are re-planned without a kick.
+/// How often active rollouts are re-planned without a change (time moves soaks and deadlines).
 const PLAN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What the planner needs to know about every registered cluster, for one app.
@@ -128,12 +129,11 @@ pub async fn plan_app(hub: &Hub, name: &str) -> Result<()> {
 async fn plan_app_with(hub: &Hub, name: &str, clusters: &[ClusterRecord]) -> Result<()> {
     let views = views(hub, clusters, name);
     let now = now_unix();
-    let mut changed = false;
     let mut newly = Vec::new();
     hub.apps
         .update_status(name, |record| {
             let before = record.status.assignments.clone();
-            changed = plan(record, &views, now);
+            plan(record, &views, now);
             for (cluster, a) in &record.status.assignments {
                 if before.get(cluster) != Some(a) {
                     newly.push((cluster.clone(), a.digest.clone()));
@@ -144,27 +144,27 @@ async fn plan_app_with(hub: &Hub, name: &str, clusters: &[ClusterRecord]) -> Res
     for (cluster, digest) in newly {
         hub.metrics.assigned(&cluster, &digest);
     }
-    if changed {
-        // Written and flushed above, before any agent hears of it.
-        hub.assignments_changed.send_modify(|v| *v += 1);
-    }
     Ok(())
 }
 
 /// How often old tombstones of deleted apps are looked for.
 const TOMBSTONE_CHECK: Duration = Duration::from_secs(600);
 
-/// The controller loop; returns at shutdown.
+/// The controller loop; returns at shutdown. It plans an app when something it depends on
+/// changed — a write of the app (a render, an operator, its own last step), a report of one of
+/// its clusters — and, while its rollout is active, every [`PLAN_INTERVAL`] for what time alone
+/// moves (soaks, deadlines, clusters gone quiet). A finished rollout with nothing new costs
+/// nothing.
 pub async fn run(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(PLAN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tombstones_checked: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
+        let timed = tokio::select! {
             _ = hub.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-            _ = hub.rollouts_kick.notified() => {}
-        }
+            _ = tick.tick() => true,
+            _ = hub.wake.dirtied() => false,
+        };
         let catalog = match hub.apps.list() {
             Ok(catalog) => catalog,
             Err(e) => {
@@ -182,14 +182,25 @@ pub async fn run(hub: Arc<Hub>) {
                 Err(e) => tracing::warn!(error = %e, "expiring tombstones; next check retries"),
             }
         }
-        let names = catalog
-            .apps
-            .into_iter()
-            .map(|a| a.doc.metadata.name.clone());
+        let mut names = hub.wake.take_dirty();
+        if timed {
+            names.extend(
+                catalog
+                    .apps
+                    .iter()
+                    .filter(|a| due_by_time(a))
+                    .map(|a| a.doc.metadata.name.clone()),
+            );
+        }
+        if names.is_empty() {
+            continue;
+        }
         let clusters = match hub.store.clusters() {
             Ok(clusters) => clusters,
             Err(e) => {
                 tracing::error!(error = %e, "listing clusters for rollouts");
+                // Planned at the next wake-up instead.
+                names.iter().for_each(|n| hub.wake.app_changed(n));
                 continue;
             }
         };
@@ -199,6 +210,11 @@ pub async fn run(hub: Arc<Hub>) {
             }
         }
     }
+}
+
+/// Whether time alone can move an app's rollout: it is active. Pure.
+fn due_by_time(app: &AppRecord) -> bool {
+    app.status.rollout.as_ref().is_some_and(|r| r.phase.is_active())
 }
 
 /// Unreadable app records: counted, and each audited once (the apps themselves are held by the
@@ -469,6 +485,5 @@ pub async fn request_sync(
             };
         }
     }
-    hub.assignments_changed.send_modify(|v| *v += 1);
     Ok(out)
 }

@@ -136,14 +136,14 @@ pub async fn serve(
         tracing::info!(pruned, "forgot bootstrap tokens dead for more than 30 days");
     }
     let revoked = store.revoked_serials()?;
-    let apps = crate::appstore::AppStore::open(store.db(), store.gate())?;
+    let wake = Arc::new(crate::wake::Wakeups::default());
+    let apps = crate::appstore::AppStore::open(store.db(), store.gate(), Arc::clone(&wake))?;
     let reports = crate::reports::Reports::open(store.db())?;
     let audit = crate::audit::AuditLog::open(store.db(), store.gate())?;
     let hub = Arc::new(Hub {
         data_dir: opts.data_dir.clone(),
         audit,
-        assignments_changed: tokio::sync::watch::channel(0).0,
-        rollouts_kick: tokio::sync::Notify::new(),
+        wake,
         metrics: crate::metrics::Metrics::default(),
         reports,
         apps,

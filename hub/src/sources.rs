@@ -390,7 +390,6 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
     let now = now_unix();
     match outcome {
         Ok((revision, assignments)) => {
-            let mut target_changed = false;
             hub.apps
                 .update_status(name, |r| {
                     if r.generation != generation {
@@ -401,14 +400,16 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     // a label changed) updates its entry rather than pushing rollback targets out.
                     match s.history.last_mut() {
                         Some(h) if h.revision == revision => {
-                            if h.digests != assignments {
-                                h.digests = assignments.clone();
+                            let moved = s.target.len() != assignments.len()
+                                || assignments.iter().any(|(c, d)| s.target.get(c).map(|t| &t.digest) != Some(d));
+                            if moved {
+                                h.bundles = crate::appstore::variants(&assignments);
                                 h.rolled_out = false;
                                 tracing::info!(app = name, %revision, clusters = assignments.len(), "app re-rendered at the same revision");
                             }
                         }
                         _ => {
-                            s.history.push(HistoryEntry { revision: revision.clone(), at: now, digests: assignments.clone(), rolled_out: false });
+                            s.history.push(HistoryEntry::of_render(&revision, now, &assignments));
                             let excess = s.history.len().saturating_sub(HISTORY_LIMIT);
                             s.history.drain(..excess);
                             tracing::info!(app = name, %revision, clusters = assignments.len(), "app rendered");
@@ -422,8 +423,6 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                             (cluster.clone(), to)
                         })
                         .collect();
-                    // Only manual apps' agents see the target before the rollout moves them.
-                    target_changed = s.target != target && !r.doc.spec.sync_policy.automated;
                     s.target = target;
                     s.revision = Some(revision.clone());
                     s.observed_generation = generation;
@@ -437,11 +436,6 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     result: "ok".into(),
                 })
                 .inc();
-            if target_changed {
-                // Manual apps' agents diff against the target before any rollout moves them.
-                hub.assignments_changed.send_modify(|v| *v += 1);
-            }
-            hub.rollouts_kick.notify_one();
         }
         Err(err) => {
             let message = err.to_string();
@@ -535,8 +529,6 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
             .await?;
         if before != Some(record.generation) {
             tracing::info!(app = %name, "fleet app added or changed");
-            // Sync policy travels with each assignment: agents hear of a changed one at once.
-            hub.assignments_changed.send_modify(|v| *v += 1);
             hub.sync.kick_repo(&url);
         }
         wanted.insert(name);
@@ -555,7 +547,6 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         hub.apps
             .delete(&gone.doc.metadata.name, Some(&audit))
             .await?;
-        hub.assignments_changed.send_modify(|v| *v += 1);
     }
     Ok(())
 }

@@ -137,7 +137,7 @@ fn abort<T>(err: Error) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(err))
 }
 
-fn format_time(unix: i64) -> String {
+pub(crate) fn format_time(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| {

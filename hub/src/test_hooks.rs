@@ -38,8 +38,6 @@ async fn put_app_record(
 ) -> (StatusCode, String) {
     match hub.apps.put_raw_for_test(&name, &body).await {
         Ok(()) => {
-            hub.assignments_changed.send_modify(|v| *v += 1);
-            hub.rollouts_kick.notify_one();
             (StatusCode::OK, format!("app record {name:?} replaced\n"))
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),

@@ -18,6 +18,10 @@ pub mod tools;
 fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        // Binaries of another build (an earlier release, to write a data dir it would leave).
+        if let Some(dir) = std::env::var_os("FLOTILLA_E2E_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
         // current_exe: <target>/<profile>/deps/<test>-<hash>
         let exe = std::env::current_exe().unwrap_or_default();
         let profile_dir = exe
@@ -253,6 +257,20 @@ impl Hub {
             "hub init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let (process, addr, http_addr) =
+            serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
+        Ok(Self {
+            url: format!("https://{addr}"),
+            addr,
+            http_addr,
+            dir,
+            opts,
+            process,
+        })
+    }
+
+    /// `flotilla-hub serve` on a data directory made elsewhere: `dir`/hub (a fixture unpacked).
+    pub fn serve_existing(dir: tempfile::TempDir, opts: HubOptions) -> Result<Self> {
         let (process, addr, http_addr) =
             serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
         Ok(Self {

@@ -257,7 +257,7 @@ impl AdminService {
                 .map(|h| AppRevision {
                     revision: h.revision,
                     at_unix: h.at,
-                    digests: h.digests.into_iter().collect(),
+                    bundles: h.bundles.into_iter().collect(),
                     rolled_out: h.rolled_out,
                 })
                 .collect(),
@@ -362,8 +362,6 @@ impl AdminService {
             })
             .await?;
         tracing::info!(app = %record.doc.metadata.name, generation = record.generation, "app applied");
-        // Sync policy travels with each assignment: agents hear of a changed one at once.
-        self.hub.assignments_changed.send_modify(|v| *v += 1);
         self.hub.sync.kick_repo(&url);
         Self::app_to_proto(record)
     }
@@ -575,7 +573,6 @@ impl Admin for AdminService {
         if !self.hub.apps.delete(name, Some(&audit)).await? {
             return Err(Error::AppNotFound(name.clone()).into());
         }
-        self.hub.assignments_changed.send_modify(|v| *v += 1);
         Ok(Response::new(DeleteAppResponse {}))
     }
 

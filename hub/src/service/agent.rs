@@ -159,7 +159,8 @@ async fn run_session(
     let until_expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
-    let mut changes = hub.assignments_changed.subscribe();
+    // Woken by writes that touch this cluster's orders (and those that touch every cluster's).
+    let mut changes = hub.wake.subscribe(&name);
     // What the agent was last told; `None` until a read succeeds (reports wait for it too).
     let mut sent: Option<Assignments> = None;
     let mut gate = crate::report_gate::ReportGate::new(std::time::Instant::now());
@@ -188,7 +189,7 @@ async fn run_session(
                     "the certificate this stream was opened with has expired; reconnect with the renewed one"));
             }
             _ = tx.closed() => break None,
-            changed = changes.changed() => {
+            changed = changes.rx.changed() => {
                 if changed.is_err() {
                     break Some(Status::unavailable("hub is shutting down"));
                 }
@@ -233,6 +234,8 @@ async fn run_session(
                         // Recorded under the session's identity; the report names only the app.
                         hub.metrics.reported(&name, &status.digest, status.sync(), status.health());
                         hub.reports.record(&name, status.clone());
+                        // The app's rollout may move on this report.
+                        hub.wake.app_changed(&status.app);
                         if let Some(since) = recovering_since
                             && recovered(&hub, &name, &sent.apps, since).await
                         {
