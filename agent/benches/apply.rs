@@ -135,11 +135,12 @@ async fn main() {
             listen: "127.0.0.1:0".parse().unwrap(),
             settings: flotilla_hub::Settings::default(),
             http_listen: None,
+            operator_listen: None,
             sources: flotilla_hub::server::SourceOptions::default(),
         },
         shutdown.clone(),
-        move |addr, _| {
-            let _ = ready_tx.send(addr);
+        move |bound| {
+            let _ = ready_tx.send(bound.grpc);
         },
     ));
     let addr = ready_rx.await.unwrap();

@@ -187,14 +187,15 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
                 ..Settings::default()
             },
             http_listen: None,
+            operator_listen: None,
             sources: SourceOptions {
                 poll_interval: Duration::from_secs(1),
                 ..SourceOptions::default()
             },
         },
         shutdown.clone(),
-        move |addr, _| {
-            let _ = ready_tx.send(addr);
+        move |bound| {
+            let _ = ready_tx.send(bound.grpc);
         },
     ));
     let addr = ready_rx.await.context("the demo hub did not start")?;

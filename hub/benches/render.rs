@@ -91,7 +91,7 @@ async fn main() {
     );
 
     let db = sled::Config::new().temporary(true).open().unwrap();
-    let store = AppStore::open(&db, Default::default()).unwrap();
+    let store = AppStore::open(&db, Default::default(), Default::default()).unwrap();
     let t = Instant::now();
     let mut variants: HashMap<String, String> = HashMap::new();
     let mut renders = 0;

@@ -1,9 +1,12 @@
 //! Admission of new connections: a token bucket in front of the TLS listener, so a hub restarted
 //! under thousands of agents takes their handshakes at a bounded rate instead of all at once.
-//! Connections over the rate wait in the kernel's accept queue; nothing is refused. Each
-//! handshake runs in its own task under a deadline; its outcome — a valid client certificate or
-//! none — tells the connection caps who comes first. The decision (how long to wait) is the pure
-//! [`TokenBucket`]; the accept loop is the IO edge.
+//! Connections are accepted at once into a queue no longer than [`Pacing::queue_wait`] worth of
+//! handshakes; past that a connection is closed at once, so its agent backs off and comes back,
+//! instead of waiting in the kernel's backlog until its own connect timeout gives up — then the
+//! hub's handshake for it would be wasted, and under a storm most of them were (goodput fell to a
+//! tenth of the rate). Each handshake runs in its own task under a deadline; its outcome — a valid
+//! client certificate or none — tells the connection caps who comes first. The decisions (how
+//! long to wait, whether to queue) are pure ([`TokenBucket`], [`Queue`]); the loops are the IO edge.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +50,31 @@ impl TokenBucket {
     }
 }
 
+/// What to do with a connection that arrives while `queued` wait for their handshake. Pure.
+#[derive(Debug, Clone, Copy)]
+pub struct Queue {
+    /// The most connections that may wait: `queue_wait` worth at the rate (at least a burst).
+    pub capacity: usize,
+    pub max_wait: Duration,
+}
+
+impl Queue {
+    pub fn new(pacing: &Pacing) -> Self {
+        let worth = (f64::from(pacing.rate.max(1)) * pacing.queue_wait.as_secs_f64()).ceil();
+        Self {
+            // Bounded by the rate (at most 10^4/s) times a wait of seconds: fits any usize.
+            capacity: (worth as usize).max(pacing.burst.max(1) as usize),
+            max_wait: pacing.queue_wait,
+        }
+    }
+
+    /// Whether a connection that waited `waited` for its turn is still worth a handshake (its
+    /// agent is likely still waiting for it).
+    pub fn fresh(&self, waited: Duration) -> bool {
+        waited <= self.max_wait
+    }
+}
+
 /// Counts admissions per wall-clock second and keeps the busiest second.
 #[derive(Debug, Default)]
 pub struct PeakRate {
@@ -79,15 +107,26 @@ pub struct Pacing {
     pub burst: u32,
     /// A TLS handshake not done within this is dropped.
     pub handshake_deadline: Duration,
+    /// The longest a connection waits for its handshake; well under the agents' connect timeout.
+    pub queue_wait: Duration,
     /// A connection without a client certificate closes after this much silence.
     pub anonymous_idle: Duration,
 }
 
-/// Accepts from `listener` at most `rate` per second (bursts of `burst`) until `shutdown`; past the
-/// connection caps a connection is closed at once (or the oldest without a client certificate
-/// makes room), and every admitted one closes when idle. Yields connections whose TLS handshake
-/// finished.
+/// A connection waiting for its handshake.
+struct Waiting {
+    stream: tokio::net::TcpStream,
+    permit: crate::conn_limits::Permit,
+    arrived: Instant,
+}
+
+/// Accepts from `listener` until `shutdown` and hands at most `rate` connections per second
+/// (bursts of `burst`) to their TLS handshake; past the connection caps a connection is closed at
+/// once (or the oldest without a client certificate makes room), past the queue too, and every
+/// admitted one closes when idle. Yields connections whose TLS handshake finished.
 pub fn paced(
+    // The listener's name in the refusal metrics.
+    lane: &'static str,
     listener: TcpListener,
     pacing: Pacing,
     limiter: Limiter,
@@ -95,41 +134,68 @@ pub fn paced(
     hub: std::sync::Arc<crate::Hub>,
 ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<Guarded>>> {
     let (tx, rx) = mpsc::channel(16);
-    let (rate, burst) = (pacing.rate, pacing.burst);
+    let queue = Queue::new(&pacing);
+    let (queued, mut waiting) = mpsc::channel::<Waiting>(queue.capacity);
     let shutdown: CancellationToken = hub.shutdown.clone();
+    // Accepts as fast as connections come, so none waits unseen in the kernel's backlog.
+    hub.tasks.spawn({
+        let (hub, shutdown, limiter) = (std::sync::Arc::clone(&hub), shutdown.clone(), limiter.clone());
+        async move {
+            let metrics = &hub.metrics;
+            loop {
+                let accepted = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let permit = match limiter.admit(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(refusal) => {
+                        metrics.connection_refused(lane, refusal.label());
+                        continue;
+                    }
+                };
+                let arrived = Instant::now();
+                if let Err(full) = queued.try_send(Waiting { stream, permit, arrived }) {
+                    // Closed now, its agent backs off and retries; a handshake it would wait
+                    // longer for than its connect timeout would be wasted.
+                    drop(full);
+                    metrics.connection_refused(lane, "admission_queue_full");
+                }
+            }
+        }
+    });
     let owner = hub.tasks.clone();
     owner.spawn(async move {
         let metrics = &hub.metrics;
-        let mut bucket = TokenBucket::new(rate, burst, Instant::now());
+        let mut bucket = TokenBucket::new(pacing.rate, pacing.burst, Instant::now());
         let mut peak = PeakRate::default();
         loop {
-            let accepted = tokio::select! {
+            let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
+                next = waiting.recv() => next,
             };
-            let (stream, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let Some(Waiting { stream, permit, arrived }) = next else {
+                return;
             };
-            // A peer that gave up while queued in the backlog has closed already: it gets no
-            // token, or a queue of abandoned connections would use up the admission rate.
-            if closed_by_peer(&stream) {
-                metrics.connection_refused("grpc", "closed_while_queued");
+            if !queue.fresh(arrived.elapsed()) {
+                metrics.connection_refused(lane, "queued_too_long");
                 continue;
             }
-            let permit = match limiter.admit(peer.ip()) {
-                Ok(permit) => permit,
-                Err(refusal) => {
-                    metrics.connection_refused("grpc", refusal.label());
-                    drop(stream);
-                    continue;
-                }
-            };
+            // A peer that gave up while queued has closed already: it gets no token, or a
+            // queue of abandoned connections would use up the admission rate.
+            if closed_by_peer(&stream) {
+                metrics.connection_refused(lane, "closed_while_queued");
+                continue;
+            }
             let wait = bucket.take(Instant::now());
             if !wait.is_zero() {
                 metrics.admissions_delayed.inc();
@@ -228,6 +294,24 @@ mod tests {
         let waits: Vec<_> = (0..4).map(|_| b.take(t1)).collect();
         assert_eq!(&waits[..3], &[Duration::ZERO; 3]);
         assert!(waits[3] > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_queue_holds_what_the_rate_clears_within_its_wait() {
+        let pacing = |rate, burst, wait_ms| Pacing {
+            rate,
+            burst,
+            handshake_deadline: Duration::from_secs(10),
+            queue_wait: Duration::from_millis(wait_ms),
+            anonymous_idle: Duration::from_secs(10),
+        };
+        for (rate, burst, wait_ms, capacity) in [(200, 50, 2_000, 400), (10, 50, 2_000, 50), (1, 1, 500, 1)] {
+            let q = Queue::new(&pacing(rate, burst, wait_ms));
+            assert_eq!(q.capacity, capacity, "rate {rate} burst {burst} wait {wait_ms} ms");
+        }
+        let q = Queue::new(&pacing(200, 50, 2_000));
+        assert!(q.fresh(Duration::from_millis(1_999)));
+        assert!(!q.fresh(Duration::from_millis(2_001)));
     }
 
     #[test]

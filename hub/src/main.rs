@@ -50,6 +50,10 @@ enum Command {
         /// HTTP listener for git webhooks (and metrics).
         #[arg(long)]
         http_listen: Option<SocketAddr>,
+        /// A second gRPC listener for operators only (the CLI), admitted on its own budget so it
+        /// answers while thousands of agents reconnect to --listen.
+        #[arg(long, env = "FLOTILLA_OPERATOR_LISTEN")]
+        operator_listen: Option<SocketAddr>,
         /// New agent connections (TLS handshakes) admitted per second; more wait their turn.
         #[arg(long, default_value_t = 200)]
         max_handshakes_per_second: u32,
@@ -175,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             cert_ttl,
             heartbeat_interval,
             http_listen,
+            operator_listen,
             max_handshakes_per_second,
             handshake_burst,
             max_connections,
@@ -250,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
                     token_ttl_max: max_token_ttl,
                 },
                 http_listen,
+                operator_listen,
                 sources: SourceOptions {
                     poll_interval,
                     kustomize_bin,
@@ -259,11 +265,14 @@ async fn main() -> anyhow::Result<()> {
                     credentials,
                 },
             };
-            serve(opts, shutdown, |addr, http| {
+            serve(opts, shutdown, |bound| {
                 // Scripts and tests read the bound ports from these lines.
-                println!("flotilla-hub listening on {addr}");
-                if let Some(http) = http {
+                println!("flotilla-hub listening on {}", bound.grpc);
+                if let Some(http) = bound.http {
                     println!("flotilla-hub http on {http}");
+                }
+                if let Some(operators) = bound.operators {
+                    println!("flotilla-hub operators on {operators}");
                 }
             })
             .await

@@ -25,6 +25,12 @@ const MAX_CONCURRENT_FETCHES: usize = 4;
 /// How long a TLS handshake may take (a connection that never finishes it holds a slot no longer;
 /// as long as tonic allowed, so a herd of agents on a loaded hub still gets through).
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a new connection waits for its handshake turn: well under the 5 s connect timeout
+/// agents and the CLI use, so the handshakes the hub spends are for peers still waiting.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// The operators' listener: handshakes per second and burst, and open connections at most.
+const OPERATOR_HANDSHAKES: (u32, u32) = (50, 20);
+const OPERATOR_CONNECTIONS: usize = 1_000;
 /// A connection without a client certificate (registration, or nobody) silent this long is
 /// closed: registration is one short call.
 const ANONYMOUS_IDLE: Duration = Duration::from_secs(10);
@@ -87,6 +93,9 @@ pub struct ServeOptions {
     pub settings: Settings,
     /// Where webhooks are served, if anywhere.
     pub http_listen: Option<SocketAddr>,
+    /// A listener for operators only (the Admin service), with its own admission budget: the CLI
+    /// pointed here answers while thousands of agents queue for the main listener.
+    pub operator_listen: Option<SocketAddr>,
     pub sources: SourceOptions,
 }
 
@@ -114,6 +123,14 @@ impl Default for SourceOptions {
     }
 }
 
+/// The addresses a hub bound (ports chosen by the system when asked for port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub operators: Option<SocketAddr>,
+}
+
 /// Serves until `shutdown` is cancelled. `on_ready` gets the bound address once the port is open.
 /// How long a token that can never register again is still listed (`token list`).
 const TOKEN_RETENTION_SECS: i64 = 30 * 24 * 3600;
@@ -121,7 +138,7 @@ const TOKEN_RETENTION_SECS: i64 = 30 * 24 * 3600;
 pub async fn serve(
     opts: ServeOptions,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    on_ready: impl FnOnce(Bound),
 ) -> Result<()> {
     let ca = Arc::new(Ca::load(&opts.data_dir)?);
     let paths = PkiPaths::new(&opts.data_dir);
@@ -181,8 +198,20 @@ pub async fn serve(
         None => None,
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-    tracing::info!(addr = %local, http = ?http_addr, trust_domain = %hub.ca.trust_domain, "hub serving");
-    on_ready(local, http_addr);
+    let operators = match opts.operator_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| Error::Io {
+            path: format!("operator listen address {addr}"),
+            source: e,
+        })?),
+        None => None,
+    };
+    let operators_addr = operators.as_ref().and_then(|l| l.local_addr().ok());
+    tracing::info!(addr = %local, http = ?http_addr, operators = ?operators_addr, trust_domain = %hub.ca.trust_domain, "hub serving");
+    on_ready(Bound {
+        grpc: local,
+        http: http_addr,
+        operators: operators_addr,
+    });
     hub.tasks.spawn(crate::sources::run(Arc::clone(&hub)));
     hub.tasks.spawn(crate::rollouts::run(Arc::clone(&hub)));
     if let Some(listener) = http {
@@ -205,6 +234,9 @@ pub async fn serve(
         });
     }
 
+    if let Some(listener) = operators {
+        serve_operators(&hub, listener, tls.clone());
+    }
     let grpc_limiter = crate::conn_limits::Limiter::new(
         crate::conn_limits::Caps {
             max_total: hub.settings.max_connections,
@@ -217,11 +249,13 @@ pub async fn serve(
         hub.metrics.connections_refused.clone(),
     );
     let incoming = crate::admission::paced(
+        "grpc",
         listener,
         crate::admission::Pacing {
             rate: hub.settings.handshake_rate,
             burst: hub.settings.handshake_burst,
             handshake_deadline: HANDSHAKE_DEADLINE,
+            queue_wait: QUEUE_WAIT,
             anonymous_idle: ANONYMOUS_IDLE,
         },
         grpc_limiter,
@@ -256,4 +290,48 @@ pub async fn serve(
     hub.store.close().await?;
     result?;
     Ok(())
+}
+
+/// The operators' listener: the Admin service behind its own admission (a small rate, its own
+/// caps), so operators never queue behind agents' handshakes. Owned by the hub's tasks; ends at
+/// shutdown.
+fn serve_operators(hub: &Arc<Hub>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let limiter = crate::conn_limits::Limiter::new(
+        crate::conn_limits::Caps {
+            max_total: OPERATOR_CONNECTIONS,
+            max_per_address: OPERATOR_CONNECTIONS,
+            idle: GRPC_IDLE,
+            max_age: None,
+            authenticated_first: true,
+        },
+        "operators",
+        hub.metrics.connections_refused.clone(),
+    );
+    let incoming = crate::admission::paced(
+        "operators",
+        listener,
+        crate::admission::Pacing {
+            rate: OPERATOR_HANDSHAKES.0,
+            burst: OPERATOR_HANDSHAKES.1,
+            handshake_deadline: HANDSHAKE_DEADLINE,
+            queue_wait: QUEUE_WAIT,
+            anonymous_idle: ANONYMOUS_IDLE,
+        },
+        limiter,
+        tokio_rustls::TlsAcceptor::from(tls),
+        Arc::clone(hub),
+    );
+    let served = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(hub))))
+        .serve_with_incoming_shutdown(incoming, {
+            let hub = Arc::clone(hub);
+            async move { hub.shutdown.cancelled().await }
+        });
+    hub.tasks.spawn(async move {
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "operator listener failed");
+        }
+    });
 }

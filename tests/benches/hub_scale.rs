@@ -217,7 +217,8 @@ fn status_prober(
     hub: &Hub,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<Duration>> {
-    let cli = hub.admin_cli();
+    // Operators dial their own listener, admitted apart from the agents.
+    let cli = hub.operator_cli().expect("the bench hub serves the operators' listener");
     std::thread::spawn(move || {
         let mut took = Vec::new();
         while !stop.load(Ordering::SeqCst) {
@@ -313,6 +314,7 @@ fn main() {
         poll_interval: "200ms".into(),
         // The hub's default (the harness's 1 s would be N heartbeats a second).
         heartbeat_interval: "10s".into(),
+        operators: true,
         extra_args: vec![
             "--max-connections".into(),
             (2 * n + 1000).to_string(),

@@ -184,6 +184,8 @@ pub struct HubOptions {
     pub poll_interval: String,
     /// Serve the HTTP listener (webhooks) on 127.0.0.1:0.
     pub http: bool,
+    /// Serve the operators' listener on 127.0.0.1:0 ([`Hub::operator_cli`]).
+    pub operators: bool,
     pub webhook_secret: Option<String>,
     /// More `flotilla-hub serve` arguments.
     pub extra_args: Vec<String>,
@@ -198,6 +200,7 @@ impl Default for HubOptions {
             heartbeat_interval: "1s".into(),
             poll_interval: "1s".into(),
             http: false,
+            operators: false,
             webhook_secret: None,
             extra_args: Vec::new(),
             env: Vec::new(),
@@ -241,6 +244,8 @@ pub struct Hub {
     pub addr: String,
     /// The HTTP listener's address, when enabled.
     pub http_addr: Option<String>,
+    /// The operators' listener's address, when enabled.
+    pub operators_addr: Option<String>,
     pub process: Proc,
 }
 
@@ -257,12 +262,13 @@ impl Hub {
             "hub init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let (process, addr, http_addr) =
+        let (process, addr, http_addr, operators_addr) =
             serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
         Ok(Self {
             url: format!("https://{addr}"),
             addr,
             http_addr,
+            operators_addr,
             dir,
             opts,
             process,
@@ -271,12 +277,13 @@ impl Hub {
 
     /// `flotilla-hub serve` on a data directory made elsewhere: `dir`/hub (a fixture unpacked).
     pub fn serve_existing(dir: tempfile::TempDir, opts: HubOptions) -> Result<Self> {
-        let (process, addr, http_addr) =
+        let (process, addr, http_addr, operators_addr) =
             serve(&dir.path().join("hub"), "127.0.0.1:0", &opts, dir.path())?;
         Ok(Self {
             url: format!("https://{addr}"),
             addr,
             http_addr,
+            operators_addr,
             dir,
             opts,
             process,
@@ -301,7 +308,7 @@ impl Hub {
         self.process.kill9();
         let addr = self.addr.clone();
         // The port was just released; retry briefly in case the kernel has not let go of it yet.
-        let (process, _, http_addr) = wait_for(Duration::from_secs(10), "hub restart", || {
+        let (process, _, http_addr, operators_addr) = wait_for(Duration::from_secs(10), "hub restart", || {
             match serve(&self.data_dir(), &addr, &self.opts, self.dir.path()) {
                 Ok(p) => Ok(Some(p)),
                 Err(e) => Err(e),
@@ -309,6 +316,7 @@ impl Hub {
         })?;
         self.process = process;
         self.http_addr = http_addr;
+        self.operators_addr = operators_addr;
         Ok(())
     }
 
@@ -332,6 +340,14 @@ impl Hub {
     /// Runs the CLI as the admin.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         self.admin_cli().run(args)
+    }
+
+    /// The admin's CLI on the operators' listener ([`HubOptions::operators`]).
+    pub fn operator_cli(&self) -> Option<AdminCli> {
+        Some(AdminCli {
+            url: format!("https://{}", self.operators_addr.as_ref()?),
+            pki: self.data_dir().join("pki"),
+        })
     }
 
     /// The admin's CLI, as a handle another thread can use (while this one restarts the hub).
@@ -528,12 +544,15 @@ fn serve(
     listen: &str,
     opts: &HubOptions,
     logs: &Path,
-) -> Result<(Proc, String, Option<String>)> {
+) -> Result<(Proc, String, Option<String>, Option<String>)> {
     let log = unique_log(logs, "hub");
     let mut cmd = Command::new(bin("flotilla-hub"));
     cmd.args(["serve", "--poll-interval", &opts.poll_interval]);
     if opts.http {
         cmd.args(["--http-listen", "127.0.0.1:0"]);
+    }
+    if opts.operators {
+        cmd.args(["--operator-listen", "127.0.0.1:0"]);
     }
     cmd.args(&opts.extra_args);
     if let Some(secret) = &opts.webhook_secret {
@@ -556,23 +575,31 @@ fn serve(
     // Drains stdout for the life of the process; ends when the hub exits.
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("flotilla-hub listening on ") {
-                let _ = tx.send((false, addr.trim().to_string()));
-            }
-            if let Some(addr) = line.strip_prefix("flotilla-hub http on ") {
-                let _ = tx.send((true, addr.trim().to_string()));
+            for (kind, prefix) in [
+                (0, "flotilla-hub listening on "),
+                (1, "flotilla-hub http on "),
+                (2, "flotilla-hub operators on "),
+            ] {
+                if let Some(addr) = line.strip_prefix(prefix) {
+                    let _ = tx.send((kind, addr.trim().to_string()));
+                }
             }
         }
     });
     let mut process = Proc { child, log };
     let first = rx.recv_timeout(Duration::from_secs(20));
-    let http = if opts.http {
-        rx.recv_timeout(Duration::from_secs(5)).ok().map(|(_, a)| a)
-    } else {
-        None
+    // The others follow the first line at once, in this order.
+    let more = |wanted: bool, kind: u8| {
+        wanted
+            .then(|| rx.recv_timeout(Duration::from_secs(5)).ok())
+            .flatten()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, a)| a)
     };
+    let http = more(opts.http, 1);
+    let operators = more(opts.operators, 2);
     match first {
-        Ok((_, addr)) => Ok((process, addr, http)),
+        Ok((_, addr)) => Ok((process, addr, http, operators)),
         Err(_) => {
             process.kill9();
             bail!("hub did not start listening: {}", process.log_text())
