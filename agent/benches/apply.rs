@@ -126,7 +126,7 @@ async fn main() {
 
     // Idle: an agent holding its hub session, no apps.
     let hub_dir = dir.path().join("hub");
-    flotilla_hub::pki::init(&hub_dir, "bench.local", &[]).unwrap();
+    flotilla_hub::identity::pki::init(&hub_dir, "bench.local", &[]).unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let hub = tokio::spawn(flotilla_hub::server::serve(
@@ -144,7 +144,7 @@ async fn main() {
         },
     ));
     let addr = ready_rx.await.unwrap();
-    let paths = flotilla_hub::pki::PkiPaths::new(&hub_dir);
+    let paths = flotilla_hub::identity::pki::PkiPaths::new(&hub_dir);
     let tls = flotilla_proto::ClientTls {
         ca_pem: std::fs::read(paths.ca()).unwrap(),
         identity: Some((

@@ -397,7 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             passphrase_file,
         } => {
-            let passphrase = flotilla_hub::backup::read_passphrase(passphrase_file.as_deref())?;
+            let passphrase = flotilla_hub::db::backup::read_passphrase(passphrase_file.as_deref())?;
             let mut admin = admin_client(&cli.conn).await?;
             let mut stream = admin
                 .backup(BackupRequest { passphrase })
@@ -408,7 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             while let Some(chunk) = stream.message().await.map_err(rpc_error)? {
                 bytes.extend_from_slice(&chunk.data);
             }
-            flotilla_hub::fsutil::write_private(&file, &bytes)
+            flotilla_hub::db::fsutil::write_private(&file, &bytes)
                 .with_context(|| format!("writing {}", file.display()))?;
             match format {
                 Format::Json => out!(

@@ -194,7 +194,7 @@ fn app_json(app: &App) -> Value {
     let spec: Value = serde_json::from_str(&app.spec_json).unwrap_or(Value::Null);
     json!({
         "name": app.name,
-        "origin": app.origin,
+        "origin": app.origin().word(),
         "generation": app.generation,
         "observed_generation": app.observed_generation,
         "revision": app.revision,
@@ -241,7 +241,7 @@ pub fn apps(format: Format, apps: &[App]) {
                         a.name.clone(),
                         short(&a.revision),
                         a.clusters.len().to_string(),
-                        a.origin.clone(),
+                        a.origin().word().to_string(),
                         if a.last_error.is_empty() {
                             "-".into()
                         } else {

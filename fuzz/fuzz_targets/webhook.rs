@@ -1,7 +1,7 @@
 //! Webhook bodies and headers: signature checks and payload parsing on arbitrary bytes.
 #![no_main]
 
-use flotilla_hub::webhook::{normalize_url, payload_urls, verify};
+use flotilla_hub::sources::webhook::{normalize_url, payload_urls, verify};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

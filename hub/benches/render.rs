@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use flotilla_bundle::customize::{self, ClusterFacts};
 use flotilla_hub::apps::SourceType;
-use flotilla_hub::appstore::AppStore;
-use flotilla_hub::{git, render};
+use flotilla_hub::db::appstore::AppStore;
+use flotilla_hub::sources::{git, render};
 
 fn git_cli(dir: &std::path::Path, args: &[&str]) {
     let ok = Command::new("git")

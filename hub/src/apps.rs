@@ -8,8 +8,9 @@ use flotilla_bundle::customize::Customization;
 use flotilla_bundle::selector::LabelSelector;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::validate;
 use crate::rollout::{RolloutSpec, Strategy};
-use crate::{Error, Result, validate};
+use crate::{Error, Result};
 
 pub const API_VERSION: &str = "flotilla.dev/v1alpha1";
 
@@ -369,5 +370,24 @@ spec:
         // As YAML counts: comments before the first `---` are no document.
         assert!(err.contains("document 2"), "{err}");
         assert!(err.contains(&format!("line {line}")), "{err}");
+    }
+}
+
+/// Where an app's document comes from; stored as `"api"` or `"fleet"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// `flotilla app apply`: operators change and delete it.
+    Api,
+    /// The fleet repository: changed and removed only there.
+    Fleet,
+}
+
+impl From<Origin> for flotilla_proto::v1::AppOrigin {
+    fn from(origin: Origin) -> Self {
+        match origin {
+            Origin::Api => Self::Api,
+            Origin::Fleet => Self::Fleet,
+        }
     }
 }

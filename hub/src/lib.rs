@@ -1,38 +1,25 @@
 //! The Flotilla hub: keeps the fleet's registered clusters and their identities, runs the CA that
 //! issues them, and serves the agent channel and the admin API over mutual TLS.
 //!
-//! Entry points: [`pki::init`] creates a data directory, [`server::serve`] runs the hub on one.
+//! Entry points: [`identity::pki::init`] creates a data directory, [`server::serve`] runs the hub on one.
 #![forbid(unsafe_code)]
 
-pub mod admission;
 pub mod apps;
-pub mod appstore;
-pub mod audit;
-pub mod auth;
-pub mod backup;
-pub mod conn_limits;
-pub mod credentials;
+pub mod db;
+pub mod edge;
 mod error;
-pub mod fsutil;
-pub mod git;
-pub(crate) mod kustomize_paths;
-pub mod metrics;
-pub mod pki;
-pub mod render;
-pub(crate) mod report_gate;
-pub mod reports;
+pub mod fleet;
+pub mod identity;
 pub mod rollout;
-pub mod rollouts;
 pub mod server;
 pub mod service;
-pub mod sessions;
 pub mod sources;
-pub mod store;
 pub mod test_hooks;
-pub(crate) mod untrusted;
-pub mod validate;
-pub mod wake;
-pub mod webhook;
+
+use db::{appstore, audit, store};
+use edge::metrics;
+use fleet::{reports, sessions, wake};
+use identity::{auth, pki};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use flotilla_hub::Settings;
+use flotilla_hub::identity::pki;
 use flotilla_hub::server::{ServeOptions, SourceOptions, serve};
-use flotilla_hub::{Settings, pki};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -146,11 +147,11 @@ async fn main() -> anyhow::Result<()> {
             passphrase_file,
             keep_unreadable,
         } => {
-            let passphrase = flotilla_hub::backup::read_passphrase(passphrase_file.as_deref())?;
+            let passphrase = flotilla_hub::db::backup::read_passphrase(passphrase_file.as_deref())?;
             let bytes =
                 std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
             let summary =
-                flotilla_hub::backup::restore(&data_dir, &bytes, &passphrase, keep_unreadable)
+                flotilla_hub::db::backup::restore(&data_dir, &bytes, &passphrase, keep_unreadable)
                     .with_context(|| {
                         format!("restoring {} into {}", from.display(), data_dir.display())
                     })?;
@@ -196,8 +197,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let credentials = match &repo_credentials {
                 Some(path) => {
-                    let credentials = flotilla_hub::credentials::RepoCredentials::load(path)
-                        .with_context(|| format!("--repo-credentials {}", path.display()))?;
+                    let credentials =
+                        flotilla_hub::sources::credentials::RepoCredentials::load(path)
+                            .with_context(|| format!("--repo-credentials {}", path.display()))?;
                     tracing::info!(prefixes = ?credentials.prefixes(), "repository credentials loaded");
                     credentials
                 }

@@ -13,11 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
-use crate::fsutil::read_file;
-use crate::pki::{Ca, PkiPaths};
+use crate::db::fsutil::read_file;
+use crate::db::store;
+use crate::fleet::sessions;
+use crate::identity::auth;
+use crate::identity::pki::{Ca, PkiPaths};
 use crate::service::{admin::AdminService, agent::AgentService, registration::RegistrationService};
 use crate::sources::{SourceSettings, SyncState};
-use crate::{Error, Hub, Result, Settings, auth, sessions, store};
+use crate::{Error, Hub, Result, Settings};
 
 /// Fetches of different repositories that may run at once.
 const MAX_CONCURRENT_FETCHES: usize = 4;
@@ -107,7 +110,7 @@ pub struct SourceOptions {
     pub helm_bin: String,
     pub webhook_secret: Option<Vec<u8>>,
     pub fleet: Option<crate::sources::FleetRepo>,
-    pub credentials: crate::credentials::RepoCredentials,
+    pub credentials: crate::sources::credentials::RepoCredentials,
 }
 
 impl Default for SourceOptions {
@@ -153,15 +156,15 @@ pub async fn serve(
         tracing::info!(pruned, "forgot bootstrap tokens dead for more than 30 days");
     }
     let revoked = store.revoked_serials()?;
-    let wake = Arc::new(crate::wake::Wakeups::default());
-    let apps = crate::appstore::AppStore::open(store.db(), store.gate(), Arc::clone(&wake))?;
-    let reports = crate::reports::Reports::open(store.db())?;
-    let audit = crate::audit::AuditLog::open(store.db(), store.gate())?;
+    let wake = Arc::new(crate::fleet::wake::Wakeups::default());
+    let apps = crate::db::appstore::AppStore::open(store.db(), store.gate(), Arc::clone(&wake))?;
+    let reports = crate::fleet::reports::Reports::open(store.db())?;
+    let audit = crate::db::audit::AuditLog::open(store.db(), store.gate())?;
     let hub = Arc::new(Hub {
         data_dir: opts.data_dir.clone(),
         audit,
         wake,
-        metrics: crate::metrics::Metrics::default(),
+        metrics: crate::edge::metrics::Metrics::default(),
         reports,
         apps,
         source_settings: SourceSettings {
@@ -194,7 +197,7 @@ pub async fn serve(
         source: e,
     })?;
     let http = match opts.http_listen {
-        Some(addr) => Some(crate::webhook::bind(addr).await?),
+        Some(addr) => Some(crate::sources::webhook::bind(addr).await?),
         None => None,
     };
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
@@ -213,11 +216,12 @@ pub async fn serve(
         operators: operators_addr,
     });
     hub.tasks.spawn(crate::sources::run(Arc::clone(&hub)));
-    hub.tasks.spawn(crate::rollouts::run(Arc::clone(&hub)));
+    hub.tasks
+        .spawn(crate::rollout::controller::run(Arc::clone(&hub)));
     if let Some(listener) = http {
         let hub2 = Arc::clone(&hub);
-        let limiter = crate::conn_limits::Limiter::new(
-            crate::conn_limits::Caps {
+        let limiter = crate::edge::conn_limits::Limiter::new(
+            crate::edge::conn_limits::Caps {
                 max_total: hub.settings.max_connections,
                 max_per_address: hub.settings.max_connections_per_address,
                 idle: HTTP_IDLE,
@@ -228,7 +232,7 @@ pub async fn serve(
             hub.metrics.connections_refused.clone(),
         );
         hub.tasks.spawn(async move {
-            if let Err(e) = crate::webhook::serve(hub2, listener, limiter).await {
+            if let Err(e) = crate::sources::webhook::serve(hub2, listener, limiter).await {
                 tracing::error!(error = %e, "http listener failed");
             }
         });
@@ -237,8 +241,8 @@ pub async fn serve(
     if let Some(listener) = operators {
         serve_operators(&hub, listener, tls.clone());
     }
-    let grpc_limiter = crate::conn_limits::Limiter::new(
-        crate::conn_limits::Caps {
+    let grpc_limiter = crate::edge::conn_limits::Limiter::new(
+        crate::edge::conn_limits::Caps {
             max_total: hub.settings.max_connections,
             max_per_address: hub.settings.max_connections_per_address,
             idle: GRPC_IDLE,
@@ -248,10 +252,10 @@ pub async fn serve(
         "grpc",
         hub.metrics.connections_refused.clone(),
     );
-    let incoming = crate::admission::paced(
+    let incoming = crate::edge::admission::paced(
         "grpc",
         listener,
-        crate::admission::Pacing {
+        crate::edge::admission::Pacing {
             rate: hub.settings.handshake_rate,
             burst: hub.settings.handshake_burst,
             handshake_deadline: HANDSHAKE_DEADLINE,
@@ -296,8 +300,8 @@ pub async fn serve(
 /// caps), so operators never queue behind agents' handshakes. Owned by the hub's tasks; ends at
 /// shutdown.
 fn serve_operators(hub: &Arc<Hub>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-    let limiter = crate::conn_limits::Limiter::new(
-        crate::conn_limits::Caps {
+    let limiter = crate::edge::conn_limits::Limiter::new(
+        crate::edge::conn_limits::Caps {
             max_total: OPERATOR_CONNECTIONS,
             max_per_address: OPERATOR_CONNECTIONS,
             idle: GRPC_IDLE,
@@ -307,10 +311,10 @@ fn serve_operators(hub: &Arc<Hub>, listener: TcpListener, tls: Arc<rustls::Serve
         "operators",
         hub.metrics.connections_refused.clone(),
     );
-    let incoming = crate::admission::paced(
+    let incoming = crate::edge::admission::paced(
         "operators",
         listener,
-        crate::admission::Pacing {
+        crate::edge::admission::Pacing {
             rate: OPERATOR_HANDSHAKES.0,
             burst: OPERATOR_HANDSHAKES.1,
             handshake_deadline: HANDSHAKE_DEADLINE,

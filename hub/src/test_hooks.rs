@@ -37,9 +37,7 @@ async fn put_app_record(
     body: Bytes,
 ) -> (StatusCode, String) {
     match hub.apps.put_raw_for_test(&name, &body).await {
-        Ok(()) => {
-            (StatusCode::OK, format!("app record {name:?} replaced\n"))
-        }
+        Ok(()) => (StatusCode::OK, format!("app record {name:?} replaced\n")),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }

@@ -1,7 +1,7 @@
 //! The sync and health vocabulary every crate shares: the wire enums, their words, and the one rule
 //! that says when a cluster runs a bundle Synced and Healthy. Nothing compares these as strings.
 
-use crate::v1::{AppStatus, HealthStatus, HookPhase, RolloutPhase, SyncStatus};
+use crate::v1::{AppOrigin, AppStatus, HealthStatus, HookPhase, RolloutPhase, SyncStatus};
 
 impl SyncStatus {
     /// The word operators read (`flotilla status`, `-o json`).
@@ -36,6 +36,17 @@ impl HealthStatus {
             HealthStatus::Missing => 2,
             HealthStatus::Degraded => 3,
             HealthStatus::Unknown => 4,
+        }
+    }
+}
+
+impl AppOrigin {
+    /// The word operators read (`app list`, `-o json`).
+    pub fn word(self) -> &'static str {
+        match self {
+            AppOrigin::Unspecified => "",
+            AppOrigin::Api => "api",
+            AppOrigin::Fleet => "fleet",
         }
     }
 }

@@ -218,7 +218,9 @@ fn status_prober(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<Duration>> {
     // Operators dial their own listener, admitted apart from the agents.
-    let cli = hub.operator_cli().expect("the bench hub serves the operators' listener");
+    let cli = hub
+        .operator_cli()
+        .expect("the bench hub serves the operators' listener");
     std::thread::spawn(move || {
         let mut took = Vec::new();
         while !stop.load(Ordering::SeqCst) {

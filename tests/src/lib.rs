@@ -308,12 +308,13 @@ impl Hub {
         self.process.kill9();
         let addr = self.addr.clone();
         // The port was just released; retry briefly in case the kernel has not let go of it yet.
-        let (process, _, http_addr, operators_addr) = wait_for(Duration::from_secs(10), "hub restart", || {
-            match serve(&self.data_dir(), &addr, &self.opts, self.dir.path()) {
-                Ok(p) => Ok(Some(p)),
-                Err(e) => Err(e),
-            }
-        })?;
+        let (process, _, http_addr, operators_addr) =
+            wait_for(Duration::from_secs(10), "hub restart", || {
+                match serve(&self.data_dir(), &addr, &self.opts, self.dir.path()) {
+                    Ok(p) => Ok(Some(p)),
+                    Err(e) => Err(e),
+                }
+            })?;
         self.process = process;
         self.http_addr = http_addr;
         self.operators_addr = operators_addr;

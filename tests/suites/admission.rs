@@ -53,11 +53,15 @@ fn operators_answer_on_their_own_listener_while_a_storm_fills_the_agents_queue()
         })
     };
     let result = (|| -> Result<()> {
-        wait_for(Duration::from_secs(20), "the agents' queue to be full", || {
-            let n = refused(&hub, "admission_queue_full")?;
-            ensure!(n > 10.0, "{n} closed for a full queue");
-            Ok(Some(()))
-        })?;
+        wait_for(
+            Duration::from_secs(20),
+            "the agents' queue to be full",
+            || {
+                let n = refused(&hub, "admission_queue_full")?;
+                ensure!(n > 10.0, "{n} closed for a full queue");
+                Ok(Some(()))
+            },
+        )?;
         for i in 0..5 {
             let out = operators.run(&["-o", "json", "status"])?;
             ensure!(
@@ -74,10 +78,18 @@ fn operators_answer_on_their_own_listener_while_a_storm_fills_the_agents_queue()
     let _ = storm.join();
     result?;
     // The storm over, the agents' listener serves again.
-    wait_for(Duration::from_secs(30), "the agents' listener to answer again", || {
-        let out = hub.cli(&["-o", "json", "status"])?;
-        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        Ok(Some(()))
-    })?;
+    wait_for(
+        Duration::from_secs(30),
+        "the agents' listener to answer again",
+        || {
+            let out = hub.cli(&["-o", "json", "status"])?;
+            ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(Some(()))
+        },
+    )?;
     Ok(())
 }

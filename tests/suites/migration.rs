@@ -21,7 +21,9 @@ fn fixture_path() -> PathBuf {
 }
 
 fn manifests(version: &str) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web}}\ndata: {{version: \"{version}\"}}\n")
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: web}}\ndata: {{version: \"{version}\"}}\n"
+    )
 }
 
 /// Writes the fixture with the binaries in `FLOTILLA_E2E_BIN_DIR` (an earlier release's): three
@@ -46,8 +48,14 @@ fn write_fixture() -> Result<()> {
     fleet.repo.write("web/cm.yaml", &manifests("2"))?;
     let v2 = fleet.repo.commit("v2")?;
     fleet.wait_phase("web", &v2, "Succeeded")?;
-    let out = fleet.hub.cli(&["app", "rollback", "web", "--to", &v1[..10]])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = fleet
+        .hub
+        .cli(&["app", "rollback", "web", "--to", &v1[..10]])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     fleet.wait_phase("web", &v1, "Succeeded")?;
     fleet.wait_healthy("web", 3, &v1)?;
     let expect = json!({
@@ -66,7 +74,11 @@ fn write_fixture() -> Result<()> {
         .arg(dir)
         .args(["hub", "expect.json"])
         .output()?;
-    ensure!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -80,7 +92,11 @@ fn unpack() -> Result<(tempfile::TempDir, Value)> {
         .arg(dir.path())
         .output()
         .context("running tar")?;
-    ensure!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expect = serde_json::from_slice(&std::fs::read(dir.path().join("expect.json"))?)?;
     Ok((dir, expect))
 }
@@ -124,15 +140,31 @@ fn check(hub: &Hub, expect: &Value) -> Result<()> {
     );
     let app = hub.app("web")?;
     let was = &expect["app"];
-    for field in ["revision", "pinned_revision", "stable_revision", "rollout_phase"] {
-        ensure!(app[field] == was[field], "{field}: {} against {}", app[field], was[field]);
+    for field in [
+        "revision",
+        "pinned_revision",
+        "stable_revision",
+        "rollout_phase",
+    ] {
+        ensure!(
+            app[field] == was[field],
+            "{field}: {} against {}",
+            app[field],
+            was[field]
+        );
     }
     ensure!(per_cluster(&app) == per_cluster(was), "assignments: {app}");
-    ensure!(per_cluster(&app).len() == 3, "three clusters assigned: {app}");
+    ensure!(
+        per_cluster(&app).len() == 3,
+        "three clusters assigned: {app}"
+    );
     let (history, old) = (app["history"].as_array(), was["history"].as_array());
     ensure!(history.map(Vec::len) == old.map(Vec::len), "history: {app}");
     for (h, o) in history.into_iter().flatten().zip(old.into_iter().flatten()) {
-        ensure!(h["revision"] == o["revision"] && h["rolled_out"] == o["rolled_out"], "{h} against {o}");
+        ensure!(
+            h["revision"] == o["revision"] && h["rolled_out"] == o["rolled_out"],
+            "{h} against {o}"
+        );
         // The earlier release kept cluster → digest per entry; this one keeps digest → clusters.
         let mut digests: Vec<&str> = o["digests"]
             .as_object()
@@ -152,7 +184,10 @@ fn check(hub: &Hub, expect: &Value) -> Result<()> {
     }
     let rollout = hub.cli_json(&["rollout", "status", "web"])?;
     for field in ["revision", "phase", "id"] {
-        ensure!(rollout[field] == expect["rollout"][field], "{field}: {rollout}");
+        ensure!(
+            rollout[field] == expect["rollout"][field],
+            "{field}: {rollout}"
+        );
     }
     ensure!(
         rollout_clusters(&rollout) == rollout_clusters(&expect["rollout"]),
@@ -175,7 +210,9 @@ fn a_data_dir_of_the_earlier_release_keeps_clusters_apps_history_and_rollouts() 
     })?;
     check(&hub, &expect)?;
     ensure!(
-        hub.process.log_text().contains("moved app records to per-cluster slots"),
+        hub.process
+            .log_text()
+            .contains("moved app records to per-cluster slots"),
         "the hub says it moved the records:\n{}",
         hub.process.log_text()
     );

@@ -161,8 +161,9 @@ fn fix_then_delete(fleet: &Fleet) -> Result<()> {
 
 /// Makes the `extra` record in a sealed backup undecodable: `generation` becomes a string.
 fn corrupt_backup(path: &std::path::Path) -> Result<()> {
-    let mut backup: flotilla_hub::backup::Backup = serde_json::from_slice(&std::fs::read(path)?)?;
-    let opened = flotilla_hub::backup::unseal(PASSPHRASE, &backup.keys)?;
+    let mut backup: flotilla_hub::db::backup::Backup =
+        serde_json::from_slice(&std::fs::read(path)?)?;
+    let opened = flotilla_hub::db::backup::unseal(PASSPHRASE, &backup.keys)?;
     let mut contents: Value = serde_json::from_slice(&opened)?;
     let rows = contents["trees"]["apps"]
         .as_array_mut()
@@ -179,7 +180,7 @@ fn corrupt_backup(path: &std::path::Path) -> Result<()> {
         }
     }
     ensure!(found, "no extra record in the backup");
-    backup.keys = flotilla_hub::backup::seal(PASSPHRASE, &serde_json::to_vec(&contents)?)?;
+    backup.keys = flotilla_hub::db::backup::seal(PASSPHRASE, &serde_json::to_vec(&contents)?)?;
     std::fs::write(path, serde_json::to_vec(&backup)?)?;
     Ok(())
 }

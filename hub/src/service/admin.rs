@@ -21,10 +21,11 @@ use flotilla_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::apps::AppDocument;
-use crate::appstore::AppRecord;
-use crate::pki::hex;
-use crate::store::{ClusterRecord, TokenRecord};
-use crate::{Error, Hub, Result, now_unix, token_hash, validate};
+use crate::db::appstore::AppRecord;
+use crate::db::store::{ClusterRecord, TokenRecord};
+use crate::identity::pki::hex;
+use crate::identity::validate;
+use crate::{Error, Hub, Result, now_unix, token_hash};
 
 /// A fresh bootstrap token for `ttl` (already bounded): (secret, its hash, the record to store).
 fn new_token(
@@ -150,7 +151,7 @@ impl AdminService {
         }
         let ttl = self.token_ttl(req.ttl_seconds)?;
         let (token, hash, record) = new_token(ttl, req.uses, cluster)?;
-        let audit = crate::audit::Record::new(
+        let audit = crate::db::audit::Record::new(
             actor,
             "token.create",
             format!("token/{}", record.id),
@@ -200,7 +201,7 @@ impl AdminService {
         for key in &req.remove {
             validate::label_key(key)?;
         }
-        let audit = crate::audit::Record::new(
+        let audit = crate::db::audit::Record::new(
             actor,
             "cluster.label",
             format!("cluster/{}", req.name),
@@ -218,7 +219,7 @@ impl AdminService {
 
     fn app_to_proto(record: AppRecord) -> Result<App> {
         // Absent means "no note" on the wire (proto3 strings), as for the optional fields below.
-        let note = crate::reports::unreached(&record).unwrap_or_default();
+        let note = crate::fleet::reports::unreached(&record).unwrap_or_default();
         let spec_json = serde_json::to_string(&record.doc).map_err(|source| Error::Corrupt {
             key: record.doc.metadata.name.clone(),
             source,
@@ -227,7 +228,7 @@ impl AdminService {
             note,
             name: record.doc.metadata.name.clone(),
             spec_json,
-            origin: record.origin,
+            origin: flotilla_proto::v1::AppOrigin::from(record.origin).into(),
             generation: record.generation,
             observed_generation: record.status.observed_generation,
             revision: record.status.revision.unwrap_or_default(),
@@ -323,10 +324,10 @@ impl AdminService {
     async fn rollback(&self, actor: &str, req: RollbackAppRequest) -> Result<App> {
         let record = self.app(&req.app)?;
         if req.unpin {
-            crate::rollouts::unpin(&self.hub, actor, &req.app).await?;
+            crate::rollout::controller::unpin(&self.hub, actor, &req.app).await?;
         } else {
             let to = (!req.to.is_empty()).then_some(req.to.as_str());
-            crate::rollouts::pin(&self.hub, actor, &req.app, to).await?;
+            crate::rollout::controller::pin(&self.hub, actor, &req.app, to).await?;
         }
         self.hub.sync.kick_repo(&record.doc.spec.source.repo_url);
         Self::app_to_proto(self.app(&req.app)?)
@@ -334,14 +335,14 @@ impl AdminService {
 
     async fn apply_app(&self, actor: &str, req: ApplyAppRequest) -> Result<App> {
         let text = req.document;
-        let doc = crate::untrusted::run(
+        let doc = crate::sources::untrusted::run(
             "the App document",
-            crate::untrusted::PARSE_BUDGET,
+            crate::sources::untrusted::PARSE_BUDGET,
             move || AppDocument::parse(&text),
         )
         .await?;
         if let Some(existing) = readable_or_replaceable(self.hub.apps.get(&doc.metadata.name))?
-            && existing.origin == "fleet"
+            && existing.origin == crate::apps::Origin::Fleet
         {
             return Err(Error::PermissionDenied(format!(
                 "app {:?} is defined in the fleet repository; change it there",
@@ -352,8 +353,8 @@ impl AdminService {
         let record = self
             .hub
             .apps
-            .put_document(doc, "api", |r| {
-                Some(crate::audit::Record::new(
+            .put_document(doc, crate::apps::Origin::Api, |r| {
+                Some(crate::db::audit::Record::new(
                     actor,
                     "app.apply",
                     format!("app/{}", r.doc.metadata.name),
@@ -464,7 +465,7 @@ impl Admin for AdminService {
         for cluster in self.hub.store.clusters()?.iter() {
             let (connected, _) = self.hub.sessions.status(&cluster.name);
             let told: std::collections::HashMap<String, flotilla_proto::v1::Assignment> =
-                crate::reports::assignments_for(&cluster.name, apps)
+                crate::fleet::reports::assignments_for(&cluster.name, apps)
                     .into_iter()
                     .map(|a| (a.app.clone(), a))
                     .collect();
@@ -472,7 +473,7 @@ impl Admin for AdminService {
             for app in apps {
                 let name = &app.doc.metadata.name;
                 let report = self.hub.reports.get(&cluster.name, name);
-                rows.extend(crate::reports::status_row(
+                rows.extend(crate::fleet::reports::status_row(
                     &cluster.name,
                     connected,
                     app,
@@ -482,12 +483,18 @@ impl Admin for AdminService {
             }
         }
         for app in apps {
-            if let Some(note) = crate::reports::unreached(app) {
-                rows.push(crate::reports::unreached_row(&app.doc.metadata.name, note));
+            if let Some(note) = crate::fleet::reports::unreached(app) {
+                rows.push(crate::fleet::reports::unreached_row(
+                    &app.doc.metadata.name,
+                    note,
+                ));
             }
         }
         for u in &catalog.unreadable {
-            rows.push(crate::reports::unreached_row(&u.name, held_note(&u.error)));
+            rows.push(crate::fleet::reports::unreached_row(
+                &u.name,
+                held_note(&u.error),
+            ));
         }
         Ok(Response::new(FleetStatusResponse { rows }))
     }
@@ -532,9 +539,10 @@ impl Admin for AdminService {
         // what git wants it to run.
         for c in &mut app.clusters {
             let (connected, _) = self.hub.sessions.status(&c.cluster);
-            let told = crate::reports::assignments_for(&c.cluster, std::slice::from_ref(&record));
+            let told =
+                crate::fleet::reports::assignments_for(&c.cluster, std::slice::from_ref(&record));
             let report = self.hub.reports.get(&c.cluster, &app.name);
-            let row = crate::reports::status_row(
+            let row = crate::fleet::reports::status_row(
                 &c.cluster,
                 connected,
                 &record,
@@ -562,14 +570,14 @@ impl Admin for AdminService {
         let actor = self.admin(&request, "DeleteApp").await?;
         let name = &request.get_ref().name;
         if let Some(existing) = readable_or_replaceable(self.hub.apps.get(name))?
-            && existing.origin == "fleet"
+            && existing.origin == crate::apps::Origin::Fleet
         {
             return Err(Error::PermissionDenied(format!(
                 "app {name:?} is defined in the fleet repository; remove it there"
             ))
             .into());
         }
-        let audit = crate::audit::Record::new(&actor, "app.delete", format!("app/{name}"), "");
+        let audit = crate::db::audit::Record::new(&actor, "app.delete", format!("app/{name}"), "");
         if !self.hub.apps.delete(name, Some(&audit)).await? {
             return Err(Error::AppNotFound(name.clone()).into());
         }
@@ -583,7 +591,7 @@ impl Admin for AdminService {
         request: Request<BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
         let actor = self.admin(&request, "Backup").await?;
-        let bytes = crate::backup::take(&self.hub, &request.get_ref().passphrase).await?;
+        let bytes = crate::db::backup::take(&self.hub, &request.get_ref().passphrase).await?;
         let total = bytes.len() as u64;
         self.hub
             .audit
@@ -630,8 +638,8 @@ impl Admin for AdminService {
     ) -> Result<Response<RolloutStatus>, Status> {
         let actor = self.admin(&request, "RolloutAction").await?;
         let req = request.into_inner();
-        let action: crate::rollouts::Action = req.action.parse()?;
-        let record = crate::rollouts::act(&self.hub, &actor, &req.app, action).await?;
+        let action: crate::rollout::controller::Action = req.action.parse()?;
+        let record = crate::rollout::controller::act(&self.hub, &actor, &req.app, action).await?;
         let status = Self::rollout_to_proto(&record)?;
         Ok(Response::new(status))
     }
@@ -653,7 +661,8 @@ impl Admin for AdminService {
         let actor = self.admin(&request, "SyncApp").await?;
         let req = request.into_inner();
         let cluster = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
-        let requested = crate::rollouts::request_sync(&self.hub, &actor, &req.app, cluster).await?;
+        let requested =
+            crate::rollout::controller::request_sync(&self.hub, &actor, &req.app, cluster).await?;
         let requested = requested
             .into_iter()
             .map(|q| SyncRequested {

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::pki::PeerCert;
-use crate::sessions::Session;
+use crate::fleet::sessions::Session;
+use crate::identity::pki::PeerCert;
 use crate::{Error, Hub, now_ms, now_unix};
 
 /// Outbound messages buffered per agent; a slow agent back-pressures only its own session task.
@@ -28,7 +28,7 @@ const CHUNK: usize = 256 * 1024;
 /// sends nothing (its agent keeps enforcing what it has) and tries again.
 fn orders_of(hub: &Hub, cluster: &str) -> Option<Assignments> {
     match hub.apps.list() {
-        Ok(catalog) => Some(crate::reports::orders_for(cluster, &catalog)),
+        Ok(catalog) => Some(crate::fleet::reports::orders_for(cluster, &catalog)),
         Err(e) => {
             hub.metrics.store_read_failed("assignments");
             tracing::error!(cluster, error = %e, "reading assignments; sending nothing and retrying");
@@ -163,7 +163,7 @@ async fn run_session(
     let mut changes = hub.wake.subscribe(&name);
     // What the agent was last told; `None` until a read succeeds (reports wait for it too).
     let mut sent: Option<Assignments> = None;
-    let mut gate = crate::report_gate::ReportGate::new(std::time::Instant::now());
+    let mut gate = crate::fleet::report_gate::ReportGate::new(std::time::Instant::now());
     // Due when the last read failed; the delay doubles while reads keep failing.
     let mut retry: Option<(tokio::time::Instant, Duration)> =
         Some((tokio::time::Instant::now(), READ_RETRY.0));
@@ -222,7 +222,7 @@ async fn run_session(
                     if let Some(agent_message::Kind::Status(status)) = &mut message.kind {
                         let Some(sent) = &sent else {
                             // Nothing assigned yet (the store could not be read): nothing to admit.
-                            hub.metrics.report_refused(crate::report_gate::Refusal::Unassigned.label());
+                            hub.metrics.report_refused(crate::fleet::report_gate::Refusal::Unassigned.label());
                             continue;
                         };
                         // Only this cluster's assigned apps, bounded in size and rate.

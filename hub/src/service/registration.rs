@@ -7,8 +7,9 @@ use flotilla_proto::v1::registration_server::Registration;
 use flotilla_proto::v1::{RegisterRequest, RegisterResponse, RenewRequest, RenewResponse};
 use tonic::{Request, Response, Status};
 
-use crate::store;
-use crate::{Error, Hub, Result, now_unix, token_hash, validate};
+use crate::db::store;
+use crate::identity::validate;
+use crate::{Error, Hub, Result, now_unix, token_hash};
 
 /// Serves registration and renewal.
 pub struct RegistrationService {

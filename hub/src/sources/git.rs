@@ -108,7 +108,7 @@ fn remove_stale_locks(repo: &Path) -> usize {
 pub fn fetch(
     root: &Path,
     url: &str,
-    credential: Option<&crate::credentials::RepoCredential>,
+    credential: Option<&crate::sources::credentials::RepoCredential>,
 ) -> Result<()> {
     let path = cache_path(root, url);
     let stale = remove_stale_locks(&path);

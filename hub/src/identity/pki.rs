@@ -17,7 +17,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::fsutil::{read_file, write_private, write_public};
+use crate::db::fsutil::{read_file, write_private, write_public};
 use crate::{Error, Result};
 
 /// Clock skew allowance: certificates are valid from a little before they are issued.
@@ -142,7 +142,7 @@ pub fn init(data_dir: &Path, trust_domain: &str, sans: &[String]) -> Result<()> 
             reason: "already initialized (pki/ca.pem exists)".into(),
         });
     }
-    crate::fsutil::create_private_dir(&paths.dir)?;
+    crate::db::fsutil::create_private_dir(&paths.dir)?;
     let now = SystemTime::now();
 
     let ca_key = KeyPair::generate().map_err(pki_err("CA key"))?;

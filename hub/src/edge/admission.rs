@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn_limits::{Guarded, Limiter};
+use crate::edge::conn_limits::{Guarded, Limiter};
 
 /// A token bucket: `rate` admissions per second on average, up to `burst` at once.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ pub struct Pacing {
 /// A connection waiting for its handshake.
 struct Waiting {
     stream: tokio::net::TcpStream,
-    permit: crate::conn_limits::Permit,
+    permit: crate::edge::conn_limits::Permit,
     arrived: Instant,
 }
 
@@ -139,7 +139,11 @@ pub fn paced(
     let shutdown: CancellationToken = hub.shutdown.clone();
     // Accepts as fast as connections come, so none waits unseen in the kernel's backlog.
     hub.tasks.spawn({
-        let (hub, shutdown, limiter) = (std::sync::Arc::clone(&hub), shutdown.clone(), limiter.clone());
+        let (hub, shutdown, limiter) = (
+            std::sync::Arc::clone(&hub),
+            shutdown.clone(),
+            limiter.clone(),
+        );
         async move {
             let metrics = &hub.metrics;
             loop {
@@ -164,7 +168,11 @@ pub fn paced(
                     }
                 };
                 let arrived = Instant::now();
-                if let Err(full) = queued.try_send(Waiting { stream, permit, arrived }) {
+                if let Err(full) = queued.try_send(Waiting {
+                    stream,
+                    permit,
+                    arrived,
+                }) {
                     // Closed now, its agent backs off and retries; a handshake it would wait
                     // longer for than its connect timeout would be wasted.
                     drop(full);
@@ -183,7 +191,12 @@ pub fn paced(
                 _ = shutdown.cancelled() => return,
                 next = waiting.recv() => next,
             };
-            let Some(Waiting { stream, permit, arrived }) = next else {
+            let Some(Waiting {
+                stream,
+                permit,
+                arrived,
+            }) = next
+            else {
                 return;
             };
             if !queue.fresh(arrived.elapsed()) {
@@ -266,7 +279,7 @@ async fn handshake(
         .filter(|p| !hub.auth.is_revoked(&p.serial));
     match peer {
         Some(p) => {
-            let admin = matches!(p.identity, crate::pki::Identity::Admin(_));
+            let admin = matches!(p.identity, crate::identity::pki::Identity::Admin(_));
             if !io.permit().authenticated(admin) {
                 hub.metrics.connection_refused("grpc", "max_connections");
                 return None;
@@ -305,9 +318,14 @@ mod tests {
             queue_wait: Duration::from_millis(wait_ms),
             anonymous_idle: Duration::from_secs(10),
         };
-        for (rate, burst, wait_ms, capacity) in [(200, 50, 2_000, 400), (10, 50, 2_000, 50), (1, 1, 500, 1)] {
+        for (rate, burst, wait_ms, capacity) in
+            [(200, 50, 2_000, 400), (10, 50, 2_000, 50), (1, 1, 500, 1)]
+        {
             let q = Queue::new(&pacing(rate, burst, wait_ms));
-            assert_eq!(q.capacity, capacity, "rate {rate} burst {burst} wait {wait_ms} ms");
+            assert_eq!(
+                q.capacity, capacity,
+                "rate {rate} burst {burst} wait {wait_ms} ms"
+            );
         }
         let q = Queue::new(&pacing(200, 50, 2_000));
         assert!(q.fresh(Duration::from_millis(1_999)));

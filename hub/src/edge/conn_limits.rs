@@ -66,7 +66,7 @@ struct Counts {
 
 /// Counts connections closed by a timer, by reason.
 pub type Closed = prometheus_client::metrics::family::Family<
-    crate::metrics::RefusalLabels,
+    crate::edge::metrics::RefusalLabels,
     prometheus_client::metrics::counter::Counter,
 >;
 
@@ -92,7 +92,7 @@ impl Limiter {
 
     fn count_close(&self, reason: &'static str) {
         self.closed
-            .get_or_create(&crate::metrics::RefusalLabels {
+            .get_or_create(&crate::edge::metrics::RefusalLabels {
                 listener: self.listener.into(),
                 reason: reason.into(),
             })
@@ -398,7 +398,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(190));
         drop(guarded);
         assert_eq!(l.live(), 0);
-        let idle = crate::metrics::RefusalLabels {
+        let idle = crate::edge::metrics::RefusalLabels {
             listener: "test".into(),
             reason: "idle".into(),
         };

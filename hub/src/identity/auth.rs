@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use tonic::Request;
 
-use crate::pki::{Ca, Identity, PeerCert};
+use crate::identity::pki::{Ca, Identity, PeerCert};
 use crate::{Error, Result, now_unix};
 
 /// Verifies callers of mTLS RPCs.

@@ -134,7 +134,7 @@ impl DeliveryKeys {
             Some(format!("{h}:{}", id.chars().take(128).collect::<String>()))
         });
         Self {
-            body: format!("body:{}", crate::pki::hex(d.as_ref())),
+            body: format!("body:{}", crate::identity::pki::hex(d.as_ref())),
             id,
         }
     }
@@ -224,7 +224,7 @@ impl Web {
 fn count(hub: &Hub, result: &str) {
     hub.metrics
         .webhooks
-        .get_or_create(&crate::metrics::ResultLabel {
+        .get_or_create(&crate::edge::metrics::ResultLabel {
             result: result.into(),
         })
         .inc();
@@ -414,10 +414,10 @@ async fn request_deadline(
 pub async fn serve(
     hub: Arc<Hub>,
     listener: tokio::net::TcpListener,
-    limiter: crate::conn_limits::Limiter,
+    limiter: crate::edge::conn_limits::Limiter,
 ) -> Result<()> {
     let shutdown = hub.shutdown.clone();
-    let guarded = crate::conn_limits::GuardedListener {
+    let guarded = crate::edge::conn_limits::GuardedListener {
         listener,
         limiter,
         hub: Arc::clone(&hub),

@@ -129,14 +129,14 @@ struct Budget {
 /// Append-only log of operator actions and security events.
 #[derive(Clone)]
 pub struct AuditLog {
-    gate: crate::store::WriteGate,
+    gate: crate::db::WriteGate,
     db: sled::Db,
     trees: Trees,
     budget: std::sync::Arc<std::sync::Mutex<Budget>>,
 }
 
 impl AuditLog {
-    pub fn open(db: &sled::Db, gate: crate::store::WriteGate) -> Result<Self> {
+    pub fn open(db: &sled::Db, gate: crate::db::WriteGate) -> Result<Self> {
         Ok(Self {
             gate,
             trees: Trees::open(db)?,
@@ -173,7 +173,7 @@ impl AuditLog {
         };
         let mut detail = detail.into();
         // What the caller sent (a claimed name inside an error, say) is theirs to make long.
-        crate::untrusted::cut(&mut detail, MAX_EVENT_DETAIL);
+        crate::sources::untrusted::cut(&mut detail, MAX_EVENT_DETAIL);
         if suppressed > 0 {
             detail.push_str(&format!(
                 " ({suppressed} more such events before this one were not recorded: over {EVENTS_PER_SECOND}/s)"
@@ -195,7 +195,7 @@ impl AuditLog {
         use sled::Transactional;
         (&self.trees.log, &self.trees.meta)
             .transaction(|(log, meta)| append_in(log, meta, &record))?;
-        crate::store::flush(&self.db).await?;
+        crate::db::flush(&self.db).await?;
         tracing::info!(actor, action, target, "audit");
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::fsutil::read_file;
+use crate::db::fsutil::read_file;
 use crate::{Error, Result};
 
 /// One entry of the credentials file.

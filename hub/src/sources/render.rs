@@ -122,7 +122,7 @@ fn tool_failure(stderr: &str, scratch: &Path) -> String {
         .unwrap_or("(nothing on stderr)");
     let scratch = scratch.display().to_string();
     let mut line = chosen.replace(&scratch, ".");
-    crate::untrusted::cut(&mut line, TOOL_ERROR_BYTES);
+    crate::sources::untrusted::cut(&mut line, TOOL_ERROR_BYTES);
     line
 }
 
@@ -159,7 +159,7 @@ async fn run_capped(
         return Err(Error::Internal(format!("{what}: pipes were not captured")));
     };
     // Output past the render budget is refused without holding more than the budget in memory.
-    let limit = crate::git::MAX_RENDER_BYTES;
+    let limit = crate::sources::git::MAX_RENDER_BYTES;
     let run = async {
         use tokio::io::AsyncReadExt;
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -196,7 +196,7 @@ async fn kustomize(
     bin: &str,
     scratch: &Path,
 ) -> Result<String> {
-    crate::kustomize_paths::check(&files)?;
+    crate::sources::kustomize_paths::check(&files)?;
     materialize(&files, scratch)?;
     let mut cmd = tokio::process::Command::new(bin);
     if Path::new(bin)
@@ -338,11 +338,11 @@ pub fn bounded_bytes(objects: &[Value]) -> Result<Vec<u8>> {
         )));
     }
     let bytes = flotilla_bundle::canonical_bytes(objects);
-    if bytes.len() as u64 > crate::git::MAX_RENDER_BYTES {
+    if bytes.len() as u64 > crate::sources::git::MAX_RENDER_BYTES {
         return Err(Error::Render(format!(
             "the bundle is {} bytes, over the limit of {}",
             bytes.len(),
-            crate::git::MAX_RENDER_BYTES
+            crate::sources::git::MAX_RENDER_BYTES
         )));
     }
     Ok(bytes)

@@ -701,7 +701,7 @@ impl Rollout {
                         at + 1,
                         step.name,
                         step.soak_secs,
-                        crate::store::format_time(since + step.soak_secs)
+                        crate::db::store::format_time(since + step.soak_secs)
                     );
                     return;
                 }

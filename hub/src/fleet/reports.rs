@@ -12,7 +12,7 @@ use flotilla_proto::v1::{
 use prost::Message;
 
 use crate::Result;
-use crate::appstore::{AppRecord, Catalog};
+use crate::db::appstore::{AppRecord, Catalog};
 
 /// How often an unchanged report is written through to sled at most: reports that only refresh
 /// their time or message live in memory, so a chatty agent costs no disk.
@@ -451,7 +451,7 @@ mod tests {
             "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  source: {{repoURL: \"file:///r\"}}\n  targets: {{clusters: [a, b]}}\n"
         ))
         .unwrap();
-        let mut status = crate::appstore::AppStatus::default();
+        let mut status = crate::db::appstore::AppStatus::default();
         if let Some(g) = rendered_at {
             status.revision = Some("r1".into());
             status.observed_generation = g;
@@ -466,7 +466,7 @@ mod tests {
         }
         AppRecord {
             doc,
-            origin: "api".into(),
+            origin: crate::apps::Origin::Api,
             generation,
             status,
         }
@@ -586,7 +586,7 @@ mod tests {
                 record("never", 1, None, &[]).into(),
                 record("nowhere", 1, Some(1), &[]).into(),
             ],
-            unreadable: vec![crate::appstore::UnreadableApp {
+            unreadable: vec![crate::db::appstore::UnreadableApp {
                 name: "broken".into(),
                 error: "does not decode".into(),
             }],
@@ -618,9 +618,9 @@ mod tests {
         .unwrap();
         let mut record = AppRecord {
             doc,
-            origin: "api".into(),
+            origin: crate::apps::Origin::Api,
             generation: 1,
-            status: crate::appstore::AppStatus::default(),
+            status: crate::db::appstore::AppStatus::default(),
         };
         assert_eq!(unreached(&record).unwrap(), "not rendered yet");
         record.status.last_error = Some("render: a.yaml line 3: unknown variable".into());

@@ -3,6 +3,13 @@
 //! and records assignments and revision history. A failed fetch or render keeps the last good
 //! assignments and surfaces the error on the app.
 
+pub mod credentials;
+pub mod git;
+pub(crate) mod kustomize_paths;
+pub mod render;
+pub(crate) mod untrusted;
+pub mod webhook;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -12,11 +19,11 @@ use flotilla_bundle::customize::{self, ClusterFacts};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::apps::SourceType;
-use crate::appstore::{AppRecord, HISTORY_LIMIT, HistoryEntry};
-use crate::git::{self, TreeLimits};
-use crate::render::{self, Base};
+use crate::db::appstore::{AppRecord, HISTORY_LIMIT, HistoryEntry};
 use crate::rollout::Assigned;
 use crate::{Error, Hub, Result, now_unix};
+use git::TreeLimits;
+use render::Base;
 
 /// Settings of the source machinery.
 #[derive(Debug, Clone)]
@@ -31,7 +38,7 @@ pub struct SourceSettings {
     /// A repository path holding App documents: the fleet's own definition, GitOps-managed.
     pub fleet: Option<FleetRepo>,
     /// Credentials for private repositories, by URL prefix.
-    pub credentials: crate::credentials::RepoCredentials,
+    pub credentials: crate::sources::credentials::RepoCredentials,
 }
 
 /// Where the fleet's App documents live.
@@ -224,9 +231,9 @@ async fn render_app(
                     spec.customizations.clone(),
                     spec.sync_policy.allow_empty,
                 );
-                let rendered = crate::untrusted::run(
+                let rendered = crate::sources::untrusted::run(
                     &format!("rendering for cluster {}", cluster.name),
-                    crate::untrusted::RENDER_BUDGET,
+                    crate::sources::untrusted::RENDER_BUDGET,
                     move || {
                         let objects = render::variant(&b, &c, &custom, allow_empty)?;
                         render::bounded_bytes(&objects)
@@ -257,7 +264,7 @@ async fn render_app(
 /// Runs the cluster-independent checks of a base on the blocking pool (`what` names it in errors).
 async fn check_base(base: &Arc<Base>, what: &str) -> Result<()> {
     let checked = Arc::clone(base);
-    crate::untrusted::run(what, crate::untrusted::PARSE_BUDGET, move || {
+    crate::sources::untrusted::run(what, crate::sources::untrusted::PARSE_BUDGET, move || {
         render::check_base(&checked)
     })
     .await
@@ -403,7 +410,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                             let moved = s.target.len() != assignments.len()
                                 || assignments.iter().any(|(c, d)| s.target.get(c).map(|t| &t.digest) != Some(d));
                             if moved {
-                                h.bundles = crate::appstore::variants(&assignments);
+                                h.bundles = crate::db::appstore::variants(&assignments);
                                 h.rolled_out = false;
                                 tracing::info!(app = name, %revision, clusters = assignments.len(), "app re-rendered at the same revision");
                             }
@@ -432,7 +439,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                 .await?;
             hub.metrics
                 .renders
-                .get_or_create(&crate::metrics::ResultLabel {
+                .get_or_create(&crate::edge::metrics::ResultLabel {
                     result: "ok".into(),
                 })
                 .inc();
@@ -447,7 +454,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
             }
             hub.metrics
                 .renders
-                .get_or_create(&crate::metrics::ResultLabel {
+                .get_or_create(&crate::edge::metrics::ResultLabel {
                     result: "error".into(),
                 })
                 .inc();
@@ -484,9 +491,11 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         let text = String::from_utf8(data)
             .map_err(|_| Error::Render(format!("fleet {file}: not UTF-8")))?;
         let what = format!("fleet {file}");
-        let parsed = crate::untrusted::run(&what, crate::untrusted::PARSE_BUDGET, move || {
-            crate::apps::AppDocument::parse_all(&text)
-        })
+        let parsed = crate::sources::untrusted::run(
+            &what,
+            crate::sources::untrusted::PARSE_BUDGET,
+            move || crate::apps::AppDocument::parse_all(&text),
+        )
         .await
         .map_err(|e| Error::Render(format!("fleet {file}: {}", render::reason(e))))?;
         docs.extend(parsed);
@@ -504,7 +513,7 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         }
         if existing
             .iter()
-            .any(|a| a.doc.metadata.name == name && a.origin != "fleet")
+            .any(|a| a.doc.metadata.name == name && a.origin != crate::apps::Origin::Fleet)
         {
             tracing::warn!(app = %name, "the fleet repository defines an app that was applied by hand; keeping the hand-applied one");
             continue;
@@ -516,9 +525,9 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
             .map(|a| a.generation);
         let record = hub
             .apps
-            .put_document(doc, "fleet", |r| {
+            .put_document(doc, crate::apps::Origin::Fleet, |r| {
                 (before != Some(r.generation)).then(|| {
-                    crate::audit::Record::new(
+                    crate::db::audit::Record::new(
                         FLEET_ACTOR,
                         "app.apply",
                         format!("app/{}", r.doc.metadata.name),
@@ -533,12 +542,11 @@ async fn sync_fleet(hub: &Arc<Hub>, fleet: &FleetRepo) -> Result<()> {
         }
         wanted.insert(name);
     }
-    for gone in existing
-        .iter()
-        .filter(|a| a.origin == "fleet" && !wanted.contains(&a.doc.metadata.name))
-    {
+    for gone in existing.iter().filter(|a| {
+        a.origin == crate::apps::Origin::Fleet && !wanted.contains(&a.doc.metadata.name)
+    }) {
         tracing::info!(app = %gone.doc.metadata.name, "fleet app removed");
-        let audit = crate::audit::Record::new(
+        let audit = crate::db::audit::Record::new(
             FLEET_ACTOR,
             "app.delete",
             format!("app/{}", gone.doc.metadata.name),

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use flotilla_proto::status::Observed;
 
-use crate::appstore::AppRecord;
+use crate::db::appstore::AppRecord;
+use crate::db::store::ClusterRecord;
 use crate::rollout::{ClusterView, Input, Phase, Rollout};
-use crate::store::ClusterRecord;
 use crate::{Error, Hub, Result, now_unix};
 
 /// How often active rollouts are re-planned without a change (time moves soaks and deadlines).
@@ -214,12 +214,15 @@ pub async fn run(hub: Arc<Hub>) {
 
 /// Whether time alone can move an app's rollout: it is active. Pure.
 fn due_by_time(app: &AppRecord) -> bool {
-    app.status.rollout.as_ref().is_some_and(|r| r.phase.is_active())
+    app.status
+        .rollout
+        .as_ref()
+        .is_some_and(|r| r.phase.is_active())
 }
 
 /// Unreadable app records: counted, and each audited once (the apps themselves are held by the
 /// sessions: `reports::orders_for`).
-async fn report_unreadable(hub: &Hub, catalog: &crate::appstore::Catalog) {
+async fn report_unreadable(hub: &Hub, catalog: &crate::db::appstore::Catalog) {
     hub.metrics
         .unreadable_app_records
         .set(i64::try_from(catalog.unreadable.len()).unwrap_or(i64::MAX));
@@ -294,7 +297,7 @@ pub async fn act(hub: &Hub, actor: &str, app: &str, action: Action) -> Result<Ap
             },
             |r| {
                 let rollout = r.status.rollout.as_ref();
-                Some(crate::audit::Record::new(
+                Some(crate::db::audit::Record::new(
                     actor,
                     &format!("rollout.{}", action.word()),
                     format!("app/{app}"),
@@ -357,7 +360,7 @@ pub async fn pin(hub: &Hub, actor: &str, app: &str, to: Option<&str>) -> Result<
             chosen = revision;
             Ok(())
         }, |r| {
-            Some(crate::audit::Record::new(
+            Some(crate::db::audit::Record::new(
                 actor,
                 "app.rollback",
                 format!("app/{app}"),
@@ -379,7 +382,7 @@ pub async fn unpin(hub: &Hub, actor: &str, app: &str) -> Result<()> {
                 Ok(())
             },
             |_| {
-                Some(crate::audit::Record::new(
+                Some(crate::db::audit::Record::new(
                     actor,
                     "app.rollback",
                     format!("app/{app}"),
@@ -440,7 +443,7 @@ pub async fn request_sync(
                 let id = s.next_sync_request;
                 s.sync_requests.insert(
                     c.clone(),
-                    crate::appstore::SyncRequest {
+                    crate::db::appstore::SyncRequest {
                         id,
                         digest: digest.clone(),
                     },
@@ -462,7 +465,7 @@ pub async fn request_sync(
                 .map(|(c, q)| format!("{c} (request {}, {})", q.id, q.digest))
                 .collect::<Vec<_>>()
                 .join(", ");
-            Some(crate::audit::Record::new(actor, "app.sync", format!("app/{app}"), asked))
+            Some(crate::db::audit::Record::new(actor, "app.sync", format!("app/{app}"), asked))
         })
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;

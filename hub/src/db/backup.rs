@@ -13,8 +13,8 @@ use std::path::Path;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{create_private_dir, read_file, write_private, write_public};
-use crate::pki::{PkiPaths, hex};
+use crate::db::fsutil::{create_private_dir, read_file, write_private, write_public};
+use crate::identity::pki::{PkiPaths, hex};
 use crate::{Error, Hub, Result, now_unix};
 
 pub const FORMAT: &str = "flotilla-backup/v2";
@@ -110,13 +110,13 @@ fn check_record(tree: &str, value: &[u8]) -> std::result::Result<(), String> {
             .map_err(|e| e.to_string())
     }
     match tree {
-        "clusters" => json::<crate::store::ClusterRecord>(value),
-        "tokens" => json::<crate::store::TokenRecord>(value),
-        "certs" => json::<crate::store::CertRecord>(value),
-        "revoked" => json::<crate::store::Revocation>(value),
-        "apps" => json::<crate::appstore::AppRecord>(value),
-        "app_clusters" => crate::appstore::check_slot(value),
-        "audit" => json::<crate::audit::AuditEntry>(value),
+        "clusters" => json::<crate::db::store::ClusterRecord>(value),
+        "tokens" => json::<crate::db::store::TokenRecord>(value),
+        "certs" => json::<crate::db::store::CertRecord>(value),
+        "revoked" => json::<crate::db::store::Revocation>(value),
+        "apps" => json::<crate::db::appstore::AppRecord>(value),
+        "app_clusters" => crate::db::appstore::check_slot(value),
+        "audit" => json::<crate::db::audit::AuditEntry>(value),
         "reports" => <flotilla_proto::v1::AppStatus as prost::Message>::decode(value)
             .map(drop)
             .map_err(|e| e.to_string()),
@@ -385,7 +385,10 @@ pub fn restore(
         .collect();
     if !refused.is_empty() {
         let list: Vec<String> = refused.iter().map(|u| u.to_string()).collect();
-        let hint = if refused.iter().all(|u| matches!(u.tree.as_str(), "apps" | "app_clusters")) {
+        let hint = if refused
+            .iter()
+            .all(|u| matches!(u.tree.as_str(), "apps" | "app_clusters"))
+        {
             "; restore with --keep-unreadable to keep them as they are (the hub then holds each such app, neither applying nor pruning it, until it is fixed or deleted)"
         } else {
             ""

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use flotilla_proto::v1::{AppStatus, Assignment};
 
-use crate::untrusted::cut;
+use crate::sources::untrusted::cut;
 
 /// The longest message kept from a report (the rest is cut, marked).
 pub const MAX_MESSAGE_BYTES: usize = 4096;

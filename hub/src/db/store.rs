@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
-use crate::audit::{Record, append_in};
-use crate::pki::IssuedCert;
+use crate::db::audit::{Record, append_in};
+use crate::db::{WriteGate, flush};
+use crate::identity::pki::IssuedCert;
 use crate::{Error, Result};
 
 /// A registered cluster.
@@ -88,10 +89,6 @@ pub struct Registration<'a> {
     pub now_ms: i64,
 }
 
-/// Writers of acknowledged state hold it shared; a backup holds it exclusively, so its snapshot sees
-/// every tree as of one instant.
-pub type WriteGate = std::sync::Arc<tokio::sync::RwLock<()>>;
-
 /// The hub's sled database.
 #[derive(Clone)]
 pub struct Store {
@@ -104,7 +101,7 @@ pub struct Store {
     tokens: sled::Tree,
     certs: sled::Tree,
     revoked: sled::Tree,
-    audit: crate::audit::Trees,
+    audit: crate::db::audit::Trees,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -192,7 +189,7 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
             revoked: db.open_tree("revoked")?,
-            audit: crate::audit::Trees::open(&db)?,
+            audit: crate::db::audit::Trees::open(&db)?,
             db,
         })
     }
@@ -692,20 +689,6 @@ impl Store {
     }
 }
 
-/// Makes every write so far durable before returning.
-///
-/// Not `flush_async`: it runs the flush on sled's own small thread pool, and concurrent flushes there
-/// can occupy every pool thread waiting for log buffers that only that same pool writes — a deadlock
-/// seen with 200 agents registering at once. A blocking flush on tokio's blocking pool leaves sled's
-/// pool free to write.
-pub async fn flush(db: &sled::Db) -> Result<()> {
-    let db = db.clone();
-    tokio::task::spawn_blocking(move || db.flush())
-        .await
-        .map_err(|e| Error::Internal(format!("flush task failed: {e}")))??;
-    Ok(())
-}
-
 fn revoke_in(
     revoked: &TransactionalTree,
     serial: &str,
@@ -836,7 +819,7 @@ mod tests {
         assert_eq!(back.labels, labels);
         assert!(store.revoked_serials().unwrap().contains("01"));
         // Each registration is in the audit log with its token, in the same transaction.
-        let log = crate::audit::AuditLog::open(store.db(), store.gate()).unwrap();
+        let log = crate::db::audit::AuditLog::open(store.db(), store.gate()).unwrap();
         let regs: Vec<_> = log
             .recent(10)
             .unwrap()

@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use sled::Transactional;
 
-use crate::apps::AppDocument;
-use crate::audit::Record;
+use crate::apps::{AppDocument, Origin};
+use crate::db::audit::Record;
+use crate::fleet::wake::{Touched, Wakeups};
 use crate::rollout::{Assigned, ClusterRollout, Rollout};
-use crate::wake::{Touched, Wakeups};
 use crate::{Error, Result};
 
 /// How many revisions an app's history keeps.
@@ -180,7 +180,7 @@ fn header_of(record: &AppRecord) -> AppRecord {
     let s = &record.status;
     AppRecord {
         doc: record.doc.clone(),
-        origin: record.origin.clone(),
+        origin: record.origin,
         generation: record.generation,
         status: AppStatus {
             revision: s.revision.clone(),
@@ -301,8 +301,7 @@ impl Delta {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppRecord {
     pub doc: AppDocument,
-    /// `api` (flotilla app apply) or `fleet` (the fleet repository).
-    pub origin: String,
+    pub origin: Origin,
     pub generation: u64,
     pub status: AppStatus,
 }
@@ -357,7 +356,7 @@ pub struct AppStore {
     cache: Arc<std::sync::RwLock<BTreeMap<String, Cached>>>,
     /// Serializes read-modify-write of app records (renders, the rollout controller, operators).
     writes: std::sync::Arc<tokio::sync::Mutex<()>>,
-    gate: crate::store::WriteGate,
+    gate: crate::db::WriteGate,
     db: sled::Db,
     /// App → its own record ([`header_of`]).
     apps: sled::Tree,
@@ -366,7 +365,7 @@ pub struct AppStore {
     bundles: sled::Tree,
     /// Deleted app → when (ms since the epoch, big-endian i64).
     tombstones: sled::Tree,
-    audit: crate::audit::Trees,
+    audit: crate::db::audit::Trees,
     seen: std::sync::Arc<std::sync::Mutex<Seen>>,
     /// Told of every committed write: whom it concerns.
     wake: Arc<Wakeups>,
@@ -431,7 +430,7 @@ fn slot_keys(slots: &sled::Tree, name: &str) -> Result<Vec<sled::IVec>> {
 }
 
 impl AppStore {
-    pub fn open(db: &sled::Db, gate: crate::store::WriteGate, wake: Arc<Wakeups>) -> Result<Self> {
+    pub fn open(db: &sled::Db, gate: crate::db::WriteGate, wake: Arc<Wakeups>) -> Result<Self> {
         let apps = db.open_tree("apps")?;
         let slots = db.open_tree("app_clusters")?;
         let mut cache = BTreeMap::new();
@@ -467,7 +466,7 @@ impl AppStore {
             slots,
             bundles: db.open_tree("bundles")?,
             tombstones: db.open_tree("app_tombstones")?,
-            audit: crate::audit::Trees::open(db)?,
+            audit: crate::db::audit::Trees::open(db)?,
             seen: Default::default(),
             db: db.clone(),
             wake,
@@ -579,7 +578,7 @@ impl AppStore {
     pub async fn put_document(
         &self,
         doc: AppDocument,
-        origin: &str,
+        origin: Origin,
         audit: impl Fn(&AppRecord) -> Option<Record>,
     ) -> Result<AppRecord> {
         let _write = self.writes.lock().await;
@@ -588,14 +587,14 @@ impl AppStore {
             Ok(Some(mut existing)) => {
                 if existing.doc != doc || existing.origin != origin {
                     existing.doc = doc;
-                    existing.origin = origin.to_string();
+                    existing.origin = origin;
                     existing.generation += 1;
                 }
                 existing
             }
             Ok(None) => AppRecord {
                 doc,
-                origin: origin.to_string(),
+                origin,
                 generation: 1,
                 status: AppStatus::default(),
             },
@@ -606,7 +605,7 @@ impl AppStore {
                 tracing::warn!(app = %name, "replacing an unreadable app record with a new document");
                 AppRecord {
                     doc,
-                    origin: origin.to_string(),
+                    origin,
                     generation: self.raw_generation(&name)? + 1,
                     status: AppStatus::default(),
                 }
@@ -690,12 +689,12 @@ impl AppStore {
                         }
                         write_slots(slots)?;
                         tombstones.remove(key)?;
-                        crate::audit::append_in(log, meta, a)?;
+                        crate::db::audit::append_in(log, meta, a)?;
                         Ok(())
                     })?;
             }
         }
-        crate::store::flush(&self.db).await?;
+        crate::db::flush(&self.db).await?;
         self.cached(name, Some(Cached::Readable(Arc::new(record.clone()))));
         self.seen().unreadable.remove(name);
         self.wake.wake(&delta.touched());
@@ -770,12 +769,12 @@ impl AppStore {
                 if existed {
                     tombstones.insert(name.as_bytes(), &at[..])?;
                     if let Some(a) = audit {
-                        crate::audit::append_in(log, meta, a)?;
+                        crate::db::audit::append_in(log, meta, a)?;
                     }
                 }
                 Ok(existed)
             })?;
-        crate::store::flush(&self.db).await?;
+        crate::db::flush(&self.db).await?;
         self.cached(name, None);
         self.seen().unreadable.remove(name);
         if existed {
@@ -808,7 +807,7 @@ impl AppStore {
             self.slots.remove(k)?;
         }
         self.apps.insert(name.as_bytes(), bytes)?;
-        crate::store::flush(&self.db).await?;
+        crate::db::flush(&self.db).await?;
         let entry = match load(&self.apps, &self.slots, name) {
             Ok(Some(record)) => Cached::Readable(Arc::new(record)),
             Ok(None) => return Err(Error::Internal(format!("app record {name:?} vanished"))),
@@ -858,7 +857,7 @@ impl AppStore {
     }
 
     pub async fn flush(&self) -> Result<()> {
-        crate::store::flush(&self.db).await?;
+        crate::db::flush(&self.db).await?;
         Ok(())
     }
 }
@@ -971,12 +970,17 @@ mod tests {
                 },
             );
         }
-        let digests = clusters.iter().map(|c| (c.to_string(), "d".to_string())).collect();
-        status.history.push(HistoryEntry::of_render("r1", 1, &digests));
+        let digests = clusters
+            .iter()
+            .map(|c| (c.to_string(), "d".to_string()))
+            .collect();
+        status
+            .history
+            .push(HistoryEntry::of_render("r1", 1, &digests));
         status.rollout = Some(rollout);
         AppRecord {
             doc,
-            origin: "api".into(),
+            origin: Origin::Api,
             generation: 1,
             status,
         }
@@ -990,7 +994,11 @@ mod tests {
         let names: Vec<&str> = clusters.iter().map(String::as_str).collect();
         store.put(&record(&names)).await.unwrap();
         let header = db.open_tree("apps").unwrap().get("web").unwrap().unwrap();
-        assert!(header.len() < 2_000, "the app's own record does not grow with its clusters: {} bytes", header.len());
+        assert!(
+            header.len() < 2_000,
+            "the app's own record does not grow with its clusters: {} bytes",
+            header.len()
+        );
         assert_eq!(db.open_tree("app_clusters").unwrap().len(), 100);
         wake.take_dirty();
 
@@ -1004,12 +1012,25 @@ mod tests {
             })
             .await
             .unwrap();
-        let event = watch.next_timeout(std::time::Duration::from_secs(1)).unwrap();
+        let event = watch
+            .next_timeout(std::time::Duration::from_secs(1))
+            .unwrap();
         assert_eq!(event.key(), b"web/c7");
-        assert!(watch.next_timeout(std::time::Duration::from_millis(50)).is_err(), "one slot written");
-        assert_eq!(db.open_tree("apps").unwrap().get("web").unwrap().unwrap(), header);
+        assert!(
+            watch
+                .next_timeout(std::time::Duration::from_millis(50))
+                .is_err(),
+            "one slot written"
+        );
+        assert_eq!(
+            db.open_tree("apps").unwrap().get("web").unwrap().unwrap(),
+            header
+        );
         assert!(c7.rx.has_changed().unwrap());
-        assert!(!c8.rx.has_changed().unwrap(), "another cluster's session sleeps on");
+        assert!(
+            !c8.rx.has_changed().unwrap(),
+            "another cluster's session sleeps on"
+        );
         assert_eq!(wake.take_dirty().into_iter().collect::<Vec<_>>(), ["web"]);
 
         // A change of the document concerns every cluster.
@@ -1053,8 +1074,10 @@ mod tests {
     /// history entry by cluster.
     fn legacy_json(clusters: &[&str]) -> Vec<u8> {
         let mut v = serde_json::to_value(record(clusters)).unwrap();
-        let digests: serde_json::Map<String, serde_json::Value> =
-            clusters.iter().map(|c| (c.to_string(), "d".into())).collect();
+        let digests: serde_json::Map<String, serde_json::Value> = clusters
+            .iter()
+            .map(|c| (c.to_string(), "d".into()))
+            .collect();
         v["status"]["history"][0] = serde_json::json!({
             "revision": "r1", "at": 1, "digests": digests, "rolled_out": true,
         });
@@ -1073,11 +1096,19 @@ mod tests {
         let mut want = record(&["a", "b"]);
         want.status.history[0].rolled_out = true;
         assert_eq!(read, want);
-        assert_eq!(read.status.history[0].bundles, BTreeMap::from([("d".to_string(), 2)]));
+        assert_eq!(
+            read.status.history[0].bundles,
+            BTreeMap::from([("d".to_string(), 2)])
+        );
         assert_eq!(db.open_tree("app_clusters").unwrap().len(), 2);
         let header: serde_json::Value =
-            serde_json::from_slice(&db.open_tree("apps").unwrap().get("web").unwrap().unwrap()).unwrap();
-        assert_eq!(header["status"]["assignments"], serde_json::json!({}), "{header}");
+            serde_json::from_slice(&db.open_tree("apps").unwrap().get("web").unwrap().unwrap())
+                .unwrap();
+        assert_eq!(
+            header["status"]["assignments"],
+            serde_json::json!({}),
+            "{header}"
+        );
         // Opening again finds nothing to move and reads the same.
         let (again, _) = open_store(&db);
         assert_eq!(again.get("web").unwrap().unwrap(), want);
@@ -1099,7 +1130,10 @@ mod tests {
         assert!(catalog.apps.is_empty());
         assert!(catalog.is_unreadable("web"));
         let err = store.get("web").unwrap_err().to_string();
-        assert!(err.contains("\"web/b\"") && err.contains("app_clusters"), "{err}");
+        assert!(
+            err.contains("\"web/b\"") && err.contains("app_clusters"),
+            "{err}"
+        );
         assert!(err.contains("flotilla app delete web`"), "{err}");
     }
 }
