@@ -81,15 +81,16 @@ impl Reports {
 
     /// Records a report from `cluster` (the identity of the session, never a field of the report).
     /// Written through to sled when what a rollout decides on changed, else at most every 30 s.
-    pub fn record(&self, cluster: &str, status: AppStatus) {
+    /// Records a report; whether it changed what it decides (digest, sync, health): only such a
+    /// report can move a rollout.
+    pub fn record(&self, cluster: &str, status: AppStatus) -> bool {
         let k = key(cluster, &status.app);
         let map_key = (cluster.to_string(), status.app.clone());
         if status.removed {
             if let Err(e) = self.tree.remove(k.as_bytes()) {
                 tracing::warn!(cluster, app = %status.app, error = %e, "forgetting a stored report");
             }
-            self.lock().remove(&map_key);
-            return;
+            return self.lock().remove(&map_key).is_some();
         }
         let now = std::time::Instant::now();
         let mut latest = self.lock();
@@ -97,6 +98,9 @@ impl Reports {
             l.persisted != decision(&status)
                 || now.duration_since(l.persisted_at) >= PERSIST_UNCHANGED_EVERY
         });
+        let decides = latest
+            .get(&map_key)
+            .is_none_or(|l| decision(&l.status) != decision(&status));
         let entry = latest.entry(map_key).or_insert_with(|| Latest {
             status: status.clone(),
             persisted_at: now,
@@ -111,6 +115,7 @@ impl Reports {
             entry.persisted = decision(&status);
         }
         entry.status = status;
+        decides
     }
 
     /// Forgets a cluster (deregistered).

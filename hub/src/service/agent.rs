@@ -233,9 +233,10 @@ async fn run_session(
                         }
                         // Recorded under the session's identity; the report names only the app.
                         hub.metrics.reported(&name, &status.digest, status.sync(), status.health());
-                        hub.reports.record(&name, status.clone());
-                        // The app's rollout may move on this report.
-                        hub.wake.app_changed(&status.app);
+                        // The app's rollout may move on a report that changed what it decides.
+                        if hub.reports.record(&name, status.clone()) {
+                            hub.wake.app_changed(&status.app);
+                        }
                         if let Some(since) = recovering_since
                             && recovered(&hub, &name, &sent.apps, since).await
                         {
