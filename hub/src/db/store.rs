@@ -98,6 +98,9 @@ pub struct Store {
     /// `clusters` decoded, valid while `clusters_fresh` holds.
     clusters_cache: Arc<std::sync::Mutex<Option<Arc<Vec<ClusterRecord>>>>>,
     clusters_fresh: Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped by every committed write of `clusters`: renders that read the clusters at one
+    /// epoch need not run again while it holds.
+    clusters_epoch: Arc<std::sync::atomic::AtomicU64>,
     tokens: sled::Tree,
     certs: sled::Tree,
     revoked: sled::Tree,
@@ -186,6 +189,7 @@ impl Store {
             clusters: db.open_tree("clusters")?,
             clusters_cache: Default::default(),
             clusters_fresh: Default::default(),
+            clusters_epoch: Default::default(),
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
             revoked: db.open_tree("revoked")?,
@@ -480,8 +484,15 @@ impl Store {
 
     /// Marks the decoded clusters stale: called after every committed write of the tree.
     fn clusters_touched(&self) {
+        self.clusters_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.clusters_fresh
             .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Changes whenever the registered clusters (names, labels) may have changed.
+    pub fn clusters_epoch(&self) -> u64 {
+        self.clusters_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// All clusters, by name: decoded once per change of the tree, not per call (the rollout

@@ -64,6 +64,17 @@ pub struct SyncState {
     fetch_slots: Semaphore,
     /// app → (revision, generation, base render): one render per revision serves every cluster.
     bases: Mutex<HashMap<String, CachedBase>>,
+    /// app → what its last good render was made of: a poll that finds the same commit, document
+    /// and clusters renders nothing (a render reads every cluster; polls come twice a second).
+    rendered: Mutex<HashMap<String, RenderInputs>>,
+}
+
+/// What a render's outcome depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RenderInputs {
+    commit: String,
+    generation: u64,
+    clusters_epoch: u64,
 }
 
 impl SyncState {
@@ -77,6 +88,7 @@ impl SyncState {
             app_locks: Mutex::new(HashMap::new()),
             fetch_slots: Semaphore::new(max_concurrent_fetches.max(1)),
             bases: Mutex::new(HashMap::new()),
+            rendered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -140,18 +152,23 @@ fn facts(hub: &Hub) -> Result<Vec<ClusterFacts>> {
 }
 
 /// Renders `record` at its source's current revision: (revision, cluster → digest).
-async fn render_app(
-    hub: &Arc<Hub>,
-    record: &AppRecord,
-) -> Result<(String, BTreeMap<String, String>)> {
+/// The commit an app renders: its pin, else what its ref points at in the cache.
+async fn commit_of(hub: &Arc<Hub>, record: &AppRecord) -> Result<String> {
     let spec = &record.doc.spec;
     let root = hub.source_settings.cache_root.clone();
     let (url, reference) = (spec.source.repo_url.clone(), spec.source.reference.clone());
-    let pinned = record.status.pinned.clone();
-    let commit = match pinned {
-        Some(commit) => commit,
-        None => blocking(move || git::resolve(&root, &url, &reference)).await?,
-    };
+    match record.status.pinned.clone() {
+        Some(commit) => Ok(commit),
+        None => blocking(move || git::resolve(&root, &url, &reference)).await,
+    }
+}
+
+async fn render_app(
+    hub: &Arc<Hub>,
+    record: &AppRecord,
+    commit: String,
+) -> Result<(String, BTreeMap<String, String>)> {
+    let spec = &record.doc.spec;
 
     // A path that names cluster facts (`deploy/overlays/${cluster.labels.env}`) is resolved per
     // cluster; a plain one is rendered once, before any cluster, so its errors are the app's.
@@ -392,11 +409,29 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
         lock(&hub.sync.app_locks).remove(name);
         return Ok(());
     };
-    let outcome = render_app(hub, &record).await;
+    // Read before the render reads the clusters: a change meanwhile renders again.
+    let clusters_epoch = hub.store.clusters_epoch();
+    let outcome = match commit_of(hub, &record).await {
+        Ok(commit) => {
+            let inputs = RenderInputs {
+                commit: commit.clone(),
+                generation: record.generation,
+                clusters_epoch,
+            };
+            let settled = record.status.last_error.is_none()
+                && record.status.revision.as_deref() == Some(commit.as_str())
+                && lock(&hub.sync.rendered).get(name) == Some(&inputs);
+            if settled {
+                return Ok(());
+            }
+            render_app(hub, &record, commit).await.map(|o| (o, inputs))
+        }
+        Err(e) => Err(e),
+    };
     let generation = record.generation;
     let now = now_unix();
     match outcome {
-        Ok((revision, assignments)) => {
+        Ok(((revision, assignments), inputs)) => {
             hub.apps
                 .update_status(name, |r| {
                     if r.generation != generation {
@@ -437,6 +472,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
                     s.last_error_at = None;
                 })
                 .await?;
+            lock(&hub.sync.rendered).insert(name.to_string(), inputs);
             hub.metrics
                 .renders
                 .get_or_create(&crate::edge::metrics::ResultLabel {
