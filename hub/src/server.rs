@@ -208,7 +208,13 @@ pub async fn serve(
         })?),
         None => None,
     };
-    let operators_addr = operators.as_ref().and_then(|l| l.local_addr().ok());
+    let operators_addr = match &operators {
+        Some(l) => Some(l.local_addr().map_err(|e| Error::Io {
+            path: "operator listen address".into(),
+            source: e,
+        })?),
+        None => None,
+    };
     tracing::info!(addr = %local, http = ?http_addr, operators = ?operators_addr, trust_domain = %hub.ca.trust_domain, "hub serving");
     on_ready(Bound {
         grpc: local,

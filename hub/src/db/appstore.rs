@@ -255,6 +255,7 @@ impl Delta {
         let name = &after.doc.metadata.name;
         let header = header_of(after);
         let header_changed = before.is_none_or(|b| header_of(b) != header);
+        // A new app (or one replacing an unreadable record) had no slots to compare against.
         let old = before.map(slots_of).unwrap_or_default();
         let new = slots_of(after);
         let mut slots = BTreeMap::new();

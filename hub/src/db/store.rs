@@ -492,7 +492,8 @@ impl Store {
 
     /// Changes whenever the registered clusters (names, labels) may have changed.
     pub fn clusters_epoch(&self) -> u64 {
-        self.clusters_epoch.load(std::sync::atomic::Ordering::SeqCst)
+        self.clusters_epoch
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// All clusters, by name: decoded once per change of the tree, not per call (the rollout
