@@ -21,7 +21,7 @@ use crate::credentials::IdentityStore;
 use crate::engine::health::{Health, HealthStatus};
 use crate::engine::inventory::CachedBundle;
 use crate::engine::plan::ObjRef;
-use crate::engine::{AppSpec, Engine, Outcome, Progress};
+use crate::engine::{AppSpec, Engine, Outcome, Progress, Seen};
 use crate::leaving::{Fate, fate, leaving};
 use crate::link::HubLink;
 use crate::pass::{Orders, Pass, pass_for, spec_of, with_difference};
@@ -57,13 +57,22 @@ struct Running {
     cancel: CancellationToken,
 }
 
+/// How often the fleet does what no event asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Intervals {
+    /// A full re-apply of each running app.
+    pub resync: Duration,
+    /// A settled app's health read again, when the watch saw none of its objects change.
+    pub health: Duration,
+}
+
 /// The apps this agent runs.
 pub struct Fleet {
     engine: Arc<Engine>,
     link: HubLink,
     identity: IdentityStore,
     board: Arc<StatusBoard>,
-    resync: Duration,
+    intervals: Intervals,
     running: Mutex<HashMap<String, Running>>,
     /// Apps the hub says it cannot read: not enforced, nothing of them deleted (app → why).
     held: Mutex<BTreeMap<String, String>>,
@@ -82,7 +91,7 @@ impl Fleet {
         link: HubLink,
         identity: IdentityStore,
         board: Arc<StatusBoard>,
-        resync: Duration,
+        intervals: Intervals,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -90,7 +99,7 @@ impl Fleet {
             link,
             identity,
             board,
-            resync,
+            intervals,
             running: Mutex::new(HashMap::new()),
             held: Mutex::new(BTreeMap::new()),
             unmentioned: Mutex::new(Default::default()),
@@ -439,6 +448,8 @@ impl Fleet {
         let drift = Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Drift seen and not healed (manual, selfHeal off): compare again at once.
         let drifted = Arc::new(tokio::sync::Notify::new());
+        // One of the app's objects changed and still matches: its health may have moved.
+        let changed = Arc::new(tokio::sync::Notify::new());
         let status = |digest: &str,
                       sync: SyncStatus,
                       health: &Health,
@@ -564,6 +575,7 @@ impl Fleet {
                     token.clone(),
                     Arc::clone(&drift),
                     Arc::clone(&drifted),
+                    Arc::clone(&changed),
                 );
                 watch = Some((token, failures.clone()));
             }
@@ -573,7 +585,7 @@ impl Fleet {
                 .refresh(status(&digest, sync, &h, failures.len(), &diff, &hooks));
             let next = if failures.is_empty() {
                 backoff.reset();
-                self.resync
+                self.intervals.resync
             } else {
                 backoff.next_delay(random_fraction())
             };
@@ -586,15 +598,17 @@ impl Fleet {
                     _ = cancel.cancelled() => return,
                     _ = &mut attempt => break,
                     _ = drifted.notified() => break,
-                    _ = ticker.tick() => {
-                        let (mut h, _) = self.engine.health(&app.name, &objects).await;
-                        let settled = h.state != HealthStatus::Progressing;
-                        with_difference(&mut h, sync, &app, &cluster);
-                        self.board.set(status(&digest, sync, &h, failures.len(), &diff, &hooks));
-                        if settled {
-                            ticker.reset_after(Duration::from_secs(2));
-                        }
-                    }
+                    // An object's status moved: health is reported now, not on the next tick.
+                    _ = changed.notified() => {}
+                    _ = ticker.tick() => {}
+                }
+                let (mut h, _) = self.engine.health(&app.name, &objects).await;
+                let settled = h.state != HealthStatus::Progressing;
+                with_difference(&mut h, sync, &app, &cluster);
+                self.board
+                    .set(status(&digest, sync, &h, failures.len(), &diff, &hooks));
+                if settled {
+                    ticker.reset_after(self.intervals.health);
                 }
             }
         }
@@ -687,6 +701,7 @@ impl Fleet {
         cancel: CancellationToken,
         drift: Arc<std::sync::atomic::AtomicU64>,
         drifted: Arc<tokio::sync::Notify>,
+        changed: Arc<tokio::sync::Notify>,
     ) {
         let fleet = Arc::clone(self);
         let heals = self.metrics.drift_heals.clone();
@@ -694,15 +709,22 @@ impl Fleet {
         self.tasks.spawn(async move {
             let result = fleet
                 .engine
-                .keep_in_sync(&app, &objects, None, cancel, move |r, n, healed| {
-                    drift.store(n, std::sync::atomic::Ordering::Relaxed);
-                    if healed {
-                        tracing::info!(object = %r, drift = n, "healed drift");
-                        heals.inc();
-                    } else {
-                        tracing::info!(object = %r, drift = n, "drift seen; not healed (manual sync or selfHeal off)");
-                        drifted.notify_one();
+                .keep_in_sync(&app, &objects, None, cancel, move |seen| match seen {
+                    Seen::Drift {
+                        object,
+                        count,
+                        healed,
+                    } => {
+                        drift.store(count, std::sync::atomic::Ordering::Relaxed);
+                        if healed {
+                            tracing::info!(%object, drift = count, "healed drift");
+                            heals.inc();
+                        } else {
+                            tracing::info!(%object, drift = count, "drift seen; not healed (manual sync or selfHeal off)");
+                            drifted.notify_one();
+                        }
                     }
+                    Seen::Changed(_) => changed.notify_one(),
                 })
                 .await;
             if let Err(e) = result {

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::health::HealthStatus;
 use crate::engine::inventory::LocalCache;
-use crate::engine::{AppSpec, Engine, Outcome, Progress};
+use crate::engine::{AppSpec, Engine, Outcome, Progress, Seen};
 use crate::{Error, Result};
 use flotilla_bundle::manifest;
 use flotilla_proto::v1::SyncStatus;
@@ -127,13 +127,23 @@ pub async fn apply(opts: ApplyOptions, cancel: CancellationToken) -> Result<bool
     if opts.watch {
         println!("watching for drift (Ctrl-C to stop)");
         engine
-            .keep_in_sync(app, &objects, Some(opts.resync), cancel, |r, n, healed| {
-                if healed {
-                    println!("  healed   {r} (drift #{n})")
-                } else {
-                    println!("  drifted  {r} (drift #{n}, not healed)")
-                }
-            })
+            .keep_in_sync(
+                app,
+                &objects,
+                Some(opts.resync),
+                cancel,
+                |seen| match seen {
+                    Seen::Drift {
+                        object,
+                        count,
+                        healed: true,
+                    } => println!("  healed   {object} (drift #{count})"),
+                    Seen::Drift { object, count, .. } => {
+                        println!("  drifted  {object} (drift #{count}, not healed)")
+                    }
+                    Seen::Changed(_) => {}
+                },
+            )
             .await?;
     }
     Ok(healthy)

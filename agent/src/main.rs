@@ -70,6 +70,10 @@ struct RunArgs {
     /// Full re-apply interval of running apps.
     #[arg(long, env = "FLOTILLA_RESYNC", default_value = "5m", value_parser = humantime::parse_duration)]
     resync: Duration,
+    /// How often a settled app's health is read again when none of its objects changed (a
+    /// change is seen by the watch and reported at once).
+    #[arg(long, env = "FLOTILLA_HEALTH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    health_interval: Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz, /readyz).
     #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -210,6 +214,7 @@ async fn run_agent(args: RunArgs, shutdown: CancellationToken) -> ExitCode {
         cluster,
         identity_secret,
         resync: args.resync,
+        health_interval: args.health_interval,
         metrics_listen: args.metrics_listen,
         token_file: args.token_file,
     };

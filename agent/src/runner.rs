@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub identity_secret: Option<(String, String)>,
     /// Full re-apply interval of cached apps.
     pub resync: Duration,
+    /// How often a settled app's health is read again without a change seen by the watch.
+    pub health_interval: Duration,
     /// Where to serve `/metrics`, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// A file holding a bootstrap token, read whenever one is needed (so an operator can hand a
@@ -116,7 +118,10 @@ pub async fn run(opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
                 opts.link.clone(),
                 store.clone(),
                 board,
-                opts.resync,
+                crate::fleet::Intervals {
+                    resync: opts.resync,
+                    health: opts.health_interval,
+                },
                 Arc::clone(&metrics),
             ))
         }

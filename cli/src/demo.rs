@@ -256,6 +256,7 @@ pub async fn run(clusters: usize, exit_when_synced: bool) -> anyhow::Result<()> 
             cluster: flotilla_agent::cluster_config::ClusterSource::Kubeconfig(kubeconfig),
             identity_secret: None,
             resync: Duration::from_secs(300),
+            health_interval: Duration::from_secs(2),
             metrics_listen: None,
             token_file: None,
         };

@@ -15,6 +15,7 @@ pub mod v1 {
     tonic::include_proto!("flotilla.v1");
 }
 
+pub mod codec;
 pub mod private_files;
 pub mod status;
 

@@ -31,7 +31,8 @@ fn main() {
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let clusters = SimCluster::start_many(&name_refs).unwrap();
     let hub = Hub::start(HubOptions {
-        poll_interval: "500ms".into(),
+        // The faster poll the issue-24 lever asks for (commit → render is at most one poll).
+        poll_interval: "200ms".into(),
         heartbeat_interval: "5s".into(),
         ..HubOptions::default()
     })

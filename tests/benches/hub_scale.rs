@@ -6,7 +6,8 @@
 //!
 //! Run: `cargo bench -p flotilla-e2e --bench hub_scale` — `FLOTILLA_BENCH_AGENTS` (default
 //! 10000), `FLOTILLA_BENCH_DEADLINE_S` (default 600: a stage that has not finished by then is
-//! reported as missed, and the bench goes on).
+//! reported as missed, and the bench goes on), `FLOTILLA_BENCH_HUB_ENV` (`K=V,K=V`: more
+//! environment for the hub, e.g. allocator settings to compare).
 //! It prints each stage and one last line
 //! `RESULT agents=N connected=N rss_kib_per_cluster=X notify_p99_ms=Y healthy_p99_ms=Z reconnect_s=W status_p99_ms=V`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -317,6 +318,13 @@ fn main() {
         // The hub's default (the harness's 1 s would be N heartbeats a second).
         heartbeat_interval: "10s".into(),
         operators: true,
+        http: true,
+        env: std::env::var("FLOTILLA_BENCH_HUB_ENV")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         extra_args: vec![
             "--max-connections".into(),
             (2 * n + 1000).to_string(),
@@ -494,10 +502,22 @@ fn main() {
         .map(|(_, c)| *c)
         .max()
         .unwrap_or(0);
+    // What the hub itself admitted: sessions seen by the agents can bunch up behind handshakes
+    // that were admitted at the rate but finished together.
+    let admitted_peak = hub
+        .http_addr
+        .as_deref()
+        .and_then(|a| flotilla_e2e::http_get(a, "/metrics").ok())
+        .and_then(|(_, m)| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("flotilla_hub_admissions_peak_per_second "))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
     let reconnect_s = match back {
         Some(t) => {
             println!(
-                "after kill -9: all {n} back in {:.1} s, peak {peak} sessions/s",
+                "after kill -9: all {n} back in {:.1} s, peak {peak} sessions/s, hub admitted at most {admitted_peak} handshakes/s",
                 t.as_secs_f64()
             );
             t.as_secs_f64()

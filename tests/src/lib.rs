@@ -1396,6 +1396,7 @@ impl InProcessAgents {
                 ),
                 identity_secret: None,
                 resync: Duration::from_secs(600),
+                health_interval: Duration::from_secs(2),
                 metrics_listen: None,
                 token_file: None,
             };

@@ -194,13 +194,21 @@ async fn a_chart_whose_test_hook_has_a_random_name_settles_on_one_bundle() -> Re
     // Polls that find the same commit, document and clusters render nothing.
     let from = renders(&hub)?;
     std::thread::sleep(Duration::from_millis(2_000));
-    assert_eq!(renders(&hub)?, from, "six polls of one commit rendered again");
+    assert_eq!(
+        renders(&hub)?,
+        from,
+        "six polls of one commit rendered again"
+    );
     // A cluster's labels change what a render may see, so each relabel renders the
     // same commit again — and the random name still makes no new bundle.
     for i in 0..5 {
         let before = renders(&hub)?;
         let out = hub.cli(&["cluster", "label", "eu-1", &format!("pass={i}")])?;
-        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_for(T, "a render after the relabel", || {
             let n = renders(&hub)?;
             ensure!(n > before, "{n} renders, from {before}");

@@ -448,3 +448,72 @@ async fn hook_runs_show_in_app_get_and_a_failed_wave_runs_the_sync_fail_hooks() 
     assert_eq!(cm["data"]["v"], "1", "wave 1 was never applied: {cm}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_that_moves_is_reported_at_once_not_on_the_next_health_read() -> Result<()> {
+    use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster};
+    let clusters = SimCluster::start_many(&["eu-1"])?;
+    let hub = Hub::start(HubOptions::default())?;
+    let token = hub.token(&[])?;
+    // No full pass and no timed health read within the test: only the watch can tell.
+    let _agent = hub.agent_with_args(
+        "eu-1",
+        Some(&token),
+        "",
+        &[
+            "--kubeconfig".into(),
+            clusters.kubeconfig_of("eu-1").display().to_string(),
+            "--resync".into(),
+            "1h".into(),
+            "--health-interval".into(),
+            "1h".into(),
+        ],
+    )?;
+    hub.wait_all_connected(1, T)?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write(
+        "probe/pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: probe, namespace: default}\nspec: {restartPolicy: Never, containers: [{name: p, image: busybox}]}\n",
+    )?;
+    repo.commit("a pod")?;
+    hub.apply_app(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: probe}}\nspec:\n  source: {{repoURL: \"{}\", path: probe}}\n  targets: {{clusters: [eu-1]}}\n",
+        repo.url()
+    ))?;
+    let row = |want: &'static str| {
+        wait_for(T, want, || {
+            let rows = hub.status()?;
+            ensure!(
+                rows.len() == 1 && rows[0]["sync"] == "Synced" && rows[0]["health"] == want,
+                "{rows:?}"
+            );
+            Ok(Some(rows[0].clone()))
+        })
+    };
+    row("Healthy")?;
+    // What a kubelet does when the container exits non-zero: the spec is untouched.
+    clusters.kubectl(
+        "eu-1",
+        &[
+            "patch",
+            "pod",
+            "probe",
+            "-n",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Failed"}}"#,
+        ],
+        "",
+    )?;
+    let degraded = row("Degraded")?;
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pod failed")),
+        "{degraded}"
+    );
+    Ok(())
+}

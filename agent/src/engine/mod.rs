@@ -146,6 +146,21 @@ pub struct Difference {
 
 pub use flotilla_bundle::digest;
 
+/// What the drift watch saw on one of an app's objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen<'a> {
+    /// It changed and still matches what was applied: its status may have moved, so health may
+    /// have (the fleet reports health on this rather than waiting for its next tick).
+    Changed(&'a ObjRef),
+    /// It no longer matches, for the `count`th time in this watch; `healed` when re-applied (not
+    /// for manual apps, nor with selfHeal off).
+    Drift {
+        object: &'a ObjRef,
+        count: u64,
+        healed: bool,
+    },
+}
+
 /// Applies bundles to one cluster.
 pub struct Engine {
     client: kube::Client,
@@ -1033,15 +1048,14 @@ impl Engine {
     /// Keeps `objects` in place until cancelled: watches the app's kinds (by label) and re-applies an
     /// object that was changed or deleted; a full re-apply every `resync` (when given) is the safety
     /// net. The fleet passes none: it runs the full passes itself, so their outcome is reported.
-    /// `on_heal` is told about each drifted object with the running drift count, and whether it
-    /// was healed (not for manual apps, nor with selfHeal off).
+    /// `on_seen` is told of every event on one of the app's objects ([`Seen`]).
     pub async fn keep_in_sync(
         &self,
         app: &AppSpec,
         objects: &[Value],
         resync: Option<Duration>,
         cancel: CancellationToken,
-        mut on_heal: impl FnMut(&ObjRef, u64, bool),
+        mut on_seen: impl FnMut(Seen<'_>),
     ) -> Result<()> {
         let mut desired: BTreeMap<ObjRef, Value> = BTreeMap::new();
         let mut kinds: BTreeMap<String, (ApiResource, ApiCapabilities)> = BTreeMap::new();
@@ -1096,6 +1110,8 @@ impl Engine {
                 continue;
             };
             if !deleted && plan::satisfies(&live, &plan::drift_view(want)) {
+                // Not drift, yet maybe news: a status moved (a rollout became available).
+                on_seen(Seen::Changed(r));
                 continue;
             }
             if !live["metadata"]["deletionTimestamp"].is_null() && !deleted {
@@ -1104,13 +1120,21 @@ impl Engine {
             if app.manual || !app.self_heal {
                 // Seen, not healed: the caller reports the difference.
                 drift += 1;
-                on_heal(r, drift, false);
+                on_seen(Seen::Drift {
+                    object: r,
+                    count: drift,
+                    healed: false,
+                });
                 continue;
             }
             match self.apply_one(app, want).await {
                 Ok(_) => {
                     drift += 1;
-                    on_heal(r, drift, true);
+                    on_seen(Seen::Drift {
+                        object: r,
+                        count: drift,
+                        healed: true,
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(object = %r, error = %e, "could not heal drift; will retry on the next event or resync")
