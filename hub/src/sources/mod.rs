@@ -405,7 +405,8 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
             .or_default(),
     );
     let _one_render_per_app = app_lock.lock().await;
-    let Some(record) = hub.apps.get(name)? else {
+    // Shared, not copied: most polls find nothing to do, and a copy is O(clusters).
+    let Some(record) = hub.apps.get_shared(name)? else {
         lock(&hub.sync.app_locks).remove(name);
         return Ok(());
     };
