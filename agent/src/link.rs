@@ -279,7 +279,7 @@ fn status_message(status: AppStatus) -> AgentMessage {
 #[derive(Clone)]
 pub struct FleetLink {
     pub assignments: watch::Sender<Option<Assignments>>,
-    pub board: std::sync::Arc<crate::fleet::StatusBoard>,
+    pub board: std::sync::Arc<crate::board::StatusBoard>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 

@@ -766,7 +766,7 @@ impl Cluster {
                 if !resources::is_builtin(&rt.group, &rt.plural) {
                     return Err(ApiError::unsupported_media_type(
                         "application/strategic-merge-patch+json",
-                        &crate::http::CUSTOM_PATCH_TYPES,
+                        &crate::wire::CUSTOM_PATCH_TYPES,
                     ));
                 }
                 let mut patched = old.clone();

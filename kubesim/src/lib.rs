@@ -16,10 +16,12 @@ pub mod meta;
 pub mod patch;
 mod protobuf;
 pub mod resources;
+mod routes;
 mod scale;
 pub mod selector;
 mod server;
 pub mod ssa;
+mod wire;
 
 pub use cluster::{Cluster, ClusterSettings, Faults};
 pub use error::{ApiError, Error, Result};

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, PatchType, WriteOptions};
 use crate::error::ApiError;
-use crate::http::{Body, PATCH_TYPES, content_type, json_response, manager, parse_body, read_body};
 use crate::resources::ResourceType;
+use crate::wire::{Body, PATCH_TYPES, content_type, json_response, manager, parse_body, read_body};
 
 /// Whether `rt` has a scale subresource.
 pub(crate) fn scalable(rt: &ResourceType) -> bool {

@@ -7,7 +7,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use http::HeaderMap;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
@@ -18,50 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::error::{Error, Result};
 use crate::http::handle;
-
-struct Entry {
-    cluster: Arc<Cluster>,
-    cancel: CancellationToken,
-}
-
-/// State shared by every connection.
-pub struct Shared {
-    clusters: RwLock<BTreeMap<String, Entry>>,
-    first: RwLock<Option<String>>,
-    token: String,
-    settings: ClusterSettings,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) tasks: TaskTracker,
-}
-
-impl Shared {
-    /// The cluster a path addresses and the rest of the path.
-    pub(crate) fn route_cluster(&self, path: &str) -> Option<(Arc<Cluster>, String)> {
-        let clusters = self.clusters.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(rest) = path.strip_prefix("/clusters/") {
-            let (name, rest) = rest.split_once('/').unwrap_or((rest, ""));
-            return clusters
-                .get(name)
-                .map(|e| (Arc::clone(&e.cluster), format!("/{rest}")));
-        }
-        let first = self
-            .first
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
-        clusters
-            .get(&first)
-            .map(|e| (Arc::clone(&e.cluster), path.to_string()))
-    }
-
-    pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == self.token)
-    }
-}
+use crate::routes::{Entry, Shared};
 
 /// How to run a simulator.
 #[derive(Debug, Clone)]

@@ -338,9 +338,12 @@ impl Hub {
         Ok(())
     }
 
-    /// Runs the CLI as the admin.
+    /// Runs the CLI as the admin: on the operators' listener when the hub serves one (as an
+    /// operator of a busy hub would), else on the agents' listener.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
-        self.admin_cli().run(args)
+        self.operator_cli()
+            .unwrap_or_else(|| self.admin_cli())
+            .run(args)
     }
 
     /// The admin's CLI on the operators' listener ([`HubOptions::operators`]).
@@ -351,7 +354,8 @@ impl Hub {
         })
     }
 
-    /// The admin's CLI, as a handle another thread can use (while this one restarts the hub).
+    /// The admin's CLI on the agents' listener, as a handle another thread can use (while this
+    /// one restarts the hub).
     pub fn admin_cli(&self) -> AdminCli {
         AdminCli {
             url: self.url.clone(),

@@ -82,7 +82,7 @@ fn operators_answer_on_their_own_listener_while_a_storm_fills_the_agents_queue()
         Duration::from_secs(30),
         "the agents' listener to answer again",
         || {
-            let out = hub.cli(&["-o", "json", "status"])?;
+            let out = hub.admin_cli().run(&["-o", "json", "status"])?;
             ensure!(
                 out.status.success(),
                 "{}",
