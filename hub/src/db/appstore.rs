@@ -156,6 +156,13 @@ struct SlotRef<'a> {
     rollout: Option<&'a ClusterRollout>,
 }
 
+impl SlotRef<'_> {
+    /// What of a slot `reports::orders_for` puts in the cluster's orders.
+    fn orders(&self) -> (Option<&Assigned>, Option<&Assigned>, Option<&SyncRequest>) {
+        (self.target, self.assigned, self.sync_request)
+    }
+}
+
 /// Every cluster slot of a record. Pure.
 fn slots_of(record: &AppRecord) -> BTreeMap<&str, SlotRef<'_>> {
     let s = &record.status;
@@ -246,6 +253,9 @@ struct Delta {
     header: Option<Vec<u8>>,
     /// Cluster → its slot encoded, or `None` for a slot that is gone.
     slots: BTreeMap<String, Option<Vec<u8>>>,
+    /// The clusters whose orders moved: a slot's rollout bookkeeping alone (a cluster waiting
+    /// for its step, say) is written but wakes nobody.
+    ordered: std::collections::BTreeSet<String>,
     /// Whether what every cluster's orders depend on changed (see [`Touched::Everyone`]).
     everyone: bool,
 }
@@ -259,17 +269,23 @@ impl Delta {
         let old = before.map(slots_of).unwrap_or_default();
         let new = slots_of(after);
         let mut slots = BTreeMap::new();
+        let mut ordered = std::collections::BTreeSet::new();
         for (cluster, slot) in &new {
-            if old.get(cluster) != Some(slot) {
+            let was = old.get(cluster);
+            if was != Some(slot) {
                 let bytes = serde_json::to_vec(slot).map_err(|source| Error::Corrupt {
                     key: slot_key(name, cluster),
                     source,
                 })?;
                 slots.insert(cluster.to_string(), Some(bytes));
+                if was.copied().unwrap_or_default().orders() != slot.orders() {
+                    ordered.insert(cluster.to_string());
+                }
             }
         }
         for cluster in old.keys().filter(|c| !new.contains_key(*c)) {
             slots.insert(cluster.to_string(), None);
+            ordered.insert(cluster.to_string());
         }
         // What `reports::orders_for` reads of an app beyond its slots.
         let everyone = before.is_none_or(|b| {
@@ -285,6 +301,7 @@ impl Delta {
                 None
             },
             slots,
+            ordered,
             everyone,
         })
     }
@@ -293,7 +310,7 @@ impl Delta {
         if self.everyone {
             Touched::Everyone
         } else {
-            Touched::Clusters(self.slots.keys().cloned().collect())
+            Touched::Clusters(self.ordered.iter().cloned().collect())
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, watch};
 /// The clusters a write may have changed the orders of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Touched {
-    /// These clusters' slots of the app changed.
+    /// These clusters' orders from the app changed (what `reports::orders_for` reads of their slots).
     Clusters(BTreeSet<String>),
     /// Something every cluster's orders depend on (an app's document or render generation, a
     /// deleted or unreadable app): every session looks again.

@@ -10,21 +10,48 @@ use std::time::Duration;
 
 use flotilla_proto::status::Observed;
 
-use crate::db::appstore::AppRecord;
+use crate::db::appstore::{AppRecord, AppStore};
 use crate::db::store::ClusterRecord;
+use crate::edge::metrics::Metrics;
+use crate::fleet::reports::Reports;
+use crate::fleet::sessions::Sessions;
 use crate::rollout::{ClusterView, Input, Phase, Rollout};
 use crate::{Error, Hub, Result, now_unix};
 
 /// How often active rollouts are re-planned without a change (time moves soaks and deadlines).
 const PLAN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// What a planning round reads and writes: the apps, and what the fleet says of its clusters —
+/// these few handles rather than the whole hub, so a round runs over an in-memory store in tests.
+pub(crate) struct Planning<'a> {
+    pub apps: &'a AppStore,
+    pub sessions: &'a Sessions,
+    pub reports: &'a Reports,
+    pub metrics: &'a Metrics,
+}
+
+impl<'a> Planning<'a> {
+    pub fn of(hub: &'a Hub) -> Self {
+        Self {
+            apps: &hub.apps,
+            sessions: &hub.sessions,
+            reports: &hub.reports,
+            metrics: &hub.metrics,
+        }
+    }
+}
+
 /// What the planner needs to know about every registered cluster, for one app.
-fn views(hub: &Hub, clusters: &[ClusterRecord], app: &str) -> BTreeMap<String, ClusterView> {
+fn views(
+    fleet: &Planning<'_>,
+    clusters: &[ClusterRecord],
+    app: &str,
+) -> BTreeMap<String, ClusterView> {
     clusters
         .iter()
         .map(|c| {
-            let (connected, _) = hub.sessions.status(&c.name);
-            let report = hub.reports.get(&c.name, app).map(|r| Observed::of(&r));
+            let (connected, _) = fleet.sessions.status(&c.name);
+            let report = fleet.reports.get(&c.name, app).map(|r| Observed::of(&r));
             let view = ClusterView {
                 labels: c.labels.clone(),
                 connected,
@@ -122,15 +149,16 @@ fn plan(record: &mut AppRecord, views: &BTreeMap<String, ClusterView>, now: i64)
 
 /// Plans one app and persists the outcome.
 pub async fn plan_app(hub: &Hub, name: &str) -> Result<()> {
-    plan_app_with(hub, name, &hub.store.clusters()?).await
+    plan_app_with(&Planning::of(hub), name, &hub.store.clusters()?).await
 }
 
 /// [`plan_app`] with the registered clusters already read (once per round for every app).
-async fn plan_app_with(hub: &Hub, name: &str, clusters: &[ClusterRecord]) -> Result<()> {
-    let views = views(hub, clusters, name);
+async fn plan_app_with(fleet: &Planning<'_>, name: &str, clusters: &[ClusterRecord]) -> Result<()> {
+    let views = views(fleet, clusters, name);
     let now = now_unix();
     let mut newly = Vec::new();
-    hub.apps
+    fleet
+        .apps
         .update_status(name, |record| {
             let before = record.status.assignments.clone();
             plan(record, &views, now);
@@ -142,7 +170,7 @@ async fn plan_app_with(hub: &Hub, name: &str, clusters: &[ClusterRecord]) -> Res
         })
         .await?;
     for (cluster, digest) in newly {
-        hub.metrics.assigned(&cluster, &digest);
+        fleet.metrics.assigned(&cluster, &digest);
     }
     Ok(())
 }
@@ -205,7 +233,7 @@ pub async fn run(hub: Arc<Hub>) {
             }
         };
         for name in names {
-            if let Err(e) = plan_app_with(&hub, &name, &clusters).await {
+            if let Err(e) = plan_app_with(&Planning::of(&hub), &name, &clusters).await {
                 tracing::error!(app = %name, error = %e, "planning the rollout");
             }
         }
@@ -489,4 +517,215 @@ pub async fn request_sync(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use flotilla_proto::v1::{AppStatus as Report, HealthStatus, SyncStatus};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::apps::{AppDocument, Origin};
+    use crate::db::appstore::AppStatus;
+    use crate::fleet::wake::Wakeups;
+    use crate::rollout::Assigned;
+
+    /// An in-memory hub's worth of the handles a planning round takes.
+    struct World {
+        _db: sled::Db,
+        apps: AppStore,
+        sessions: Arc<Sessions>,
+        reports: Reports,
+        metrics: Metrics,
+        wake: Arc<Wakeups>,
+        _open: Vec<crate::fleet::sessions::Session>,
+    }
+
+    impl World {
+        fn new(connected: &[&str]) -> Self {
+            let db = sled::Config::new().temporary(true).open().unwrap();
+            let wake = Arc::new(Wakeups::default());
+            let sessions = Arc::new(Sessions::default());
+            let shutdown = CancellationToken::new();
+            let open = connected
+                .iter()
+                .map(|c| sessions.open(c, &shutdown, 1))
+                .collect();
+            Self {
+                apps: AppStore::open(&db, Default::default(), Arc::clone(&wake)).unwrap(),
+                reports: Reports::open(&db).unwrap(),
+                metrics: Metrics::default(),
+                sessions,
+                wake,
+                _db: db,
+                _open: open,
+            }
+        }
+
+        fn planning(&self) -> Planning<'_> {
+            Planning {
+                apps: &self.apps,
+                sessions: &self.sessions,
+                reports: &self.reports,
+                metrics: &self.metrics,
+            }
+        }
+
+        fn assigned(&self) -> Vec<String> {
+            let record = self.apps.get("web").unwrap().unwrap();
+            record.status.assignments.keys().cloned().collect()
+        }
+
+        fn healthy(&self, cluster: &str, digest: &str) {
+            self.reports.record(
+                cluster,
+                Report {
+                    app: "web".into(),
+                    digest: digest.into(),
+                    sync: SyncStatus::Synced.into(),
+                    health: HealthStatus::Healthy.into(),
+                    ..Report::default()
+                },
+            );
+        }
+    }
+
+    fn cluster(name: &str, ring: &str) -> ClusterRecord {
+        ClusterRecord {
+            name: name.into(),
+            labels: BTreeMap::from([("ring".to_string(), ring.to_string())]),
+            registered_at: 1,
+            cert_serial: String::new(),
+            cert_not_after: 0,
+            serials: Vec::new(),
+            last_seen_ms: 0,
+            rebuild_requested_at: None,
+            recovering_since_ms: None,
+            last_recovery_ms: None,
+        }
+    }
+
+    /// A rendered app whose target is `d1` on each cluster, no rollout yet: canary first.
+    fn rendered(clusters: &[&str]) -> AppRecord {
+        let doc = AppDocument::parse(
+            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {name: web}\nspec:\n  source: {repoURL: \"file:///r\"}\n  targets: {selector: {}}\n  rollout: {steps: [{selector: {matchLabels: {ring: canary}}, maxUnavailable: \"100%\"}, {selector: {}, maxUnavailable: \"100%\"}]}\n",
+        )
+        .unwrap();
+        let mut status = AppStatus {
+            revision: Some("r1".into()),
+            observed_generation: 1,
+            ..AppStatus::default()
+        };
+        for c in clusters {
+            status.target.insert(
+                c.to_string(),
+                Assigned {
+                    digest: "d1".into(),
+                    revision: "r1".into(),
+                },
+            );
+        }
+        AppRecord {
+            doc,
+            origin: Origin::Api,
+            generation: 1,
+            status,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_assigns_the_canary_then_the_rest_and_wakes_only_whom_it_assigned() {
+        let world = World::new(&["a", "b", "c"]);
+        let fleet = [
+            cluster("a", "canary"),
+            cluster("b", "main"),
+            cluster("c", "main"),
+        ];
+        world.apps.put(&rendered(&["a", "b", "c"])).await.unwrap();
+        let (mut a, mut b, mut c) = (
+            world.wake.subscribe("a"),
+            world.wake.subscribe("b"),
+            world.wake.subscribe("c"),
+        );
+        world.wake.take_dirty();
+
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        assert_eq!(world.assigned(), ["a"], "the canary step first");
+        assert!(a.rx.has_changed().unwrap());
+        assert!(!b.rx.has_changed().unwrap() && !c.rx.has_changed().unwrap());
+        a.rx.mark_unchanged();
+
+        // Nothing reported yet: a round changes nothing and wakes nobody.
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        assert_eq!(world.assigned(), ["a"]);
+        assert!(
+            !a.rx.has_changed().unwrap(),
+            "an unchanged round writes nothing"
+        );
+
+        // The canary reports the new bundle Healthy: the next step goes out.
+        world.healthy("a", "d1");
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        assert_eq!(world.assigned(), ["a", "b", "c"]);
+        assert!(b.rx.has_changed().unwrap() && c.rx.has_changed().unwrap());
+        assert!(
+            !a.rx.has_changed().unwrap(),
+            "the canary's orders did not move"
+        );
+        b.rx.mark_unchanged();
+        c.rx.mark_unchanged();
+        let record = world.apps.get("web").unwrap().unwrap();
+        assert_eq!(
+            record.status.rollout.as_ref().map(|r| r.phase),
+            Some(Phase::Progressing)
+        );
+
+        world.healthy("b", "d1");
+        world.healthy("c", "d1");
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        let record = world.apps.get("web").unwrap().unwrap();
+        assert_eq!(
+            record.status.rollout.as_ref().map(|r| r.phase),
+            Some(Phase::Succeeded)
+        );
+        assert_eq!(record.status.stable_revision.as_deref(), Some("r1"));
+    }
+
+    #[tokio::test]
+    async fn a_disconnected_cluster_is_still_assigned_but_its_report_is_what_counts() {
+        // b has no session: it is told when it connects (its orders are in the store), and the
+        // step waits for its report rather than reading its silence as success.
+        let world = World::new(&["a", "c"]);
+        let fleet = [
+            cluster("a", "canary"),
+            cluster("b", "main"),
+            cluster("c", "main"),
+        ];
+        world.apps.put(&rendered(&["a", "b", "c"])).await.unwrap();
+        world.healthy("a", "d1");
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        world.healthy("c", "d1");
+        plan_app_with(&world.planning(), "web", &fleet)
+            .await
+            .unwrap();
+        let record = world.apps.get("web").unwrap().unwrap();
+        let rollout = record.status.rollout.as_ref().unwrap();
+        assert_ne!(rollout.phase, Phase::Succeeded, "{rollout:?}");
+    }
 }
