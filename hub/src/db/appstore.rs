@@ -630,7 +630,8 @@ impl AppStore {
             }
             Err(e) => return Err(e),
         };
-        self.put_with(&record, audit(&record).as_ref()).await?;
+        self.put_with(Arc::new(record.clone()), audit(&record).as_ref())
+            .await?;
         Ok(record)
     }
 
@@ -648,20 +649,20 @@ impl AppStore {
     /// Writes a record and flushes.
     pub async fn put(&self, record: &AppRecord) -> Result<()> {
         let _write = self.writes.lock().await;
-        self.put_with(record, None).await
+        self.put_with(Arc::new(record.clone()), None).await
     }
 
     /// Writes what changed of a record since the cache's copy — its own record and the slots of
     /// the clusters it changed, with its audit entry, in one transaction — flushes, and wakes
     /// whom it concerns.
-    async fn put_with(&self, record: &AppRecord, audit: Option<&Record>) -> Result<()> {
+    async fn put_with(&self, record: Arc<AppRecord>, audit: Option<&Record>) -> Result<()> {
         let _gate = self.gate.read().await;
         let name = &record.doc.metadata.name;
         let before = match self.cache().get(name) {
             Some(Cached::Readable(r)) => Some(Arc::clone(r)),
             _ => None,
         };
-        let mut delta = Delta::between(before.as_deref(), record)?;
+        let mut delta = Delta::between(before.as_deref(), &record)?;
         if before.is_none() {
             // A new app, or one replacing an unreadable record: no slot of before survives.
             for k in slot_keys(&self.slots, name)? {
@@ -670,50 +671,35 @@ impl AppStore {
             }
         }
         let key = name.as_bytes();
-        let write_slots = |slots: &sled::transaction::TransactionalTree| {
-            for (cluster, bytes) in &delta.slots {
-                let k = slot_key(name, cluster);
-                match bytes {
-                    Some(b) => slots.insert(k.as_bytes(), b.as_slice())?,
-                    None => slots.remove(k.as_bytes())?,
-                };
-            }
-            Ok::<(), sled::transaction::UnabortableTransactionError>(())
-        };
-        match audit {
-            // The controllers' own updates (renders, rollouts).
-            None => {
-                (&self.apps, &self.slots).transaction(|(apps, slots)| {
-                    if let Some(h) = &delta.header {
-                        apps.insert(key, h.as_slice())?;
-                    }
-                    write_slots(slots)?;
-                    Ok(())
-                })?;
-            }
-            // An operator's (or the fleet repository's) write: with its audit entry, and the name
-            // no longer a tombstone.
-            Some(a) => {
-                (
-                    &self.apps,
-                    &self.slots,
-                    &self.tombstones,
-                    &self.audit.log,
-                    &self.audit.meta,
-                )
-                    .transaction(|(apps, slots, tombstones, log, meta)| {
-                        if let Some(h) = &delta.header {
-                            apps.insert(key, h.as_slice())?;
-                        }
-                        write_slots(slots)?;
-                        tombstones.remove(key)?;
-                        crate::db::audit::append_in(log, meta, a)?;
-                        Ok(())
-                    })?;
-            }
-        }
+        // The controllers' own updates (renders, rollouts) come without an audit entry; an
+        // operator's (or the fleet repository's) with one, and the name then no longer a
+        // tombstone. Either way one transaction.
+        (
+            &self.apps,
+            &self.slots,
+            &self.tombstones,
+            &self.audit.log,
+            &self.audit.meta,
+        )
+            .transaction(|(apps, slots, tombstones, log, meta)| {
+                if let Some(h) = &delta.header {
+                    apps.insert(key, h.as_slice())?;
+                }
+                for (cluster, bytes) in &delta.slots {
+                    let k = slot_key(name, cluster);
+                    match bytes {
+                        Some(b) => slots.insert(k.as_bytes(), b.as_slice())?,
+                        None => slots.remove(k.as_bytes())?,
+                    };
+                }
+                if let Some(a) = audit {
+                    tombstones.remove(key)?;
+                    crate::db::audit::append_in(log, meta, a)?;
+                }
+                Ok(())
+            })?;
         crate::db::flush(&self.db).await?;
-        self.cached(name, Some(Cached::Readable(Arc::new(record.clone()))));
+        self.cached(name, Some(Cached::Readable(Arc::clone(&record))));
         self.seen().unreadable.remove(name);
         self.wake.wake(&delta.touched());
         if delta.header.is_some() || !delta.slots.is_empty() {
@@ -727,7 +713,7 @@ impl AppStore {
         &self,
         name: &str,
         update: impl FnOnce(&mut AppRecord),
-    ) -> Result<Option<AppRecord>> {
+    ) -> Result<Option<Arc<AppRecord>>> {
         self.try_update(name, |r| {
             update(r);
             Ok(())
@@ -740,18 +726,19 @@ impl AppStore {
         &self,
         name: &str,
         update: impl FnOnce(&mut AppRecord) -> Result<()>,
-    ) -> Result<Option<AppRecord>> {
+    ) -> Result<Option<Arc<AppRecord>>> {
         self.try_update_audited(name, update, |_| None).await
     }
 
     /// An operator's update: written with its audit entry (made from the updated record) in one
     /// transaction — also when the update changed nothing stored, since the operator did act.
+    /// Returns the record as stored (shared with the cache: one copy per update, not two).
     pub async fn try_update_audited(
         &self,
         name: &str,
         update: impl FnOnce(&mut AppRecord) -> Result<()>,
         audit: impl FnOnce(&AppRecord) -> Option<Record>,
-    ) -> Result<Option<AppRecord>> {
+    ) -> Result<Option<Arc<AppRecord>>> {
         let _write = self.writes.lock().await;
         let Some(before) = self.get_shared(name)? else {
             return Ok(None);
@@ -759,9 +746,11 @@ impl AppStore {
         let mut record = (*before).clone();
         update(&mut record)?;
         let audit = audit(&record);
-        if record != *before || audit.is_some() {
-            self.put_with(&record, audit.as_ref()).await?;
+        if record == *before && audit.is_none() {
+            return Ok(Some(before));
         }
+        let record = Arc::new(record);
+        self.put_with(Arc::clone(&record), audit.as_ref()).await?;
         Ok(Some(record))
     }
 

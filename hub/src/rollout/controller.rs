@@ -340,7 +340,7 @@ pub async fn act(hub: &Hub, actor: &str, app: &str, action: Action) -> Result<Ap
         .await?
         .ok_or_else(|| Error::AppNotFound(app.to_string()))?;
     plan_app(hub, app).await?;
-    Ok(hub.apps.get(app)?.unwrap_or(record))
+    Ok(hub.apps.get(app)?.unwrap_or_else(|| (*record).clone()))
 }
 
 /// Pins `app` to an earlier revision (the newest stable one before the current, by default); the
