@@ -138,6 +138,25 @@ impl Reports {
             .get(&(cluster.to_string(), app.to_string()))
             .map(|l| l.status.clone())
     }
+
+    /// What each of `clusters` last reported of `app`, as rollouts read it, under one lock (a
+    /// planning round asks for the whole fleet at once; no report's diff or hooks are copied).
+    pub fn observed<'a>(
+        &self,
+        app: &str,
+        clusters: impl Iterator<Item = &'a str>,
+    ) -> Vec<Option<flotilla_proto::status::Observed>> {
+        let latest = self.lock();
+        let mut key = (String::new(), app.to_string());
+        clusters
+            .map(|c| {
+                c.clone_into(&mut key.0);
+                latest
+                    .get(&key)
+                    .map(|l| flotilla_proto::status::Observed::of(&l.status))
+            })
+            .collect()
+    }
 }
 
 /// Everything one cluster is told: its assignments, the apps it must prune (only where the hub read

@@ -89,6 +89,14 @@ impl Sessions {
         (connected, inner.last_seen_ms.get(cluster).copied())
     }
 
+    /// Whether each of `clusters` has an open stream, under one lock.
+    pub fn connected<'a>(&self, clusters: impl Iterator<Item = &'a str>) -> Vec<bool> {
+        let inner = self.lock();
+        clusters
+            .map(|c| inner.live.get(c).is_some_and(|v| !v.is_empty()))
+            .collect()
+    }
+
     /// Number of open streams.
     pub fn connected_count(&self) -> usize {
         self.lock().live.values().map(Vec::len).sum()

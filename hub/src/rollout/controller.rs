@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_proto::status::Observed;
-
 use crate::db::appstore::{AppRecord, AppStore};
 use crate::db::store::ClusterRecord;
 use crate::edge::metrics::Metrics;
@@ -47,11 +45,14 @@ fn views(
     clusters: &[ClusterRecord],
     app: &str,
 ) -> BTreeMap<String, ClusterView> {
+    let names = || clusters.iter().map(|c| c.name.as_str());
+    let connected = fleet.sessions.connected(names());
+    let reports = fleet.reports.observed(app, names());
     clusters
         .iter()
-        .map(|c| {
-            let (connected, _) = fleet.sessions.status(&c.name);
-            let report = fleet.reports.get(&c.name, app).map(|r| Observed::of(&r));
+        .zip(connected)
+        .zip(reports)
+        .map(|((c, connected), report)| {
             let view = ClusterView {
                 labels: c.labels.clone(),
                 connected,
