@@ -381,6 +381,21 @@ impl Hub {
         Ok(out)
     }
 
+    /// One sample of the hub's `/metrics` (HTTP listener: [`HubOptions::http`]), by its full
+    /// name with labels (`flotilla_hub_renders_total{result="ok"}`).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let addr = self
+            .http_addr
+            .as_deref()
+            .context("the hub serves no HTTP listener")?;
+        let (_, body) = http_get(addr, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} not in /metrics:\n{body}"))
+    }
+
     /// Runs the CLI and parses its JSON output; fails with stderr if the command failed.
     pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
         let mut all = args.to_vec();

@@ -123,19 +123,8 @@ async fn a_chart_renders_per_region_values_and_its_crds_and_converges() -> Resul
 }
 
 /// `flotilla_hub_renders_total{result="ok"}` from the hub's metrics.
-fn renders(hub: &Hub) -> Result<u64> {
-    let addr = hub
-        .http_addr
-        .as_deref()
-        .ok_or_else(|| anyhow!("no http listener"))?;
-    let (_, metrics) = http_get(addr, "/metrics")?;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("flotilla_hub_renders_total{result=\"ok\"} "))
-        .ok_or_else(|| anyhow!("no renders counter in:\n{metrics}"))?
-        .trim()
-        .parse()
-        .map_err(|e| anyhow!("renders counter: {e}"))
+fn renders(hub: &Hub) -> Result<f64> {
+    hub.metric("flotilla_hub_renders_total{result=\"ok\"}")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,16 +11,6 @@ const CLUSTERS: usize = 200;
 const RATE: u64 = 40;
 const BURST: u64 = 20;
 
-fn metric(hub: &Hub, name: &str) -> Result<f64> {
-    let addr = hub.http_addr.as_deref().context("http listener")?;
-    let (_, body) = http_get(addr, "/metrics")?;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{name} not in /metrics"))
-}
-
 #[test]
 fn two_hundred_agents_ride_out_a_hub_restart_at_a_bounded_handshake_rate() -> Result<()> {
     let names: Vec<String> = (0..CLUSTERS).map(|i| format!("c{i:03}")).collect();
@@ -110,8 +100,8 @@ fn two_hundred_agents_ride_out_a_hub_restart_at_a_bounded_handshake_rate() -> Re
         || all_healthy(&hub),
     )?;
     let back = restarted.elapsed();
-    let peak = metric(&hub, "flotilla_hub_admissions_peak_per_second")?;
-    let delayed = metric(&hub, "flotilla_hub_admissions_delayed_total")?;
+    let peak = hub.metric("flotilla_hub_admissions_peak_per_second")?;
+    let delayed = hub.metric("flotilla_hub_admissions_delayed_total")?;
     println!(
         "{CLUSTERS} agents back and Healthy {back:?} after the hub restart; peak {peak} handshakes/s (limit {RATE}/s, burst {BURST}); {delayed} connections paced"
     );

@@ -76,6 +76,51 @@ async fn commits_arrive_within_the_poll_interval_with_per_cluster_variants() -> 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_cluster_renders_a_bundle_only_when_it_is_a_new_variant() -> Result<()> {
+    let hub = Hub::start(HubOptions {
+        http: true,
+        poll_interval: "300ms".into(),
+        ..HubOptions::default()
+    })?;
+    let token = hub.token(&["--uses", "3"])?;
+    register_with_labels(&hub, &token, "eu-1", &[("region", "eu")]).await?;
+    let dir = tempfile::tempdir()?;
+    let repo = GitRepo::init(&dir.path().join("repo"))?;
+    repo.write("apps/web/cm.yaml", CM)?;
+    let rev = repo.commit("first")?;
+    hub.apply_app(&app_doc("web", &repo.url(), "main", "apps/web", ""))?;
+    let targeted = |n: usize| {
+        flotilla_e2e::wait_for(T, &format!("{n} clusters targeted"), || {
+            let d = digests(&hub.app("web")?);
+            anyhow::ensure!(
+                d.len() == n && d.iter().all(|(_, x)| !x.is_empty()),
+                "{d:?}"
+            );
+            Ok(Some(d))
+        })
+    };
+    hub.wait_revision("web", &rev, T)?;
+    targeted(1)?;
+    let variants = "flotilla_hub_variant_renders_total";
+    assert_eq!(hub.metric(variants)?, 1.0);
+    // Alike: the fleet changed, so the app is looked at again, but no bundle is made.
+    register_with_labels(&hub, &token, "eu-2", &[("region", "eu")]).await?;
+    let d = targeted(2)?;
+    assert_eq!(d[0].1, d[1].1, "{d:?}");
+    assert_eq!(
+        hub.metric(variants)?,
+        1.0,
+        "a known variant was rendered again"
+    );
+    // A new region is a new variant: one bundle.
+    register_with_labels(&hub, &token, "us-1", &[("region", "us")]).await?;
+    let d = targeted(3)?;
+    assert_ne!(d[0].1, d[2].1, "{d:?}");
+    assert_eq!(hub.metric(variants)?, 2.0);
+    Ok(())
+}
+
 const WEBHOOK_SECRET: &str = "webhook-secret";
 
 /// `X-Hub-Signature-256` of `body` under [`WEBHOOK_SECRET`].

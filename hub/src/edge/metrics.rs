@@ -34,6 +34,9 @@ pub struct Metrics {
     registry: Registry,
     pub connected_agents: Gauge,
     pub renders: Family<ResultLabel, Counter>,
+    /// Variants rendered into bundles (an app render re-renders only variants it has not made at
+    /// its commit and document).
+    pub variant_renders: Counter,
     pub bundle_bytes_served: Counter,
     pub sync_reports: Family<SyncLabels, Counter>,
     pub reports_refused: Family<ResultLabel, Counter>,
@@ -58,6 +61,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("flotilla_hub");
         let connected_agents = Gauge::default();
         let renders = Family::<ResultLabel, Counter>::default();
+        let variant_renders = Counter::default();
         let bundle_bytes_served = Counter::default();
         let sync_reports = Family::<SyncLabels, Counter>::default();
         let reports_refused = Family::<ResultLabel, Counter>::default();
@@ -106,6 +110,11 @@ impl Default for Metrics {
         );
         registry.register("renders", "App renders by result", renders.clone());
         registry.register(
+            "variant_renders",
+            "Variants rendered into bundles",
+            variant_renders.clone(),
+        );
+        registry.register(
             "bundle_bytes_served",
             "Bundle bytes sent to agents",
             bundle_bytes_served.clone(),
@@ -134,6 +143,7 @@ impl Default for Metrics {
             registry,
             connected_agents,
             renders,
+            variant_renders,
             bundle_bytes_served,
             sync_reports,
             reports_refused,

@@ -67,6 +67,18 @@ pub struct SyncState {
     /// app → what its last good render was made of: a poll that finds the same commit, document
     /// and clusters renders nothing (a render reads every cluster; polls come twice a second).
     rendered: Mutex<HashMap<String, RenderInputs>>,
+    /// app → the variants its render at one (commit, generation) made: a re-render for a changed
+    /// fleet (a cluster joined, a label moved) renders only variants not seen yet.
+    variants: Mutex<HashMap<String, KnownVariants>>,
+}
+
+/// Variant key → bundle digest of one app at one commit and document (the document itself, not
+/// its generation: an app deleted and created again starts its generations over).
+#[derive(Debug)]
+struct KnownVariants {
+    commit: String,
+    doc: crate::apps::AppDocument,
+    digests: HashMap<String, String>,
 }
 
 /// What a render's outcome depends on.
@@ -89,6 +101,7 @@ impl SyncState {
             fetch_slots: Semaphore::new(max_concurrent_fetches.max(1)),
             bases: Mutex::new(HashMap::new()),
             rendered: Mutex::new(HashMap::new()),
+            variants: Mutex::new(HashMap::new()),
         }
     }
 
@@ -178,7 +191,13 @@ async fn render_app(
     } else {
         Some(base_for(hub, record, &commit, &spec.source.path).await?)
     };
-    let mut variants: HashMap<String, String> = HashMap::new();
+    // Bundles are content-addressed and never collected: a digest known for a variant key
+    // at this commit and document stays valid.
+    let mut variants: HashMap<String, String> = lock(&hub.sync.variants)
+        .remove(&record.doc.metadata.name)
+        .filter(|k| k.commit == commit && k.doc == record.doc)
+        .map(|k| k.digests)
+        .unwrap_or_default();
     let mut assignments = BTreeMap::new();
     // (cluster, why) of every cluster whose variant failed: reported once for the app when it
     // does not depend on the cluster, else naming the clusters.
@@ -266,12 +285,21 @@ async fn render_app(
                 };
                 let digest = flotilla_bundle::digest_bytes(&bytes);
                 hub.apps.put_bundle(&digest, &bytes)?;
+                hub.metrics.variant_renders.inc();
                 variants.insert(key, digest.clone());
                 digest
             }
         };
         assignments.insert(cluster.name, digest);
     }
+    lock(&hub.sync.variants).insert(
+        record.doc.metadata.name.clone(),
+        KnownVariants {
+            commit: commit.clone(),
+            doc: record.doc.clone(),
+            digests: variants,
+        },
+    );
     if let Some(message) = render::summarize_failures(&failures, targeted) {
         return Err(Error::Render(message));
     }
@@ -408,6 +436,7 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
     // Shared, not copied: most polls find nothing to do, and a copy is O(clusters).
     let Some(record) = hub.apps.get_shared(name)? else {
         lock(&hub.sync.app_locks).remove(name);
+        lock(&hub.sync.variants).remove(name);
         return Ok(());
     };
     // Read before the render reads the clusters: a change meanwhile renders again.
