@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, http_get, wait_for};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, SimCluster, wait_for};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
-use flotilla_e2e::{GitRepo, Hub, HubOptions, InProcessAgents, SimCluster, http_get, wait_for};
+use anyhow::{Result, ensure};
+use flotilla_e2e::{GitRepo, Hub, HubOptions, InProcessAgents, SimCluster, wait_for};
 
 const CLUSTERS: usize = 200;
 const RATE: u64 = 40;
