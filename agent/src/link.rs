@@ -20,10 +20,14 @@ use crate::{Error, Result};
 
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
-/// How to reach the hub.
+/// How to reach the hub: one address, or several replicas' (tried in turn).
 #[derive(Clone)]
 pub struct HubLink {
-    pub hub_url: String,
+    /// Every address given, in order; never empty once [`HubLink::new`] checked it.
+    hubs: std::sync::Arc<[String]>,
+    /// The address that last answered: the next connection tries it first, so an agent stays
+    /// on the replica it is on and moves only when that one stops answering.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub ca_pem: Vec<u8>,
     /// The open session's channel (by certificate): bundle fetches ride on its HTTP/2 connection
     /// instead of paying for a TLS handshake each, which matters when a thousand agents reconnect.
@@ -40,12 +44,26 @@ pub enum SessionEnd {
 }
 
 impl HubLink {
-    pub fn new(hub_url: String, ca_pem: Vec<u8>) -> Self {
+    /// `hubs`: one hub address or several, comma-separated (`https://a:7443,https://b:7443`).
+    pub fn new(hubs: String, ca_pem: Vec<u8>) -> Self {
+        let list: Vec<String> = hubs
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .collect();
         Self {
-            hub_url,
+            // An empty list is kept as given, so the first connection says what is wrong.
+            hubs: if list.is_empty() { vec![hubs] } else { list }.into(),
+            current: Default::default(),
             ca_pem,
             session_channel: Default::default(),
         }
+    }
+
+    /// The address in use (the one that last answered, else the first).
+    pub fn hub_url(&self) -> &str {
+        &self.hubs[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.hubs.len()]
     }
 
     fn cached_channel(&self) -> std::sync::MutexGuard<'_, Option<(String, Channel)>> {
@@ -65,13 +83,24 @@ impl HubLink {
                 )
             }),
         };
-        endpoint(&self.hub_url, &tls)?.connect().await.map_err(|e| {
-            Error::Unreachable(format!(
-                "connecting to {}: {}",
-                self.hub_url,
-                error_chain(&e)
-            ))
-        })
+        // From the address that last answered, each address once: a replica that is gone costs
+        // one failed connection, not a backoff round.
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in (0..self.hubs.len()).map(|k| (start + k) % self.hubs.len()) {
+            let url = &self.hubs[i];
+            match endpoint(url, &tls)?.connect().await {
+                Ok(channel) => {
+                    if i != start % self.hubs.len() {
+                        tracing::info!(hub = %url, "moved to another hub address");
+                    }
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(e) => failures.push(format!("connecting to {url}: {}", error_chain(&e))),
+            }
+        }
+        Err(Error::Unreachable(failures.join("; ")))
     }
 
     /// Registers `cluster` with a bootstrap token; the key is generated here and stays here.

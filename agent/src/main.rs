@@ -31,7 +31,8 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Hub address, https://HOST:PORT.
+    /// Hub address, https://HOST:PORT; several replicas' comma-separated (tried in turn; the
+    /// agent stays on the one that answers).
     #[arg(long, env = "FLOTILLA_HUB")]
     hub: String,
     /// The hub CA certificate (PEM).
