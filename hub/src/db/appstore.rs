@@ -491,6 +491,25 @@ impl AppStore {
         })
     }
 
+    /// Every tree an app write may touch, for one transaction over all of them.
+    fn every_tree(
+        &self,
+    ) -> (
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+    ) {
+        (
+            &self.apps,
+            &self.slots,
+            &self.tombstones,
+            &self.audit.log,
+            &self.audit.meta,
+        )
+    }
+
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
         // Each critical section is one map update: a poisoned lock still holds sound data.
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
@@ -674,13 +693,7 @@ impl AppStore {
         // The controllers' own updates (renders, rollouts) come without an audit entry; an
         // operator's (or the fleet repository's) with one, and the name then no longer a
         // tombstone. Either way one transaction.
-        (
-            &self.apps,
-            &self.slots,
-            &self.tombstones,
-            &self.audit.log,
-            &self.audit.meta,
-        )
+        self.every_tree()
             .transaction(|(apps, slots, tombstones, log, meta)| {
                 if let Some(h) = &delta.header {
                     apps.insert(key, h.as_slice())?;
@@ -761,13 +774,8 @@ impl AppStore {
         let _gate = self.gate.read().await;
         let at = crate::now_ms().to_be_bytes();
         let slot_keys = slot_keys(&self.slots, name)?;
-        let existed = (
-            &self.apps,
-            &self.slots,
-            &self.tombstones,
-            &self.audit.log,
-            &self.audit.meta,
-        )
+        let existed = self
+            .every_tree()
             .transaction(|(apps, slots, tombstones, log, meta)| {
                 let existed = apps.remove(name.as_bytes())?.is_some();
                 for k in &slot_keys {
