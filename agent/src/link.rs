@@ -61,10 +61,6 @@ impl HubLink {
         }
     }
 
-    /// The address in use (the one that last answered, else the first).
-    pub fn hub_url(&self) -> &str {
-        &self.hubs[self.current.load(std::sync::atomic::Ordering::Relaxed) % self.hubs.len()]
-    }
 
     fn cached_channel(&self) -> std::sync::MutexGuard<'_, Option<(String, Channel)>> {
         // Each critical section is one assignment or clone: a poisoned lock still holds sound data.
