@@ -61,7 +61,6 @@ impl HubLink {
         }
     }
 
-
     fn cached_channel(&self) -> std::sync::MutexGuard<'_, Option<(String, Channel)>> {
         // Each critical section is one assignment or clone: a poisoned lock still holds sound data.
         self.session_channel
