@@ -200,6 +200,7 @@ fn app_json(app: &App) -> Value {
         "revision": app.revision,
         "last_error": if app.last_error.is_empty() { Value::Null } else { json!(app.last_error) },
         "note": if app.note.is_empty() { Value::Null } else { json!(app.note) },
+        "cluster_count": app.cluster_count,
         "clusters": app.clusters.iter().map(|c| json!({"cluster": c.cluster, "digest": c.digest, "assigned": c.assigned_digest,
             "sync": c.sync().word(), "health": c.health().word(), "message": c.message,
             "hooks": c.hooks.iter().map(|h| json!({"phase": h.phase().word(), "kind": h.kind,
@@ -232,7 +233,19 @@ pub fn apps_applied(format: Format, apps: &[App]) {
 
 pub fn apps(format: Format, apps: &[App]) {
     match format {
-        Format::Json => print_json(&Value::Array(apps.iter().map(app_json).collect())),
+        // A list has no per-cluster rows or history (`app get` has): none is shown as "none".
+        Format::Json => print_json(&Value::Array(
+            apps.iter()
+                .map(|a| {
+                    let mut v = app_json(a);
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("clusters");
+                        o.remove("history");
+                    }
+                    v
+                })
+                .collect(),
+        )),
         Format::Table => table(
             &["NAME", "REVISION", "CLUSTERS", "ORIGIN", "ERROR"],
             apps.iter()
@@ -240,7 +253,7 @@ pub fn apps(format: Format, apps: &[App]) {
                     vec![
                         a.name.clone(),
                         short(&a.revision),
-                        a.clusters.len().to_string(),
+                        a.cluster_count.to_string(),
                         a.origin().word().to_string(),
                         if a.last_error.is_empty() {
                             "-".into()

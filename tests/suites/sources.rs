@@ -62,6 +62,15 @@ async fn commits_arrive_within_the_poll_interval_with_per_cluster_variants() -> 
         d[0].1, d[2].1,
         "a different region renders differently: {d:?}"
     );
+    // A list says how many clusters, not which: its size does not grow with the fleet.
+    let list = hub.cli_json(&["app", "list"])?;
+    let web = &list[0];
+    assert_eq!(web["cluster_count"], 3, "{list}");
+    assert!(
+        web.get("clusters").is_none() && web.get("history").is_none(),
+        "{list}"
+    );
+    assert_eq!(app["cluster_count"], 3, "{app}");
 
     repo.write("apps/web/cm.yaml", &CM.replace("v: \"1\"", "v: \"2\""))?;
     let second = repo.commit("second")?;

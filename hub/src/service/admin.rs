@@ -217,59 +217,67 @@ impl AdminService {
         Ok(self.to_proto(record))
     }
 
-    fn app_to_proto(record: AppRecord) -> Result<App> {
+    /// An app without its per-cluster rows and history: what a list returns, whatever the fleet's
+    /// size.
+    fn app_summary(record: &AppRecord) -> Result<App> {
         // Absent means "no note" on the wire (proto3 strings), as for the optional fields below.
-        let note = crate::fleet::reports::unreached(&record).unwrap_or_default();
+        let note = crate::fleet::reports::unreached(record).unwrap_or_default();
         let spec_json = serde_json::to_string(&record.doc).map_err(|source| Error::Corrupt {
             key: record.doc.metadata.name.clone(),
             source,
         })?;
+        let s = &record.status;
         Ok(App {
             note,
             name: record.doc.metadata.name.clone(),
             spec_json,
             origin: flotilla_proto::v1::AppOrigin::from(record.origin).into(),
             generation: record.generation,
-            observed_generation: record.status.observed_generation,
-            revision: record.status.revision.unwrap_or_default(),
-            last_error: record.status.last_error.unwrap_or_default(),
-            clusters: record
-                .status
-                .target
-                .iter()
-                .map(|(cluster, a)| AppCluster {
-                    cluster: cluster.clone(),
-                    digest: a.digest.clone(),
-                    assigned_digest: record
-                        .status
-                        .assignments
-                        .get(cluster)
-                        .map(|x| x.digest.clone())
-                        .unwrap_or_default(),
-                    // Filled in by GetApp from the cluster's report.
-                    ..AppCluster::default()
-                })
-                .collect(),
-            history: record
-                .status
-                .history
-                .into_iter()
-                .rev()
-                .map(|h| AppRevision {
-                    revision: h.revision,
-                    at_unix: h.at,
-                    bundles: h.bundles.into_iter().collect(),
-                    rolled_out: h.rolled_out,
-                })
-                .collect(),
-            pinned_revision: record.status.pinned.unwrap_or_default(),
-            stable_revision: record.status.stable_revision.unwrap_or_default(),
-            rollout_phase: record
-                .status
+            observed_generation: s.observed_generation,
+            revision: s.revision.clone().unwrap_or_default(),
+            last_error: s.last_error.clone().unwrap_or_default(),
+            cluster_count: u32::try_from(s.target.len()).unwrap_or(u32::MAX),
+            pinned_revision: s.pinned.clone().unwrap_or_default(),
+            stable_revision: s.stable_revision.clone().unwrap_or_default(),
+            rollout_phase: s
                 .rollout
+                .as_ref()
                 .map_or(RolloutPhase::Unspecified, |r| r.phase.into())
                 .into(),
+            ..App::default()
         })
+    }
+
+    fn app_to_proto(record: AppRecord) -> Result<App> {
+        let mut app = Self::app_summary(&record)?;
+        let s = record.status;
+        app.clusters = s
+            .target
+            .iter()
+            .map(|(cluster, a)| AppCluster {
+                cluster: cluster.clone(),
+                digest: a.digest.clone(),
+                assigned_digest: s
+                    .assignments
+                    .get(cluster)
+                    .map(|x| x.digest.clone())
+                    .unwrap_or_default(),
+                // Filled in by GetApp from the cluster's report.
+                ..AppCluster::default()
+            })
+            .collect();
+        app.history = s
+            .history
+            .into_iter()
+            .rev()
+            .map(|h| AppRevision {
+                revision: h.revision,
+                at_unix: h.at,
+                bundles: h.bundles.into_iter().collect(),
+                rolled_out: h.rolled_out,
+            })
+            .collect();
+        Ok(app)
     }
 
     fn rollout_to_proto(record: &AppRecord) -> Result<RolloutStatus> {
@@ -520,7 +528,7 @@ impl Admin for AdminService {
         let apps = catalog
             .apps
             .into_iter()
-            .map(|record| Self::app_to_proto(Arc::unwrap_or_clone(record)))
+            .map(|record| Self::app_summary(&record))
             .chain(unreadable.map(Ok))
             .collect::<Result<_>>()?;
         Ok(Response::new(ListAppsResponse { apps }))
