@@ -112,9 +112,18 @@ impl Fleet {
     fn wait_phase(&self, revision: &str, phase: &str) -> Result<Value> {
         wait_for(T, &format!("rollout of {revision} {phase}"), || {
             let r = self.rollout()?;
+            // On a timeout, every cluster that is not Healthy, with why: a failed cluster's
+            // reason is what tells a slow machine from a wrong decision.
+            let unwell: Vec<String> = r["clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c["state"] != "Healthy")
+                .map(|c| format!("{} {} {}", c["cluster"], c["state"], c["reason"]))
+                .collect();
             ensure!(
                 r["revision"] == revision && r["phase"] == phase,
-                "rollout is {} {}: {}",
+                "rollout is {} {}: {}; not Healthy: {unwell:?}",
                 r["revision"],
                 r["phase"],
                 r["message"]
