@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 struct Entry {
     id: u64,
     cancel: CancellationToken,
+    /// When the stream opened (ms since the epoch).
+    opened_ms: i64,
 }
 
 #[derive(Default)]
@@ -57,6 +59,7 @@ impl Sessions {
             .push(Entry {
                 id,
                 cancel: cancel.clone(),
+                opened_ms: now_ms,
             });
         inner.last_seen_ms.insert(cluster.to_string(), now_ms);
         drop(inner);
@@ -89,11 +92,18 @@ impl Sessions {
         (connected, inner.last_seen_ms.get(cluster).copied())
     }
 
-    /// Whether each of `clusters` has an open stream, under one lock.
-    pub fn connected<'a>(&self, clusters: impl Iterator<Item = &'a str>) -> Vec<bool> {
+    /// Since when (ms) each of `clusters` has had an open stream — the oldest of its open
+    /// streams, as a renewal opens the new one before closing the old — under one lock; `None`
+    /// when it has none.
+    pub fn connected_since<'a>(&self, clusters: impl Iterator<Item = &'a str>) -> Vec<Option<i64>> {
         let inner = self.lock();
         clusters
-            .map(|c| inner.live.get(c).is_some_and(|v| !v.is_empty()))
+            .map(|c| {
+                inner
+                    .live
+                    .get(c)
+                    .and_then(|v| v.iter().map(|e| e.opened_ms).min())
+            })
             .collect()
     }
 

@@ -46,16 +46,17 @@ fn views(
     app: &str,
 ) -> BTreeMap<String, ClusterView> {
     let names = || clusters.iter().map(|c| c.name.as_str());
-    let connected = fleet.sessions.connected(names());
+    let since = fleet.sessions.connected_since(names());
     let reports = fleet.reports.observed(app, names());
     clusters
         .iter()
-        .zip(connected)
+        .zip(since)
         .zip(reports)
-        .map(|((c, connected), report)| {
+        .map(|((c, since), report)| {
             let view = ClusterView {
                 labels: c.labels.clone(),
-                connected,
+                connected: since.is_some(),
+                connected_since: since.map(|ms| ms / 1000),
                 report,
             };
             (c.name.clone(), view)

@@ -332,6 +332,10 @@ pub struct Rollout {
 pub struct ClusterView {
     pub labels: BTreeMap<String, String>,
     pub connected: bool,
+    /// Since when (unix seconds) its session has been open, when this hub knows: a cluster's
+    /// progress deadline runs from then at the earliest, so time the hub (or the link) was down
+    /// never counts against it.
+    pub connected_since: Option<i64>,
     /// What it last reported for this app.
     pub report: Option<Observed>,
 }
@@ -586,6 +590,7 @@ impl Rollout {
         for (name, c) in self.clusters.iter_mut() {
             let view = input.clusters.get(name);
             let connected = view.is_some_and(|v| v.connected);
+            let connected_since = view.and_then(|v| v.connected_since);
             let report = view.and_then(|v| v.report.as_ref());
             let verdict = report.map_or(Verdict::Waiting, |o| o.verdict(&c.to.digest));
             let failed_why = || match report {
@@ -608,7 +613,9 @@ impl Rollout {
                         Self::set(c, ClusterState::Failed, now, why)
                     }
                     Verdict::Waiting
-                        if connected && now - c.since > strategy.progress_deadline_secs =>
+                        if connected
+                            && now - c.since.max(connected_since.unwrap_or(c.since))
+                                > strategy.progress_deadline_secs =>
                     {
                         let why = format!(
                             "not Synced and Healthy on the new bundle within its {}s progress deadline",
@@ -953,6 +960,7 @@ onFailure: rollback
                             .map(|(k, v)| (k.to_string(), v.to_string()))
                             .collect(),
                         connected: true,
+                        connected_since: None,
                         report: Some(obs("old", SyncStatus::Synced, HealthStatus::Healthy)),
                     },
                 );
@@ -1422,6 +1430,23 @@ onFailure: rollback
         assert_eq!(r.phase, Phase::RolledBack);
         assert!(r.clusters["c1"].reason.contains("rolled back"));
 
+        // Reconnected late (the hub restarted meanwhile): the deadline runs from the new session.
+        let mut w = fleet();
+        w.strategy.progress_deadline_secs = 60;
+        let mut r = w.start();
+        w.agents_apply(&r, HealthStatus::Progressing);
+        w.now += 100;
+        w.views.get_mut("c1").unwrap().connected_since = Some(w.now - 5);
+        r.advance(&w.input());
+        assert_eq!(r.clusters["c1"].state, ClusterState::Updating, "{r:?}");
+        w.now += 56;
+        r.advance(&w.input());
+        assert_eq!(
+            r.phase,
+            Phase::RolledBack,
+            "a full deadline after reconnecting"
+        );
+
         // Offline + wait: waits up to the offline timeout, then fails.
         let mut w = fleet();
         w.views.get_mut("c1").unwrap().connected = false;
@@ -1515,6 +1540,7 @@ onFailure: rollback
             ClusterView {
                 labels: [("region".to_string(), "us".to_string())].into(),
                 connected: true,
+                connected_since: None,
                 report: None,
             },
         );
