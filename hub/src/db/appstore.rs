@@ -920,6 +920,26 @@ fn note(seen: &mut Seen, name: &str, error: &str) {
     }
 }
 
+/// An app named `web` with `spec` (YAML under `spec:`), rendered at revision `r1` and nothing
+/// more: for tests to fill in.
+#[cfg(test)]
+pub(crate) fn rendered_web(spec: &str) -> AppRecord {
+    let doc = AppDocument::parse(&format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {{name: web}}\nspec:\n  source: {{repoURL: \"file:///r\"}}\n{spec}"
+    ))
+    .expect("a test's App document parses");
+    AppRecord {
+        doc,
+        origin: Origin::Api,
+        generation: 1,
+        status: AppStatus {
+            revision: Some("r1".into()),
+            observed_generation: 1,
+            ..AppStatus::default()
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -944,15 +964,8 @@ mod tests {
 
     /// An app on `clusters`, each assigned `d`, mid-rollout.
     fn record(clusters: &[&str]) -> AppRecord {
-        let doc = AppDocument::parse(
-            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {name: web}\nspec:\n  source: {repoURL: \"file:///r\"}\n  targets: {clusters: [a]}\n",
-        )
-        .unwrap();
-        let mut status = AppStatus {
-            revision: Some("r1".into()),
-            observed_generation: 1,
-            ..AppStatus::default()
-        };
+        let mut record = rendered_web("  targets: {clusters: [a]}\n");
+        let status = &mut record.status;
         let mut rollout = Rollout {
             id: 1,
             revision: "r1".into(),
@@ -993,12 +1006,7 @@ mod tests {
             .history
             .push(HistoryEntry::of_render("r1", 1, &digests));
         status.rollout = Some(rollout);
-        AppRecord {
-            doc,
-            origin: Origin::Api,
-            generation: 1,
-            status,
-        }
+        record
     }
 
     #[tokio::test]

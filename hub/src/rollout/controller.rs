@@ -530,8 +530,6 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::apps::{AppDocument, Origin};
-    use crate::db::appstore::AppStatus;
     use crate::fleet::wake::Wakeups;
     use crate::rollout::Assigned;
 
@@ -612,17 +610,11 @@ mod tests {
 
     /// A rendered app whose target is `d1` on each cluster, no rollout yet: canary first.
     fn rendered(clusters: &[&str]) -> AppRecord {
-        let doc = AppDocument::parse(
-            "apiVersion: flotilla.dev/v1alpha1\nkind: App\nmetadata: {name: web}\nspec:\n  source: {repoURL: \"file:///r\"}\n  targets: {selector: {}}\n  rollout: {steps: [{selector: {matchLabels: {ring: canary}}, maxUnavailable: \"100%\"}, {selector: {}, maxUnavailable: \"100%\"}]}\n",
-        )
-        .unwrap();
-        let mut status = AppStatus {
-            revision: Some("r1".into()),
-            observed_generation: 1,
-            ..AppStatus::default()
-        };
+        let mut record = crate::db::appstore::rendered_web(
+            "  targets: {selector: {}}\n  rollout: {steps: [{selector: {matchLabels: {ring: canary}}, maxUnavailable: \"100%\"}, {selector: {}, maxUnavailable: \"100%\"}]}\n",
+        );
         for c in clusters {
-            status.target.insert(
+            record.status.target.insert(
                 c.to_string(),
                 Assigned {
                     digest: "d1".into(),
@@ -630,12 +622,7 @@ mod tests {
                 },
             );
         }
-        AppRecord {
-            doc,
-            origin: Origin::Api,
-            generation: 1,
-            status,
-        }
+        record
     }
 
     #[tokio::test]
