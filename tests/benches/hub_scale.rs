@@ -322,8 +322,14 @@ fn main() {
         env: std::env::var("FLOTILLA_BENCH_HUB_ENV")
             .unwrap_or_default()
             .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                // A setting that is silently dropped would be a comparison that is not one.
+                let (k, v) = kv
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("FLOTILLA_BENCH_HUB_ENV: {kv:?} is not K=V"));
+                (k.to_string(), v.to_string())
+            })
             .collect(),
         extra_args: vec![
             "--max-connections".into(),

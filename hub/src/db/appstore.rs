@@ -278,6 +278,8 @@ impl Delta {
                     source,
                 })?;
                 slots.insert(cluster.to_string(), Some(bytes));
+                // A cluster without a slot before had no orders from this app: the empty slot
+                // is exactly what it was told.
                 if was.copied().unwrap_or_default().orders() != slot.orders() {
                     ordered.insert(cluster.to_string());
                 }

@@ -716,5 +716,10 @@ mod tests {
         let record = world.apps.get("web").unwrap().unwrap();
         let rollout = record.status.rollout.as_ref().unwrap();
         assert_ne!(rollout.phase, Phase::Succeeded, "{rollout:?}");
+        assert_eq!(
+            world.assigned(),
+            ["a", "b", "c"],
+            "b is assigned while it is away"
+        );
     }
 }

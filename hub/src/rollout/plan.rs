@@ -613,6 +613,8 @@ impl Rollout {
                         Self::set(c, ClusterState::Failed, now, why)
                     }
                     Verdict::Waiting
+                        // No known opening (a view built without sessions): the deadline runs
+                        // from the update's start alone, as it always did.
                         if connected
                             && now - c.since.max(connected_since.unwrap_or(c.since))
                                 > strategy.progress_deadline_secs =>

@@ -236,6 +236,7 @@ impl AdminService {
             observed_generation: s.observed_generation,
             revision: s.revision.clone().unwrap_or_default(),
             last_error: s.last_error.clone().unwrap_or_default(),
+            // Saturates: no fleet reaches 2^32 clusters, and a count is never wrapped to a lie.
             cluster_count: u32::try_from(s.target.len()).unwrap_or(u32::MAX),
             pinned_revision: s.pinned.clone().unwrap_or_default(),
             stable_revision: s.stable_revision.clone().unwrap_or_default(),
@@ -261,6 +262,7 @@ impl AdminService {
                     .assignments
                     .get(cluster)
                     .map(|x| x.digest.clone())
+                    // Not assigned yet: the wire's "none" (the proto says so).
                     .unwrap_or_default(),
                 // Filled in by GetApp from the cluster's report.
                 ..AppCluster::default()

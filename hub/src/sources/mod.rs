@@ -192,7 +192,9 @@ async fn render_app(
         Some(base_for(hub, record, &commit, &spec.source.path).await?)
     };
     // Bundles are content-addressed and never collected: a digest known for a variant key
-    // at this commit and document stays valid.
+    // at this commit and document stays valid. Nothing known (first render, another commit or
+    // document, or a render that stopped early and put nothing back) only means every variant
+    // is rendered, as before the cache.
     let mut variants: HashMap<String, String> = lock(&hub.sync.variants)
         .remove(&record.doc.metadata.name)
         .filter(|k| k.commit == commit && k.doc == record.doc)
@@ -435,8 +437,10 @@ pub async fn sync_app(hub: &Arc<Hub>, name: &str) -> Result<()> {
     let _one_render_per_app = app_lock.lock().await;
     // Shared, not copied: most polls find nothing to do, and a copy is O(clusters).
     let Some(record) = hub.apps.get_shared(name)? else {
+        // A deleted app leaves nothing behind in the source machinery's memory.
         lock(&hub.sync.app_locks).remove(name);
         lock(&hub.sync.variants).remove(name);
+        lock(&hub.sync.rendered).remove(name);
         return Ok(());
     };
     // Read before the render reads the clusters: a change meanwhile renders again.
